@@ -1,0 +1,213 @@
+"""The `refresher` command: run, once, check, status, demo.
+
+Exit codes: 0 all good; 1 a token is missing or a fetch failed; 2 the config is wrong (every
+problem printed with its path before anything runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from refresher import __version__, logs
+from refresher.config import Config, load_config
+from refresher.errors import ConfigError, RefreshError
+from refresher.idp import IdPClient, new_session
+from refresher.metrics import Metrics
+from refresher.refresh import JobRunner
+from refresher.schedule import refresh_at
+from refresher.sinks import build_sink
+
+log = logging.getLogger("refresher.cli")
+
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--log-format", choices=["json", "text"], help="default: json unless a terminal"
+    )
+    common.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
+    with_config = argparse.ArgumentParser(add_help=False, parents=[common])
+    with_config.add_argument(
+        "-c", "--config", type=Path, required=True, help="the YAML config file"
+    )
+
+    parser = argparse.ArgumentParser(
+        prog="refresher",
+        description="Keeps OAuth2 client-credentials tokens fresh in files and Secrets.",
+    )
+    parser.add_argument("--version", action="version", version=f"refresher {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands.add_parser("run", parents=[with_config], help="run as a daemon (Deployment)")
+    commands.add_parser(
+        "once", parents=[with_config], help="refresh what is due, then exit 0 or 1 (CronJob)"
+    )
+    check = commands.add_parser("check", parents=[with_config], help="validate the config")
+    check.add_argument(
+        "--fetch", action="store_true", help="also fetch each token once (not written)"
+    )
+    check.add_argument(
+        "--include-revoking",
+        action="store_true",
+        help="with --fetch, also fetch from IdPs that revoke the previous token on reissue",
+    )
+    commands.add_parser("status", parents=[with_config], help="show what each sink holds")
+    demo = commands.add_parser(
+        "demo", parents=[common], help="run the whole loop against a local IdP"
+    )
+    demo.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
+    demo.add_argument("--dir", type=Path, default=None, help="where to write the token file")
+    demo.add_argument("--port", type=int, default=9464, help="metrics port (0: any free port)")
+    demo.add_argument("--lifetime", type=float, default=20.0, help="token lifetime in seconds")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "demo":
+        # The demo speaks to a person: readable lines, and only warnings from the log.
+        logs.configure(
+            args.log_format or "text", "warning" if args.log_level == "info" else args.log_level
+        )
+        from refresher.demo import run_demo
+
+        return run_demo(
+            duration=args.duration, directory=args.dir, port=args.port, lifetime=args.lifetime
+        )
+
+    logs.configure(args.log_format, args.log_level)
+    try:
+        config = load_config(args.config)
+    except ConfigError as err:
+        print(
+            f"refresher: {args.config}: {len(err.problems)} problem(s) in the config:",
+            file=sys.stderr,
+        )
+        for problem in err.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return EXIT_CONFIG
+    handler = {"run": cmd_run, "once": cmd_once, "check": cmd_check, "status": cmd_status}[
+        args.command
+    ]
+    return handler(config, args)
+
+
+def cmd_run(config: Config, args: argparse.Namespace) -> int:
+    from refresher.daemon import Daemon
+
+    Daemon(config).run_forever()
+    return EXIT_OK
+
+
+def run_once(config: Config, metrics: Metrics) -> list[JobRunner]:
+    """One pass: every job reads its sinks and refreshes only if due. Returns the runners."""
+    from refresher.daemon import build_runners
+
+    runners = build_runners(config, metrics=metrics)
+
+    def one(runner: JobRunner) -> None:
+        runner.start()
+        if runner.is_due():
+            runner.attempt()
+
+    with ThreadPoolExecutor(config.settings.max_concurrent_refreshes) as pool:
+        list(pool.map(one, runners))
+    return runners
+
+
+def cmd_once(config: Config, args: argparse.Namespace) -> int:
+    runners = run_once(config, Metrics())
+    missing = [runner.job.name for runner in runners if not runner.snapshot().ready]
+    if missing:
+        log.error("jobs without a valid token", extra={"tokens": missing})
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def cmd_check(config: Config, args: argparse.Namespace) -> int:
+    print(f"config OK: {len(config.jobs)} token job(s)")
+    for job in config.jobs:
+        url = urlsplit(job.token_url or "(from credentials_file)")
+        sinks = ", ".join(build_sink(sink).name for sink in job.sinks)
+        print(
+            f"  {job.name}: provider={job.provider} url={url.scheme}://{url.netloc}{url.path} "
+            f"scopes={' '.join(job.scopes) or '-'} sinks={sinks}"
+        )
+    if not args.fetch:
+        return EXIT_OK
+    idp = IdPClient(new_session())
+    failed = False
+    for job in config.jobs:
+        if job.revokes_on_reissue and not args.include_revoking:
+            print(f"  {job.name}: skipped: the IdP revokes the live token on reissue")
+            print("    (a fetch would cut off every consumer; --include-revoking to do it anyway)")
+            continue
+        try:
+            token = idp.fetch(job, job.credentials())
+        except RefreshError as err:
+            failed = True
+            print(f"  {job.name}: FAILED {err}")
+            continue
+        print(
+            f"  {job.name}: ok, fingerprint {token.fingerprint}, "
+            f"expires in {token.expires_at - time.time():.0f} s (not written)"
+        )
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def _when(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def cmd_status(config: Config, args: argparse.Namespace) -> int:
+    now = time.time()
+    rows = [("JOB", "SINK", "EXPIRES AT", "TIME LEFT", "FINGERPRINT", "STATE")]
+    all_valid = True
+    for job in config.jobs:
+        policy = job.schedule_policy()
+        for sink_config in job.sinks:
+            sink = build_sink(sink_config)
+            try:
+                token = sink.read(now)
+            except RefreshError as err:
+                rows.append((job.name, sink.name, "-", "-", "-", f"error: {err.message}"))
+                all_valid = False
+                continue
+            if token is None:
+                rows.append((job.name, sink.name, "-", "-", "-", "missing"))
+                all_valid = False
+                continue
+            left = token.expires_at - now
+            if left <= 0:
+                state, all_valid = "expired", False
+            elif now >= refresh_at(policy, token.issued_at, token.expires_at, 0.0):
+                state = "due"
+            else:
+                state = "valid"
+            rows.append(
+                (
+                    job.name,
+                    sink.name,
+                    _when(token.expires_at),
+                    f"{left:.0f}s",
+                    token.fingerprint,
+                    state,
+                )
+            )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        )
+    return EXIT_OK if all_valid else EXIT_FAILED

@@ -1,0 +1,109 @@
+"""Where client credentials come from, read again on every attempt.
+
+Re-reading means a rotated client secret (a mounted Secret updated by the kubelet, a changed
+environment in a CronJob) is picked up without a restart. Values never leave this module in
+anything printable: `Credentials.__repr__` hides them.
+"""
+
+from __future__ import annotations
+
+import configparser
+import logging
+import os
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from refresher.errors import Reason, RefreshError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CredentialRef:
+    """One value, given literally (only for non-secret values), by env var, or by file."""
+
+    value: str | None = None
+    env: str | None = None
+    file: Path | None = None
+
+    def describe(self) -> str:
+        if self.env is not None:
+            return f"environment variable {self.env}"
+        if self.file is not None:
+            return f"file {self.file}"
+        return "literal value"
+
+    def read(self) -> str:
+        if self.value is not None:
+            return self.value
+        if self.env is not None:
+            value = os.environ.get(self.env)
+            if value is None:
+                raise RefreshError(
+                    Reason.CREDENTIALS, f"environment variable {self.env} is not set"
+                )
+            return value
+        assert self.file is not None
+        try:
+            # Kubernetes Secret files and `echo > file` both tend to end in a newline that is
+            # not part of the secret.
+            return _read_text(self.file).rstrip("\r\n")
+        except OSError as err:
+            raise RefreshError(
+                Reason.CREDENTIALS, f"cannot read {self.file}: {err.strerror}"
+            ) from None
+
+
+@dataclass(frozen=True)
+class Credentials:
+    client_id: str
+    client_secret: str = field(repr=False)
+    # Written beside the token (Lucidtech's api_key); secret too.
+    extras: dict[str, str] = field(default_factory=dict, repr=False)
+    token_url: str | None = None  # a credentials file may say where to ask
+
+
+_warned_readable: set[Path] = set()
+
+
+def _read_text(path: Path) -> str:
+    with open(path, encoding="utf-8") as handle:
+        mode = os.fstat(handle.fileno()).st_mode
+        if mode & stat.S_IROTH and path not in _warned_readable:
+            _warned_readable.add(path)
+            log.warning("credential file is readable by every user", extra={"path": str(path)})
+        return handle.read()
+
+
+def read_lucidtech_cfg(path: Path) -> dict[str, str]:
+    """Parse Lucidtech's `credentials.cfg` (`key = value` lines, no section header)."""
+    try:
+        text = _read_text(path)
+    except OSError as err:
+        raise RefreshError(Reason.CREDENTIALS, f"cannot read {path}: {err.strerror}") from None
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        parser.read_string("[lucidtech]\n" + text, source=str(path))
+    except configparser.Error:
+        # configparser's messages quote the offending line, which may hold the secret.
+        raise RefreshError(
+            Reason.CREDENTIALS, f"{path} is not a `key = value` credentials file"
+        ) from None
+    values = {key: value.strip() for key, value in parser.items("lucidtech")}
+    missing = [key for key in ("client_id", "client_secret") if not values.get(key)]
+    if missing:
+        raise RefreshError(Reason.CREDENTIALS, f"{path} lacks {', '.join(missing)}")
+    return values
+
+
+def lucidtech_credentials(path: Path, token_path: str) -> Credentials:
+    values = read_lucidtech_cfg(path)
+    auth_endpoint = values.get("auth_endpoint", "").rstrip("/")
+    extras = {"api_key": values["api_key"]} if values.get("api_key") else {}
+    return Credentials(
+        client_id=values["client_id"],
+        client_secret=values["client_secret"],
+        extras=extras,
+        token_url=auth_endpoint + token_path if auth_endpoint else None,
+    )

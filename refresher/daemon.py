@@ -1,0 +1,174 @@
+"""The daemon: wires config, IdP client, sinks, runners, scheduler, metrics and HTTP together.
+
+Each token job is one APScheduler date job that runs `JobRunner.step()` and is re-added for
+the time the runner asks for. APScheduler traps avoided on purpose:
+- `misfire_grace_time=None`: the default of 1 s silently drops a job that is already late
+  (a busy pool, a suspended VM), which here would mean a token that is never refreshed;
+- a date job is gone once it has run, so it is re-added with `replace_existing=True`;
+- a job that raises is not retried by the scheduler, so `_run` never lets one escape.
+The thread pool is bounded (`max_concurrent_refreshes`): a slow IdP holds at most that many
+threads and other jobs still run when a thread frees up.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import signal
+import threading
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from types import FrameType
+
+import requests
+from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.date import DateTrigger
+
+from refresher.config import Config
+from refresher.idp import IdPClient, new_session
+from refresher.metrics import JobSnapshot, Metrics
+from refresher.refresh import JobRunner, Listener
+from refresher.server import MetricsServer
+from refresher.sinks import build_sink
+
+log = logging.getLogger("refresher.daemon")
+
+Clock = Callable[[], float]
+
+
+def build_runners(
+    config: Config,
+    *,
+    metrics: Metrics,
+    session: requests.Session | None = None,
+    clock: Clock = time.time,
+    listeners: Sequence[Listener] = (),
+    rng: random.Random | None = None,
+) -> list[JobRunner]:
+    idp = IdPClient(session or new_session(config.settings.max_concurrent_refreshes), clock)
+    rng = rng or random.Random()
+    return [
+        JobRunner(
+            job,
+            [build_sink(sink) for sink in job.sinks],
+            idp,
+            metrics=metrics,
+            clock=clock,
+            rng=random.Random(rng.random()),
+            listeners=listeners,
+        )
+        for job in config.jobs
+    ]
+
+
+class Daemon:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        clock: Clock = time.time,
+        session: requests.Session | None = None,
+        metrics: Metrics | None = None,
+        listeners: Sequence[Listener] = (),
+        serve_http: bool | None = None,
+    ) -> None:
+        self.config = config
+        self.clock = clock
+        self.metrics = metrics or Metrics(clock=clock)
+        self.runners = build_runners(
+            config, metrics=self.metrics, session=session, clock=clock, listeners=listeners
+        )
+        self.metrics.bind_jobs(self.snapshots)
+        self.scheduler = BackgroundScheduler(
+            timezone=UTC,
+            executors={"default": ThreadPoolExecutor(config.settings.max_concurrent_refreshes)},
+            job_defaults={"misfire_grace_time": None, "coalesce": True, "max_instances": 1},
+        )
+        self._stopping = threading.Event()
+        self._stopped = threading.Event()
+        serve = config.settings.metrics.enabled if serve_http is None else serve_http
+        self.http: MetricsServer | None = None
+        if serve:
+            settings = config.settings.metrics
+            self.http = MetricsServer(
+                settings.bind, settings.port, self.metrics.registry, self.healthy, self.ready
+            )
+
+    # --------------------------------------------------------------------------- lifecycle
+
+    def start(self) -> Daemon:
+        self.scheduler.start()
+        if self.http is not None:
+            self.http.start()
+            log.info("serving metrics", extra={"port": self.http.port})
+        for runner in self.runners:
+            self._schedule(runner, self.clock())
+        log.info("started", extra={"jobs": len(self.runners)})
+        return self
+
+    def stop(self) -> None:
+        """Stop scheduling; wait for refreshes in flight so no write is cut off."""
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        self.scheduler.shutdown(wait=True)
+        if self.http is not None:
+            self.http.stop()
+        self._stopped.set()
+        log.info("stopped")
+
+    def run_forever(self) -> None:
+        """Run until SIGTERM or SIGINT, then stop cleanly."""
+        stop_requested = threading.Event()
+
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            log.info("signal received, stopping", extra={"signal": signal.Signals(signum).name})
+            stop_requested.set()
+
+        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            self.start()
+            stop_requested.wait()
+        finally:
+            self.stop()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    # --------------------------------------------------------------------------- scheduling
+
+    def _schedule(self, runner: JobRunner, at: float) -> None:
+        self.scheduler.add_job(
+            self._run,
+            trigger=DateTrigger(run_date=datetime.fromtimestamp(at, UTC)),
+            args=[runner],
+            id=runner.job.name,
+            replace_existing=True,
+        )
+
+    def _run(self, runner: JobRunner) -> None:
+        if self._stopping.is_set():
+            return
+        try:
+            at = runner.step()
+        except Exception:  # step() classifies its own failures; this is a last resort
+            log.exception("runner failed", extra={"token": runner.job.name})
+            at = self.clock() + 30.0
+        if not self._stopping.is_set():
+            self._schedule(runner, at)
+
+    # ------------------------------------------------------------------------------ health
+
+    def snapshots(self) -> list[JobSnapshot]:
+        return [runner.snapshot() for runner in self.runners]
+
+    def healthy(self) -> tuple[bool, str]:
+        alive = self.scheduler.running and not self._stopped.is_set()
+        return alive, "ok" if alive else "scheduler not running"
+
+    def ready(self) -> tuple[bool, str]:
+        waiting = [job.name for job in self.snapshots() if not job.ready]
+        if waiting:
+            return False, "no valid token yet: " + ", ".join(waiting)
+        return True, "ok"

@@ -1,0 +1,304 @@
+"""Doing a refresh: one job's state and the attempt that moves it forward.
+
+`JobRunner` is the controller of one token job. The policy (`schedule.py`) decides when; the
+runner does the work: read the sinks on start, fetch a token, write every sink, count and log
+what happened, and return when it wants to run next. The daemon (or `refresher once`) only
+calls `step()` at the time the runner asked for. Nothing here sleeps.
+
+Invariants (design rule 4): a failed attempt leaves every sink as it was; a token the IdP has
+issued is never thrown away because a sink failed, since on an invalidate-on-reissue IdP the
+previous token is already dead: the runner keeps it and retries the sinks that missed it
+without asking the IdP again.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from refresher.config import TokenJobConfig
+from refresher.errors import Reason, RefreshError
+from refresher.idp import IdPClient
+from refresher.metrics import JobSnapshot, Metrics
+from refresher.schedule import refresh_at, retry_delay
+from refresher.sinks import Sink
+from refresher.tokens import Token
+
+log = logging.getLogger("refresher.refresh")
+
+Clock = Callable[[], float]
+
+
+@dataclass(frozen=True)
+class RefreshEvent:
+    """What one attempt did; logged, and shown live by `refresher demo`."""
+
+    job: str
+    scope: str | None
+    outcome: str  # "success" | "failure" | "reused"
+    reason: str | None
+    message: str | None
+    fingerprint: str | None
+    expires_at: float | None
+    next_attempt_at: float
+    duration: float  # the IdP round trip, 0 when the IdP was not asked
+    write_window: float | None  # from the IdP's answer to the last sink written
+
+
+Listener = Callable[[RefreshEvent], None]
+
+
+class JobRunner:
+    def __init__(
+        self,
+        job: TokenJobConfig,
+        sinks: Sequence[Sink],
+        idp: IdPClient,
+        *,
+        metrics: Metrics,
+        clock: Clock = time.time,
+        rng: random.Random | None = None,
+        listeners: Sequence[Listener] = (),
+    ) -> None:
+        self.job = job
+        self.sinks = list(sinks)
+        self.idp = idp
+        self.metrics = metrics
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.listeners = list(listeners)
+        self.policy = job.schedule_policy()
+        self._lock = threading.Lock()  # guards the state below against snapshot() readers
+        self._started = False
+        self.token: Token | None = None  # the newest token we hold (and want in every sink)
+        self.pending: list[Sink] = []  # sinks that do not hold `token` yet
+        self.refresh_at: float | None = None
+        self.next_attempt_at: float | None = None
+        self.failures = 0
+        self.last_error: RefreshError | None = None
+        self.last_success_at: float | None = None
+        self._jitter = self.rng.random()  # one draw per token, so the plan is stable
+        metrics.add_job(job.name, [sink.name for sink in self.sinks])
+
+    # ------------------------------------------------------------------------ public API
+
+    def step(self) -> float:
+        """Do what is due now; return the time (Unix seconds) this runner wants to run next."""
+        if not self._started:
+            at = self.start()
+            if at > self.clock():
+                return at
+        return self.attempt()
+
+    def start(self) -> float:
+        """Read every sink and adopt a token that is still good, instead of asking the IdP."""
+        self._started = True
+        now = self.clock()
+        held: list[Token | None] = []
+        for sink in self.sinks:
+            try:
+                held.append(sink.read(now))
+            except RefreshError as err:
+                log.warning(
+                    "cannot read sink on start",
+                    extra={"token": self.job.name, "sink": sink.name, "error": err.message},
+                )
+                held.append(None)
+        valid = [token for token in held if token is not None and token.is_valid(now)]
+        if not valid:
+            return self._plan(now)
+        best = max(valid, key=lambda token: token.expires_at)
+        with self._lock:
+            self.token = best
+            self.pending = [
+                sink
+                for sink, token in zip(self.sinks, held, strict=True)
+                if token is None or token.fingerprint != best.fingerprint
+            ]
+            self.refresh_at = refresh_at(self.policy, best.issued_at, best.expires_at, self._jitter)
+        at = self._plan(now)
+        self._emit("reused", None, None, best, at, 0.0, None)
+        return at
+
+    def attempt(self) -> float:
+        """One attempt: write a held token to the sinks that lack it, or fetch a new one."""
+        now = self.clock()
+        if self.token is not None and self.pending and not self._refresh_due(now):
+            return self._write_pending(self.token, now)
+        return self._fetch_and_write(now)
+
+    def is_due(self) -> bool:
+        now = self.clock()
+        return self._refresh_due(now) or bool(self.pending)
+
+    def snapshot(self) -> JobSnapshot:
+        with self._lock:
+            now = self.clock()
+            token = self.token
+            return JobSnapshot(
+                name=self.job.name,
+                expires_at=token.expires_at if token else None,
+                next_attempt_at=self.next_attempt_at,
+                last_success_at=self.last_success_at,
+                consecutive_failures=self.failures,
+                last_error=self.last_error.reason.value if self.last_error else None,
+                ready=token is not None and token.is_valid(now) and not self.pending,
+            )
+
+    # -------------------------------------------------------------------------- internals
+
+    def _refresh_due(self, now: float) -> bool:
+        return self.token is None or self.refresh_at is None or now >= self.refresh_at
+
+    def _plan(self, now: float) -> float:
+        """The next attempt when nothing failed: now if there is work, else the refresh point."""
+        at = now if self._refresh_due(now) or self.pending else self.refresh_at
+        assert at is not None
+        self.next_attempt_at = at
+        return at
+
+    def _fetch_and_write(self, now: float) -> float:
+        started = time.perf_counter()
+        try:
+            token = self.idp.fetch(self.job, self.job.credentials())
+        except RefreshError as err:
+            duration = time.perf_counter() - started
+            self.metrics.refresh_duration.labels(token=self.job.name).observe(duration)
+            return self._failed(err, now, duration, None)
+        except Exception as err:  # a bug must not stop the daemon; classify and retry
+            log.exception("unexpected error during refresh", extra={"token": self.job.name})
+            error = RefreshError(Reason.INTERNAL, type(err).__name__)
+            return self._failed(error, now, time.perf_counter() - started, None)
+        answered = time.perf_counter()
+        duration = answered - started
+        self.metrics.refresh_duration.labels(token=self.job.name).observe(duration)
+        with self._lock:
+            self.token = token
+            self.pending = list(self.sinks)
+            self._jitter = self.rng.random()
+            self.refresh_at = refresh_at(
+                self.policy, token.issued_at, token.expires_at, self._jitter
+            )
+        write_error = self._write(token)
+        window = time.perf_counter() - answered
+        self.metrics.write_window.labels(token=self.job.name).observe(window)
+        if write_error is not None:
+            return self._failed(write_error, self.clock(), duration, window)
+        return self._succeeded(token, duration, window)
+
+    def _write_pending(self, token: Token, now: float) -> float:
+        error = self._write(token)
+        if error is not None:
+            return self._failed(error, now, 0.0, None)
+        return self._succeeded(token, 0.0, None)
+
+    def _write(self, token: Token) -> RefreshError | None:
+        """Write `token` to every pending sink; return the first error (others still tried)."""
+        first_error: RefreshError | None = None
+        still_pending: list[Sink] = []
+        for sink in list(self.pending):
+            begun = time.perf_counter()
+            try:
+                sink.write(token)
+            except RefreshError as err:
+                outcome = "failure"
+                still_pending.append(sink)
+                first_error = first_error or err
+            else:
+                outcome = "success"
+            self.metrics.sink_write_duration.labels(token=self.job.name, sink=sink.name).observe(
+                time.perf_counter() - begun
+            )
+            self.metrics.sink_writes.labels(
+                token=self.job.name, sink=sink.name, outcome=outcome
+            ).inc()
+        with self._lock:
+            self.pending = still_pending
+        return first_error
+
+    def _succeeded(self, token: Token, duration: float, window: float | None) -> float:
+        now = self.clock()
+        with self._lock:
+            self.failures = 0
+            self.last_error = None
+            self.last_success_at = now
+        self.metrics.attempts.labels(token=self.job.name, outcome="success").inc()
+        at = self._plan(now)
+        self._emit("success", None, None, token, at, duration, window)
+        return at
+
+    def _failed(
+        self, error: RefreshError, now: float, duration: float, window: float | None
+    ) -> float:
+        with self._lock:
+            self.failures += 1
+            self.last_error = error
+        self.metrics.attempts.labels(token=self.job.name, outcome="failure").inc()
+        self.metrics.failures.labels(token=self.job.name, reason=error.reason.value).inc()
+        expires_at = self.token.expires_at if self.token else None
+        delay = retry_delay(
+            self.policy, self.failures, now, expires_at, error.retry_after, self.rng.random()
+        )
+        at = now + delay
+        if self.refresh_at is not None and self.pending and now < self.refresh_at:
+            at = min(at, self.refresh_at)  # a sink retry never postpones the next fetch
+        self.next_attempt_at = at
+        self._emit("failure", error.reason.value, error.message, self.token, at, duration, window)
+        return at
+
+    def _emit(
+        self,
+        outcome: str,
+        reason: str | None,
+        message: str | None,
+        token: Token | None,
+        next_attempt_at: float,
+        duration: float,
+        window: float | None,
+    ) -> None:
+        event = RefreshEvent(
+            job=self.job.name,
+            scope=" ".join(self.job.scopes) or None,
+            outcome=outcome,
+            reason=reason,
+            message=message,
+            fingerprint=token.fingerprint if token else None,
+            expires_at=token.expires_at if token else None,
+            next_attempt_at=next_attempt_at,
+            duration=duration,
+            write_window=window,
+        )
+        log_event(event)
+        for listener in self.listeners:
+            listener(event)
+
+
+def log_event(event: RefreshEvent) -> None:
+    """One log line per attempt, with every field an operator filters on."""
+    fields = {
+        "token": event.job,
+        "scope": event.scope,
+        "outcome": event.outcome,
+        "reason": event.reason,
+        "error": event.message,
+        "duration_ms": round(event.duration * 1000, 2),
+        "write_window_ms": None
+        if event.write_window is None
+        else round(event.write_window * 1000, 3),
+        "expires_at": event.expires_at,
+        "next_refresh_at": event.next_attempt_at,
+        "fingerprint": event.fingerprint,
+    }
+    level = logging.WARNING if event.outcome == "failure" else logging.INFO
+    messages = {
+        "success": "token refreshed",
+        "reused": "token reused from sink",
+        "failure": "refresh failed",
+    }
+    log.log(
+        level, messages[event.outcome], extra={k: v for k, v in fields.items() if v is not None}
+    )

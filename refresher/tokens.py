@@ -1,0 +1,136 @@
+"""The token as the refresher knows it, and how its expiry is determined (design rule 3).
+
+`expires_at` is the earlier of the JWT `exp` claim and receipt time + `expires_in`. The JWT
+is decoded without verifying its signature: the refresher is not the token's audience, it
+only needs to know when the token dies.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import jwt
+
+from refresher.errors import Reason, RefreshError
+
+log = logging.getLogger(__name__)
+
+# Beyond this difference between the IdP's `iat` and our receipt time we say so in the log.
+SKEW_WARNING_SECONDS = 30.0
+
+
+def fingerprint(secret: str) -> str:
+    """A short, stable, non-reversible name for a secret value, safe for logs and annotations."""
+    return hashlib.sha256(secret.encode()).hexdigest()[:8]
+
+
+@dataclass(frozen=True)
+class Token:
+    """An access token with the times that matter. Never printed: `repr` hides the secrets."""
+
+    access_token: str = field(repr=False)
+    issued_at: float  # by our clock: when we received it (or the best we know for a stored one)
+    expires_at: float  # by our clock
+    token_type: str = "Bearer"
+    scope: str | None = None
+    # Values written beside the token (Lucidtech's `api_key`); secret as well.
+    extras: Mapping[str, str] = field(default_factory=dict, repr=False)
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.access_token)
+
+    @property
+    def lifetime(self) -> float:
+        return self.expires_at - self.issued_at
+
+    def is_valid(self, now: float) -> bool:
+        return now < self.expires_at
+
+
+def jwt_claims(access_token: str) -> dict[str, Any] | None:
+    """The claims of a JWT, or None when the token is opaque (or not a well-formed JWT)."""
+    if access_token.count(".") != 2:
+        return None
+    try:
+        claims = jwt.decode(access_token, options={"verify_signature": False})
+    except jwt.PyJWTError:
+        return None
+    return claims if isinstance(claims, dict) else None
+
+
+def _numeric_claim(claims: Mapping[str, Any], name: str) -> float | None:
+    value = claims.get(name)
+    # bool is an int subclass; `"exp": true` is nonsense, not the second 1 of 1970.
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def compute_expiry(
+    access_token: str,
+    expires_in: float | None,
+    received_at: float,
+    fallback_lifetime: float | None,
+    *,
+    job: str = "",
+) -> tuple[float, float]:
+    """Return `(issued_at, expires_at)` on our clock for a freshly received token.
+
+    The JWT's `exp` is on the IdP's clock. When the token also carries `iat`, its lifetime
+    `exp - iat` is independent of clock skew, so receipt + that lifetime is a safe bound even
+    when our clock is behind the IdP's; we take the earliest of all the bounds we have.
+    """
+    bounds: list[float] = []
+    if expires_in is not None:
+        bounds.append(received_at + expires_in)
+    claims = jwt_claims(access_token)
+    if claims is not None:
+        exp = _numeric_claim(claims, "exp")
+        iat = _numeric_claim(claims, "iat")
+        if exp is not None:
+            bounds.append(exp)
+            if iat is not None and exp > iat:
+                bounds.append(received_at + (exp - iat))
+        if iat is not None and abs(received_at - iat) > SKEW_WARNING_SECONDS:
+            log.warning(
+                "clock skew between the IdP and this host",
+                extra={"token": job, "skew_seconds": round(received_at - iat, 1)},
+            )
+    if not bounds:
+        if fallback_lifetime is None:
+            raise RefreshError(
+                Reason.INVALID_RESPONSE,
+                "the token has no `exp` claim and the response no `expires_in`; "
+                "set `lifetime` on the job to refresh such tokens",
+            )
+        bounds.append(received_at + fallback_lifetime)
+    expires_at = min(bounds)
+    if expires_at <= received_at:
+        raise RefreshError(
+            Reason.INVALID_RESPONSE,
+            f"the IdP issued a token that is already expired ({expires_at - received_at:.0f} s)",
+        )
+    return received_at, expires_at
+
+
+def stored_times(access_token: str, now: float) -> tuple[float, float] | None:
+    """`(issued_at, expires_at)` of a token read back from a sink with no metadata, from its JWT.
+
+    Without a usable `iat` the token is taken as issued now, which can only make the next
+    refresh later than ideal, never make the refresher keep an expired token.
+    """
+    claims = jwt_claims(access_token)
+    if claims is None:
+        return None
+    exp = _numeric_claim(claims, "exp")
+    if exp is None:
+        return None
+    iat = _numeric_claim(claims, "iat")
+    issued_at = iat if iat is not None and iat <= now else now
+    return (min(issued_at, exp), exp)

@@ -1,0 +1,133 @@
+"""Fixtures shared by the tests: local token servers, config builders, a running daemon."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from refresher.config import Config, validate
+from refresher.daemon import Daemon
+from refresher.localidp import LocalIdP
+from refresher.metrics import Metrics
+
+CLIENT_ID = "refresher-test-client"
+# Known values that must never appear in any log line, error or output (see test_no_leak).
+CLIENT_SECRET = "s3cr:t/+%20 SUPERSECRET-7f3a"
+AUDIENCE = "https://usage-engine.example.test/api"
+
+SHAPE_SCOPES: dict[str, list[str]] = {
+    "lucidworks": ["machinelearning.predict"],
+    "fusion": ["connectedsearch.query", "datasource.push"],
+    "lucidtech": [],
+    "usage-engine": [],
+    "generic": ["read"],
+}
+
+
+@pytest.fixture
+def secret_file(tmp_path: Path) -> Path:
+    path = tmp_path / "client-secret"
+    path.write_text(CLIENT_SECRET + "\n")
+    path.chmod(0o600)
+    return path
+
+
+@pytest.fixture
+def make_idp() -> Iterator[Callable[..., LocalIdP]]:
+    """Start LocalIdPs that know the test client; all are stopped after the test."""
+    started: list[LocalIdP] = []
+
+    def make(shape: str = "generic", **kwargs: Any) -> LocalIdP:
+        kwargs.setdefault("clients", {CLIENT_ID: CLIENT_SECRET})
+        kwargs.setdefault("audience", AUDIENCE)
+        idp = LocalIdP(shape, **kwargs).start()
+        started.append(idp)
+        return idp
+
+    yield make
+    for idp in started:
+        idp.stop()
+
+
+def job_for(idp: LocalIdP, secret_file: Path, sink_path: Path, **overrides: Any) -> dict[str, Any]:
+    """A token job for `idp` as a user of that provider would write it, short-lived for tests."""
+    provider = idp.shape.name
+    job: dict[str, Any] = {
+        "name": overrides.pop("name", f"{provider}-job"),
+        "provider": provider,
+        "token_url": idp.token_url,
+        "client_id": CLIENT_ID,
+        "client_secret": {"file": str(secret_file)},
+        "scopes": SHAPE_SCOPES[provider],
+        "min_refresh_interval": 0.2,
+        "sinks": [{"type": "file", "path": str(sink_path)}],
+    }
+    if provider == "usage-engine":
+        job["audience"] = AUDIENCE
+    job.update(overrides)
+    return job
+
+
+def config_of(*jobs: dict[str, Any], **settings: Any) -> Config:
+    settings.setdefault("metrics", {"enabled": False})
+    return validate({"tokens": list(jobs), **settings})
+
+
+@contextmanager
+def running(config: Config, **kwargs: Any) -> Iterator[Daemon]:
+    daemon = Daemon(config, metrics=kwargs.pop("metrics", None) or Metrics(), **kwargs).start()
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 10.0, interval: float = 0.02) -> None:
+    """Poll until `condition()` holds; fail the test with a clear message otherwise."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout} s")
+
+
+class LogCapture(logging.Handler):
+    """Every formatted line from every logger, at every level, in both output formats."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.DEBUG)
+        self.lines: list[str] = []
+        self._lock_ = threading.Lock()
+        from refresher.logs import JsonFormatter, TextFormatter
+
+        self._formatters = [JsonFormatter(), TextFormatter()]
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with self._lock_:
+            for formatter in self._formatters:
+                self.lines.append(formatter.format(record))
+
+    @property
+    def text(self) -> str:
+        with self._lock_:
+            return "\n".join(self.lines)
+
+
+@pytest.fixture
+def all_logs() -> Iterator[LogCapture]:
+    capture = LogCapture()
+    root = logging.getLogger()
+    previous = root.level
+    root.addHandler(capture)
+    root.setLevel(logging.DEBUG)
+    yield capture
+    root.removeHandler(capture)
+    root.setLevel(previous)

@@ -1,0 +1,1852 @@
+"""A local HTTP server that speaks the Kubernetes API for Secrets and Leases.
+
+Tests point the real ``kubernetes`` client at it (``FakeKubeAPI.write_kubeconfig``) and get the
+wire behaviour of a kube-apiserver: the same paths and verbs, ``resourceVersion`` optimistic
+concurrency, the four PATCH content types (JSON patch, merge patch, strategic merge patch and
+server-side apply with field ownership), RBAC denials and ``Status`` bodies with the messages a
+real API server writes.  Faults can be injected: a concurrent writer that makes the next writes
+stale (``inject_conflicts``), error statuses (``inject_errors``) and slow responses
+(``inject_delay``).
+
+Where the real server differs from a naive expectation, the fake follows the server:
+``Lease`` MicroTime fields must carry exactly six fractional digits (what Python's
+``datetime.isoformat()`` does not guarantee), an apply patch without ``fieldManager`` is a 422,
+a name-restricted RBAC rule does not authorize ``create``, and Secrets/Leases delete with a
+``Status`` of ``Success``.
+
+Scope and simplifications (kept deliberately small):
+
+* only namespaced ``secrets`` (core/v1) and ``leases`` (coordination.k8s.io/v1); no watch, no
+  discovery, no pagination; lists support ``labelSelector`` and ``fieldSelector``;
+* strategic merge patch behaves as a JSON merge patch plus the ``$patch`` directives and the
+  merge keys of ``metadata.ownerReferences`` / ``metadata.finalizers``;
+* server-side apply tracks ownership per leaf field (lists are atomic) and reports conflicts like
+  the real server; ``stringData`` of an applied Secret is converted to ``data`` before ownership
+  is computed.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import copy
+import json
+import re
+import secrets as _random
+import socket
+import threading
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import yaml
+
+__all__ = [
+    "RBAC",
+    "ApiStatusError",
+    "FakeKubeAPI",
+    "RecordedRequest",
+    "Rule",
+]
+
+Resource = Literal["secrets", "leases"]
+JSONObject = dict[str, Any]
+FieldPath = tuple[str, ...]
+
+VERBS = frozenset({"get", "list", "create", "update", "patch", "delete"})
+WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+MERGE_PATCH = "application/merge-patch+json"
+STRATEGIC_MERGE_PATCH = "application/strategic-merge-patch+json"
+JSON_PATCH = "application/json-patch+json"
+APPLY_PATCH = "application/apply-patch+yaml"
+PATCH_TYPES = (JSON_PATCH, MERGE_PATCH, APPLY_PATCH, STRATEGIC_MERGE_PATCH)
+
+CONFLICT_ANNOTATION = "other-writer/touched"
+CONFLICT_MANAGER = "other-writer"
+
+_MICROTIME_LAYOUT = "2006-01-02T15:04:05.000000Z07:00"
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_DNS_SUBDOMAIN_MSG = (
+    "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or "
+    "'.', and must start and end with an alphanumeric character (e.g. 'example.com', regex used "
+    "for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*')"
+)
+_CONFIG_KEY = re.compile(r"^[-._a-zA-Z0-9]+$")
+_CONFIG_KEY_MSG = (
+    "a valid config key must consist of alphanumeric characters, '-', '_' or '.' (e.g. "
+    "'key.name',  or 'KEY_NAME',  or 'key-name', regex used for validation is '[-._a-zA-Z0-9]+')"
+)
+_BASE64_ALPHABET = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=")
+
+# Metadata the server owns: never part of field ownership, never taken from a request body.
+_UNTRACKED_METADATA = frozenset(
+    {
+        "name",
+        "generateName",
+        "namespace",
+        "uid",
+        "resourceVersion",
+        "generation",
+        "creationTimestamp",
+        "deletionTimestamp",
+        "deletionGracePeriodSeconds",
+        "managedFields",
+        "selfLink",
+    }
+)
+_KNOWN_METADATA = _UNTRACKED_METADATA | {"labels", "annotations", "ownerReferences", "finalizers"}
+_METADATA_ORDER = (
+    "name",
+    "generateName",
+    "namespace",
+    "uid",
+    "resourceVersion",
+    "generation",
+    "creationTimestamp",
+    "deletionTimestamp",
+    "deletionGracePeriodSeconds",
+    "labels",
+    "annotations",
+    "ownerReferences",
+    "finalizers",
+    "managedFields",
+)
+
+_REASONS: dict[int, str] = {
+    400: "BadRequest",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "NotFound",
+    405: "MethodNotAllowed",
+    406: "NotAcceptable",
+    409: "Conflict",
+    410: "Expired",
+    413: "RequestEntityTooLarge",
+    415: "UnsupportedMediaType",
+    422: "Invalid",
+    429: "TooManyRequests",
+    500: "InternalError",
+    503: "ServiceUnavailable",
+    504: "Timeout",
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Public value types
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RecordedRequest:
+    """One request as the server received it (recorded before authentication)."""
+
+    method: str
+    path: str
+    query: dict[str, list[str]]
+    headers: dict[str, str]  # lower-case names
+    body: bytes
+
+    def json(self) -> Any:
+        """The body decoded as JSON (``None`` when empty)."""
+        return json.loads(self.body) if self.body else None
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One RBAC policy rule: ``verbs`` on ``resource`` in ``namespace`` (``"*"`` matches all).
+
+    ``names`` mirrors ``resourceNames``: ``None`` allows every name.  As in real RBAC a
+    name-restricted rule never authorizes ``create`` (the name is not known at authorization
+    time) and authorizes ``list`` only with a ``fieldSelector=metadata.name=<name>``.
+    """
+
+    verbs: frozenset[str]
+    resource: str
+    namespace: str
+    names: frozenset[str] | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "verbs", frozenset(self.verbs))
+        if self.names is not None:
+            object.__setattr__(self, "names", frozenset(self.names))
+        unknown = self.verbs - VERBS - {"*"}
+        if unknown:
+            raise ValueError(f"unknown verbs {sorted(unknown)}; use {sorted(VERBS)}")
+
+    def allows(self, verb: str, resource: str, namespace: str, name: str) -> bool:
+        if not ({verb, "*"} & self.verbs):
+            return False
+        if self.resource not in (resource, "*") or self.namespace not in (namespace, "*"):
+            return False
+        return self.names is None or name in self.names
+
+
+@dataclass
+class RBAC:
+    """An allow-list of rules for the one user the token authenticates as."""
+
+    rules: list[Rule]
+    user: str = "system:serviceaccount:default:refresher"
+
+    def allows(self, verb: str, resource: str, namespace: str, name: str) -> bool:
+        return any(rule.allows(verb, resource, namespace, name) for rule in self.rules)
+
+
+class ApiStatusError(Exception):
+    """A failure answered with a ``Status`` body (also raised by the direct-access helpers)."""
+
+    def __init__(
+        self,
+        code: int,
+        message: str,
+        *,
+        reason: str | None = None,
+        details: JSONObject | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.reason = reason or _REASONS.get(code, "")
+        self.details = details
+        self.headers = dict(headers or {})
+
+    def status(self) -> JSONObject:
+        body: JSONObject = {
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Failure",
+            "message": self.message,
+            "reason": self.reason,
+        }
+        if self.details:
+            body["details"] = self.details
+        body["code"] = self.code
+        return body
+
+
+# --------------------------------------------------------------------------------------------
+# Resource kinds and their Status errors
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Kind:
+    resource: str
+    group: str
+    kind: str
+    prefix: str  # URL prefix up to the version
+    version: str = "v1"
+
+    @property
+    def api_version(self) -> str:
+        return f"{self.group}/{self.version}" if self.group else self.version
+
+    @property
+    def qualified(self) -> str:
+        """``secrets`` / ``leases.coordination.k8s.io`` as in the server's messages."""
+        return f"{self.resource}.{self.group}" if self.group else self.resource
+
+    def details(self, name: str, kind: str | None = None) -> JSONObject:
+        details: JSONObject = {}
+        if name:
+            details["name"] = name
+        if self.group:
+            details["group"] = self.group
+        details["kind"] = kind or self.resource
+        return details
+
+    def not_found(self, name: str) -> ApiStatusError:
+        return ApiStatusError(
+            404, f'{self.qualified} "{name}" not found', details=self.details(name)
+        )
+
+    def already_exists(self, name: str) -> ApiStatusError:
+        return ApiStatusError(
+            409,
+            f'{self.qualified} "{name}" already exists',
+            reason="AlreadyExists",
+            details=self.details(name),
+        )
+
+    def conflict(self, name: str, why: str) -> ApiStatusError:
+        return ApiStatusError(
+            409,
+            f'Operation cannot be fulfilled on {self.qualified} "{name}": {why}',
+            details=self.details(name),
+        )
+
+    def stale(self, name: str) -> ApiStatusError:
+        return self.conflict(
+            name,
+            "the object has been modified; please apply your changes to the latest version "
+            "and try again",
+        )
+
+    def undecodable(self, detail: str) -> ApiStatusError:
+        return ApiStatusError(
+            400,
+            f'{self.kind} in version "{self.version}" cannot be handled as a {self.kind}: {detail}',
+        )
+
+    def invalid(self, name: str, errors: list[_FieldError]) -> ApiStatusError:
+        rendered = [f"{e.field}: {e.text}" for e in errors]
+        summary = rendered[0] if len(rendered) == 1 else "[" + ", ".join(rendered) + "]"
+        details = self.details(name, kind=self.kind)
+        details["causes"] = [
+            {"reason": e.cause, "message": e.text, "field": e.field} for e in errors
+        ]
+        return ApiStatusError(422, f'{self.kind} "{name}" is invalid: {summary}', details=details)
+
+
+@dataclass(frozen=True)
+class _FieldError:
+    field: str
+    cause: str  # FieldValueInvalid, FieldValueRequired, FieldValueForbidden
+    text: str
+
+    @classmethod
+    def invalid(cls, path: str, value: Any, detail: str) -> _FieldError:
+        return cls(path, "FieldValueInvalid", f"Invalid value: {_go_quote(value)}: {detail}")
+
+    @classmethod
+    def required(cls, path: str, detail: str) -> _FieldError:
+        return cls(path, "FieldValueRequired", f"Required value: {detail}")
+
+    @classmethod
+    def forbidden(cls, path: str, detail: str) -> _FieldError:
+        return cls(path, "FieldValueForbidden", f"Forbidden: {detail}")
+
+
+SECRETS = _Kind("secrets", "", "Secret", "/api/v1")
+LEASES = _Kind("leases", "coordination.k8s.io", "Lease", "/apis/coordination.k8s.io/v1")
+_KINDS: dict[str, _Kind] = {SECRETS.resource: SECRETS, LEASES.resource: LEASES}
+_ROUTE = re.compile(
+    r"^(?P<prefix>/api/v1|/apis/coordination\.k8s\.io/v1)/namespaces/(?P<namespace>[^/]+)"
+    r"/(?P<resource>[^/]+)(?:/(?P<name>[^/]+))?/?$"
+)
+
+
+def _go_quote(value: Any) -> str:
+    """Go's %q for strings, plain numbers otherwise."""
+    return json.dumps(value)
+
+
+def _route(path: str) -> tuple[_Kind, str, str] | None:
+    match = _ROUTE.match(path)
+    if match is None:
+        return None
+    kind = _KINDS.get(match["resource"])
+    if kind is None or kind.prefix != match["prefix"]:
+        return None
+    return kind, unquote(match["namespace"]), unquote(match["name"] or "")
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# --------------------------------------------------------------------------------------------
+# Stored state
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Manager:
+    """One ``metadata.managedFields`` entry: the leaf fields a manager owns."""
+
+    manager: str
+    operation: Literal["Apply", "Update"]
+    time: str
+    fields: set[FieldPath] = field(default_factory=set)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.manager, self.operation
+
+    def describe(self) -> str:
+        """How a conflict message names this manager."""
+        if self.operation == "Update":
+            return f"{json.dumps(self.manager)} using v1"
+        return json.dumps(self.manager)
+
+
+@dataclass
+class _Stored:
+    obj: JSONObject  # without metadata.managedFields
+    managers: list[_Manager]
+
+
+def _ownership(managers: list[_Manager]) -> list[tuple[str, str, frozenset[FieldPath]]]:
+    return [(m.manager, m.operation, frozenset(m.fields)) for m in managers]
+
+
+def _collect_leaves(value: Any, path: FieldPath, out: dict[FieldPath, Any]) -> None:
+    if isinstance(value, dict) and value:
+        for key, child in value.items():
+            _collect_leaves(child, (*path, str(key)), out)
+    else:
+        out[path] = value
+
+
+def _tracked_leaves(obj: JSONObject) -> dict[FieldPath, Any]:
+    """Leaf field paths of an object that field ownership applies to (lists are atomic)."""
+    leaves: dict[FieldPath, Any] = {}
+    for key, value in obj.items():
+        if key in ("apiVersion", "kind"):
+            continue
+        if key == "metadata" and isinstance(value, dict):
+            for meta_key, meta_value in value.items():
+                if meta_key not in _UNTRACKED_METADATA:
+                    _collect_leaves(meta_value, ("metadata", meta_key), leaves)
+        else:
+            _collect_leaves(value, (key,), leaves)
+    return leaves
+
+
+def _overlaps(a: FieldPath, b: FieldPath) -> bool:
+    shorter = min(len(a), len(b))
+    return a[:shorter] == b[:shorter]
+
+
+def _fields_v1(paths: set[FieldPath]) -> JSONObject:
+    root: JSONObject = {}
+    for path in sorted(paths):
+        node = root
+        for part in path:
+            node = node.setdefault(f"f:{part}", {})
+    return root
+
+
+def _delete_path(obj: JSONObject, path: FieldPath) -> None:
+    """Remove a field and then any map it leaves empty."""
+    parents: list[tuple[JSONObject, str]] = []
+    node: Any = obj
+    for part in path[:-1]:
+        if not isinstance(node, dict) or not isinstance(node.get(part), dict):
+            return
+        parents.append((node, part))
+        node = node[part]
+    if isinstance(node, dict):
+        node.pop(path[-1], None)
+    for parent, part in reversed(parents):
+        if parent[part] == {} and part not in ("metadata", "spec"):
+            del parent[part]
+
+
+# --------------------------------------------------------------------------------------------
+# Patch algorithms
+# --------------------------------------------------------------------------------------------
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    result: JSONObject = copy.deepcopy(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = merge_patch(result.get(key), value)
+    return result
+
+
+_DELETE = object()
+# Lists with a patch strategy of "merge" in Secret/Lease: merge key, or None for sets of scalars.
+_SMP_LIST_KEYS: dict[FieldPath, str | None] = {
+    ("metadata", "ownerReferences"): "uid",
+    ("metadata", "finalizers"): None,
+}
+
+
+def strategic_merge_patch(target: Any, patch: Any, path: FieldPath = ()) -> Any:
+    """Strategic merge patch for the (list-free) schemas of Secret and Lease.
+
+    Maps merge and ``null`` deletes, like a merge patch; in addition the ``$patch: replace`` /
+    ``$patch: delete`` directives and ``$deleteFromPrimitiveList/<field>`` are understood, and
+    ``ownerReferences`` (by ``uid``) / ``finalizers`` (as a set) are merged instead of replaced.
+    """
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    directive = patch.get("$patch")
+    body = {
+        key: value
+        for key, value in patch.items()
+        if key != "$patch" and key != "$retainKeys" and not key.startswith("$setElementOrder/")
+    }
+    if directive == "delete":
+        return _DELETE
+    if directive == "replace":
+        return {k: copy.deepcopy(v) for k, v in body.items() if v is not None}
+    if directive not in (None, "merge"):
+        raise ApiStatusError(400, f"Unknown patch type: {directive}")
+    result: JSONObject = copy.deepcopy(target) if isinstance(target, dict) else {}
+    for key, value in body.items():
+        if key.startswith("$deleteFromPrimitiveList/"):
+            name = key.split("/", 1)[1]
+            if isinstance(result.get(name), list) and isinstance(value, list):
+                result[name] = [item for item in result[name] if item not in value]
+            continue
+        sub_path = (*path, key)
+        if value is None:
+            result.pop(key, None)
+        elif sub_path in _SMP_LIST_KEYS and isinstance(value, list):
+            result[key] = _merge_list(result.get(key), value, _SMP_LIST_KEYS[sub_path])
+        else:
+            merged = strategic_merge_patch(result.get(key), value, sub_path)
+            if merged is _DELETE:
+                result.pop(key, None)
+            else:
+                result[key] = merged
+    return result
+
+
+def _merge_list(current: Any, patch: list[Any], merge_key: str | None) -> list[Any]:
+    result = list(copy.deepcopy(current)) if isinstance(current, list) else []
+    if merge_key is None:
+        return result + [item for item in patch if item not in result]
+    for item in patch:
+        if not isinstance(item, dict):
+            raise ApiStatusError(400, f"invalid list item for merge key {merge_key}: {item!r}")
+        index = next(
+            (i for i, old in enumerate(result) if old.get(merge_key) == item.get(merge_key)),
+            None,
+        )
+        if item.get("$patch") == "delete":
+            if index is not None:
+                del result[index]
+        elif index is None:
+            result.append({k: v for k, v in item.items() if v is not None})
+        else:
+            result[index] = merge_patch(result[index], item)
+    return result
+
+
+class _JSONPatchError(Exception):
+    pass
+
+
+def _pointer(path: Any) -> list[str]:
+    if not isinstance(path, str):
+        raise _JSONPatchError(f"invalid path {path!r}")
+    if path == "":
+        return []
+    if not path.startswith("/"):
+        raise _JSONPatchError(f'JSON pointer must be empty or start with a "/": {path}')
+    return [part.replace("~1", "/").replace("~0", "~") for part in path[1:].split("/")]
+
+
+def _resolve(doc: Any, tokens: list[str], path: str) -> Any:
+    node = doc
+    for token in tokens:
+        if isinstance(node, dict) and token in node:
+            node = node[token]
+        elif isinstance(node, list) and token.isdigit() and int(token) < len(node):
+            node = node[int(token)]
+        else:
+            raise _JSONPatchError(f'doc is missing path: "{path}": missing value')
+    return node
+
+
+def _json_patch_add(doc: Any, tokens: list[str], value: Any, path: str) -> Any:
+    if not tokens:
+        return value
+    parent = _resolve(doc, tokens[:-1], path)
+    last = tokens[-1]
+    if isinstance(parent, dict):
+        parent[last] = value
+    elif isinstance(parent, list):
+        index = len(parent) if last == "-" else int(last) if last.isdigit() else -1
+        if not 0 <= index <= len(parent):
+            raise _JSONPatchError(f"Unable to access invalid index: {last}: invalid index")
+        parent.insert(index, value)
+    else:
+        raise _JSONPatchError(f'doc is missing path: "{path}": missing value')
+    return doc
+
+
+def _json_patch_remove(doc: Any, tokens: list[str], path: str) -> Any:
+    if not tokens:
+        raise _JSONPatchError("unable to remove the whole document")
+    parent = _resolve(doc, tokens[:-1], path)
+    last = tokens[-1]
+    if isinstance(parent, dict) and last in parent:
+        return parent.pop(last)
+    if isinstance(parent, list) and last.isdigit() and int(last) < len(parent):
+        return parent.pop(int(last))
+    raise _JSONPatchError(f"Unable to remove nonexistent key: {last}: missing value")
+
+
+def json_patch(doc: Any, operations: list[Any]) -> Any:
+    """RFC 6902 JSON patch: add, remove, replace, move, copy, test."""
+    doc = copy.deepcopy(doc)
+    for operation in operations:
+        if not isinstance(operation, dict):
+            raise _JSONPatchError(f"invalid operation {operation!r}")
+        op = operation.get("op")
+        path = operation.get("path")
+        tokens = _pointer(path)
+        if op in ("add", "replace", "test") and "value" not in operation:
+            raise _JSONPatchError(f"missing value for {op} operation")
+        if op == "add":
+            doc = _json_patch_add(doc, tokens, copy.deepcopy(operation["value"]), str(path))
+        elif op == "remove":
+            _json_patch_remove(doc, tokens, str(path))
+        elif op == "replace":
+            if tokens:
+                _json_patch_remove(doc, tokens, str(path))
+            doc = _json_patch_add(doc, tokens, copy.deepcopy(operation["value"]), str(path))
+        elif op in ("move", "copy"):
+            source = operation.get("from")
+            from_tokens = _pointer(source)
+            if op == "move":
+                value = _json_patch_remove(doc, from_tokens, str(source))
+            else:
+                value = copy.deepcopy(_resolve(doc, from_tokens, str(source)))
+            doc = _json_patch_add(doc, tokens, value, str(path))
+        elif op == "test":
+            try:
+                actual = _resolve(doc, tokens, str(path))
+            except _JSONPatchError:
+                actual = None
+            if actual != operation["value"]:
+                raise _JSONPatchError(f"testing value {path} failed: test failed")
+        else:
+            raise _JSONPatchError(f"Unexpected kind: {op}")
+    return doc
+
+
+def _apply_merge(target: Any, config: Any) -> Any:
+    """Merge an apply configuration: maps merge, everything else is replaced."""
+    if not isinstance(config, dict) or not isinstance(target, dict):
+        return copy.deepcopy(config)
+    result = copy.deepcopy(target)
+    for key, value in config.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = _apply_merge(result.get(key), value)
+    return result
+
+
+class _YAMLLoader(yaml.SafeLoader):
+    """SafeLoader that keeps timestamps as strings, like the API server's decoder."""
+
+
+_YAMLLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Object normalization and validation (what the registry strategies do)
+# --------------------------------------------------------------------------------------------
+
+
+def _base64_error(value: str) -> str | None:
+    try:
+        base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        position = next((i for i, c in enumerate(value) if c not in _BASE64_ALPHABET), None)
+        if position is None:
+            position = len(value) - len(value) % 4 if len(value) % 4 else len(value)
+        return f"illegal base64 data at input byte {position}"
+    return None
+
+
+def _microtime_error(value: str) -> str | None:
+    """Why Go's ``time.Parse(RFC3339Micro)`` (metav1.MicroTime) rejects ``value``, if it does."""
+    head = re.match(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}", value)
+    if head is None:
+        return f'cannot parse "{value}" as "2006"'
+    rest = value[head.end() :]
+    if not re.match(r"[.,]\d{6}", rest):
+        return f'cannot parse "{rest}" as ".000000"'
+    zone = rest[7:]
+    if not re.fullmatch(r"Z|[+-]\d{2}:\d{2}", zone):
+        return f'cannot parse "{zone}" as "Z07:00"'
+    return None
+
+
+def _canonical_microtime(value: str) -> str:
+    parsed = datetime.fromisoformat(value.replace(",", ".").replace("Z", "+00:00"))
+    return parsed.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+_GO_TYPES = {str: "string", int: "int32", bool: "bool", dict: "map", list: "slice"}
+
+
+def _json_type(value: Any) -> str:
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    return "object" if isinstance(value, dict) else "null"
+
+
+def _expect(
+    kind: _Kind, value: Any, expected: type, where: str, go_type: str | None = None
+) -> None:
+    ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
+    if not ok:
+        raise kind.undecodable(
+            f"json: cannot unmarshal {_json_type(value)} into Go struct field {where} of type "
+            f"{go_type or _GO_TYPES[expected]}"
+        )
+
+
+class _Normalizer:
+    """Turns a decoded request object into the object the server stores."""
+
+    def __init__(self, kind: _Kind, namespace: str, name: str) -> None:
+        self.kind = kind
+        self.namespace = namespace
+        self.name = name
+        self.warnings: list[str] = []
+
+    def _drop_unknown(self, obj: JSONObject, known: frozenset[str], prefix: str) -> None:
+        for key in [k for k in obj if k not in known]:
+            self.warnings.append(f'unknown field "{prefix}{key}"')
+            del obj[key]
+
+    def __call__(self, obj: JSONObject, old: JSONObject | None) -> JSONObject:
+        kind = self.kind
+        obj = copy.deepcopy(obj)
+        meta = obj.get("metadata") or {}
+        _expect(kind, meta, dict, f"{kind.kind}.metadata", "v1.ObjectMeta")
+        self._drop_unknown(meta, _KNOWN_METADATA, "metadata.")
+        for key in ("labels", "annotations"):
+            value = meta.get(key)
+            if value is None:
+                meta.pop(key, None)
+                continue
+            _expect(kind, value, dict, f"{kind.kind}.metadata.{key}", "map[string]string")
+            for item in value.values():
+                _expect(kind, item, str, f"{kind.kind}.metadata.{key}", "map[string]string")
+            if not value:
+                del meta[key]
+        for key in ("ownerReferences", "finalizers"):
+            if key in meta and not meta[key]:
+                del meta[key]
+        for key in ("managedFields", "selfLink", "generateName", "generation"):
+            meta.pop(key, None)
+        meta["name"] = self.name
+        meta["namespace"] = self.namespace
+        meta["resourceVersion"] = old["metadata"]["resourceVersion"] if old else ""
+        if old is not None:
+            meta["uid"] = old["metadata"]["uid"]
+            meta["creationTimestamp"] = old["metadata"]["creationTimestamp"]
+        else:
+            meta["uid"] = str(uuid.uuid4())
+            meta["creationTimestamp"] = _now()
+        body = {k: v for k, v in obj.items() if k not in ("apiVersion", "kind", "metadata")}
+        body = self._secret(body, old) if kind is SECRETS else self._lease(body)
+        ordered_meta = {k: meta[k] for k in _METADATA_ORDER if k in meta}
+        return {"kind": kind.kind, "apiVersion": kind.api_version, "metadata": ordered_meta, **body}
+
+    def _secret(self, body: JSONObject, old: JSONObject | None) -> JSONObject:
+        kind = self.kind
+        self._drop_unknown(body, frozenset({"data", "stringData", "type", "immutable"}), "")
+        data = body.get("data") or {}
+        _expect(kind, data, dict, "Secret.data", "map[string][]uint8")
+        errors: list[_FieldError] = []
+        for key, value in list(data.items()):
+            if value is None:
+                data[key] = ""
+                continue
+            _expect(kind, value, str, "Secret.data", "[]uint8")
+            problem = _base64_error(value)
+            if problem:
+                raise kind.undecodable(problem)
+        string_data = body.pop("stringData", None) or {}
+        _expect(kind, string_data, dict, "Secret.stringData", "map[string]string")
+        for key, value in string_data.items():
+            _expect(kind, value, str, "Secret.stringData", "string")
+            data[key] = base64.b64encode(value.encode()).decode()
+        for key in data:
+            if len(key) > 253 or not _CONFIG_KEY.match(key):
+                errors.append(_FieldError.invalid(f"data[{key}]", key, _CONFIG_KEY_MSG))
+        secret_type = body.get("type") or "Opaque"
+        _expect(kind, secret_type, str, "Secret.type", "v1.SecretType")
+        immutable = body.get("immutable")
+        if immutable is not None:
+            _expect(kind, immutable, bool, "Secret.immutable")
+        if old is not None:
+            if secret_type != old.get("type"):
+                errors.append(_FieldError.invalid("type", secret_type, "field is immutable"))
+            if old.get("immutable"):
+                if immutable is not True:
+                    errors.append(
+                        _FieldError.forbidden(
+                            "immutable", "field is immutable when `immutable` is set"
+                        )
+                    )
+                if data != (old.get("data") or {}):
+                    errors.append(
+                        _FieldError.forbidden("data", "field is immutable when `immutable` is set")
+                    )
+        if errors:
+            raise kind.invalid(self.name, errors)
+        result: JSONObject = {}
+        if immutable is not None:
+            result["immutable"] = immutable
+        if data:
+            result["data"] = data
+        result["type"] = secret_type
+        return result
+
+    def _lease(self, body: JSONObject) -> JSONObject:
+        kind = self.kind
+        self._drop_unknown(body, frozenset({"spec"}), "")
+        spec = body.get("spec") or {}
+        _expect(kind, spec, dict, "Lease.spec", "v1.LeaseSpec")
+        known = {
+            "holderIdentity": str,
+            "leaseDurationSeconds": int,
+            "acquireTime": str,
+            "renewTime": str,
+            "leaseTransitions": int,
+            "strategy": str,
+            "preferredHolder": str,
+        }
+        self._drop_unknown(spec, frozenset(known), "spec.")
+        errors: list[_FieldError] = []
+        for key, expected in known.items():
+            value = spec.get(key)
+            if value is None:
+                spec.pop(key, None)
+                continue
+            go_type = "v1.MicroTime" if key.endswith("Time") else None
+            _expect(kind, value, expected, f"LeaseSpec.spec.{key}", go_type)
+            if key.endswith("Time"):
+                problem = _microtime_error(value)
+                if problem:
+                    raise kind.undecodable(
+                        f'parsing time "{value}" as "{_MICROTIME_LAYOUT}": {problem}'
+                    )
+                spec[key] = _canonical_microtime(value)
+        if spec.get("leaseDurationSeconds", 1) <= 0:
+            errors.append(
+                _FieldError.invalid(
+                    "spec.leaseDurationSeconds",
+                    spec["leaseDurationSeconds"],
+                    "must be greater than 0",
+                )
+            )
+        if spec.get("leaseTransitions", 0) < 0:
+            errors.append(
+                _FieldError.invalid(
+                    "spec.leaseTransitions",
+                    spec["leaseTransitions"],
+                    "must be greater than or equal to 0",
+                )
+            )
+        if errors:
+            raise kind.invalid(self.name, errors)
+        return {"spec": spec}
+
+
+# --------------------------------------------------------------------------------------------
+# Selectors
+# --------------------------------------------------------------------------------------------
+
+
+def _label_matcher(selector: str) -> Any:
+    requirements = [p.strip() for p in re.split(r",(?![^()]*\))", selector) if p.strip()]
+    checks = []
+    for requirement in requirements:
+        if m := re.fullmatch(r"(\S+?)\s+(in|notin)\s+\((.*)\)", requirement):
+            key, op, raw = m.groups()
+            values = {v.strip() for v in raw.split(",")}
+            checks.append((key, op, values))
+        elif m := re.fullmatch(r"(\S+?)\s*(==|=|!=)\s*(\S*)", requirement):
+            key, op, value = m.groups()
+            checks.append((key, "!=" if op == "!=" else "=", {value}))
+        elif m := re.fullmatch(r"!\s*(\S+)", requirement):
+            checks.append((m.group(1), "!", set()))
+        elif re.fullmatch(r"\S+", requirement):
+            checks.append((requirement, "exists", set()))
+        else:
+            raise ApiStatusError(400, f"unable to parse requirement: {requirement!r}")
+
+    def matches(labels: Mapping[str, str]) -> bool:
+        for key, op, values in checks:
+            present = key in labels
+            if op in ("=", "in") and (not present or labels[key] not in values):
+                return False
+            if op in ("!=", "notin") and present and labels[key] in values:
+                return False
+            if op == "exists" and not present:
+                return False
+            if op == "!" and present:
+                return False
+        return True
+
+    return matches
+
+
+def _field_requirements(kind: _Kind, selector: str) -> list[tuple[str, bool, str]]:
+    allowed = ["metadata.name", "metadata.namespace"] + (["type"] if kind is SECRETS else [])
+    requirements = []
+    for part in (p.strip() for p in selector.split(",") if p.strip()):
+        m = re.fullmatch(r"([^=!]+?)\s*(==|=|!=)\s*(.*)", part)
+        if m is None:
+            raise ApiStatusError(400, f"invalid selector: '{part}'; can't understand '{part}'")
+        key, op, value = m.groups()
+        if key not in allowed:
+            quoted = ", ".join(f'"{a}"' for a in allowed)
+            raise ApiStatusError(400, f'"{key}" is not a known field selector: only {quoted}')
+        requirements.append((key, op == "!=", value))
+    return requirements
+
+
+def _field_value(obj: JSONObject, key: str) -> str:
+    if key == "type":
+        return str(obj.get("type", ""))
+    return str(obj["metadata"].get(key.split(".", 1)[1], ""))
+
+
+# --------------------------------------------------------------------------------------------
+# The server
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Response:
+    code: int
+    body: JSONObject
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class FakeKubeAPI:
+    """The fake API server.  Use as a context manager or call ``start()`` / ``stop()``.
+
+    ``token`` and ``rbac`` are plain attributes and may be changed while running (e.g. to
+    rotate the accepted token or revoke a permission).
+    """
+
+    def __init__(self, *, token: str = "fake-sa-token", rbac: RBAC | None = None) -> None:
+        self.token = token
+        self.rbac = rbac
+        self._lock = threading.RLock()
+        self._store: dict[tuple[str, str, str], _Stored] = {}
+        self._revision = 1000  # etcd's global revision: every write bumps it
+        self._requests: list[RecordedRequest] = []
+        self._internal_errors: list[BaseException] = []
+        self._conflicts_left = 0
+        self._errors_left = 0
+        self._error_status = 500
+        self._delays_left = 0
+        self._delay_seconds = 0.0
+        self._stopping = threading.Event()
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> FakeKubeAPI:
+        if self._server is not None:
+            raise RuntimeError("FakeKubeAPI already started")
+        self._stopping.clear()
+        self._server = _Server(self)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name=f"fake-kube-api-{self._server.server_address[1]}",
+            daemon=True,
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        server, thread = self._server, self._thread
+        if server is None:
+            return
+        self._stopping.set()  # wakes delayed responses
+        server.shutdown()
+        server.close_connections()
+        server.server_close()
+        if thread is not None:
+            thread.join(timeout=5)
+        self._server = self._thread = None
+
+    def __enter__(self) -> FakeKubeAPI:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    @property
+    def url(self) -> str:
+        if self._server is None:
+            raise RuntimeError("FakeKubeAPI is not running")
+        host, port = self._server.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    def write_kubeconfig(
+        self, path: Path, *, namespace: str = "default", context: str = "fake"
+    ) -> Path:
+        """Write a kubeconfig whose current context talks to this server with ``token``."""
+        config = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": context, "cluster": {"server": self.url}}],
+            "users": [{"name": context, "user": {"token": self.token}}],
+            "contexts": [
+                {
+                    "name": context,
+                    "context": {"cluster": context, "user": context, "namespace": namespace},
+                }
+            ],
+            "current-context": context,
+            "preferences": {},
+        }
+        path = Path(path)
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        return path
+
+    # -- direct state access (bypasses auth and RBAC) -------------------------------------------
+
+    def get_object(self, resource: Resource, namespace: str, name: str) -> JSONObject | None:
+        kind = _KINDS[resource]
+        with self._lock:
+            stored = self._store.get((resource, namespace, name))
+            return None if stored is None else self._render(kind, stored)
+
+    def put_object(
+        self,
+        resource: Resource,
+        namespace: str,
+        name: str,
+        obj: JSONObject,
+        *,
+        manager: str = "test-harness",
+    ) -> JSONObject:
+        """Create or unconditionally replace an object, as an ``Update`` by ``manager``.
+
+        Runs the same normalization/validation as the API (raises ``ApiStatusError``).
+        """
+        kind = _KINDS[resource]
+        with self._lock:
+            stored = self._store.get((resource, namespace, name))
+            body = copy.deepcopy(obj)
+            body.setdefault("metadata", {})
+            if stored is None:
+                return self._create(kind, namespace, name, body, manager, dry_run=False).body
+            body["metadata"].pop("resourceVersion", None)
+            body["metadata"].pop("uid", None)
+            candidate = _Normalizer(kind, namespace, name)(body, stored.obj)
+            return self._commit_update(kind, namespace, name, stored, candidate, manager)
+
+    def delete_object(self, resource: Resource, namespace: str, name: str) -> None:
+        """Delete an object if it exists."""
+        with self._lock:
+            if self._store.pop((resource, namespace, name), None) is not None:
+                self._revision += 1
+
+    # -- fault injection ------------------------------------------------------------------------
+
+    def inject_conflicts(self, count: int) -> None:
+        """Before each of the next ``count`` PUT/PATCH requests to an existing object, another
+        writer modifies it (new resourceVersion, annotation ``other-writer/touched``)."""
+        with self._lock:
+            self._conflicts_left = count
+
+    def inject_errors(self, count: int, status: int = 500) -> None:
+        """The next ``count`` requests (any verb, before authentication) answer ``status``."""
+        with self._lock:
+            self._errors_left = count
+            self._error_status = status
+
+    def inject_delay(self, count: int, seconds: float) -> None:
+        """The next ``count`` requests are processed normally, but their responses are held
+        back for ``seconds`` (a slow server / lost response, for client timeout tests)."""
+        with self._lock:
+            self._delays_left = count
+            self._delay_seconds = seconds
+
+    # -- observation ----------------------------------------------------------------------------
+
+    @property
+    def requests(self) -> list[RecordedRequest]:
+        with self._lock:
+            return list(self._requests)
+
+    def clear_requests(self) -> None:
+        with self._lock:
+            self._requests.clear()
+
+    def write_count(self, resource: str | None = None) -> int:
+        """Number of POST/PUT/PATCH/DELETE requests received (optionally for one resource)."""
+        with self._lock:
+            count = 0
+            for request in self._requests:
+                if request.method not in WRITE_METHODS:
+                    continue
+                route = _route(request.path)
+                if resource is None or (route is not None and route[0].resource == resource):
+                    count += 1
+            return count
+
+    @property
+    def internal_errors(self) -> list[BaseException]:
+        """Unexpected exceptions inside the fake (answered with 500); should stay empty."""
+        with self._lock:
+            return list(self._internal_errors)
+
+    # -- request handling -----------------------------------------------------------------------
+
+    def _serve(self, method: str, target: str, headers: dict[str, str], body: bytes) -> _Response:
+        """Answer one HTTP request (called by the handler thread)."""
+        split = urlsplit(target)
+        query = parse_qs(split.query, keep_blank_values=True)
+        with self._lock:
+            self._requests.append(RecordedRequest(method, split.path, query, headers, body))
+        try:
+            response = self._handle(method, split.path, query, headers, body)
+        except ApiStatusError as error:
+            response = _Response(error.code, error.status(), error.headers)
+        except Exception as error:  # a bug in the fake: answer like the server would
+            with self._lock:
+                self._internal_errors.append(error)
+            failure = ApiStatusError(500, f"Internal error occurred: {error!r}")
+            response = _Response(500, failure.status())
+        with self._lock:
+            delay = self._delay_seconds if self._delays_left > 0 else 0.0
+            self._delays_left = max(0, self._delays_left - 1)
+        if delay:
+            self._stopping.wait(delay)
+        return response
+
+    def _injected_error(self) -> ApiStatusError | None:
+        with self._lock:
+            if self._errors_left <= 0:
+                return None
+            self._errors_left -= 1
+            code = self._error_status
+        headers: dict[str, str] = {}
+        details: JSONObject | None = None
+        if code == 429:
+            message = "Too many requests, please try again later."
+            headers["Retry-After"] = "1"
+            details = {"retryAfterSeconds": 1}
+        elif code == 500:
+            message = "Internal error occurred: injected fault"
+        elif code == 503:
+            message = "the server is currently unable to handle the request"
+        elif code == 504:
+            message = (
+                "the server was unable to return a response in the time allotted, but may "
+                "still be processing the request"
+            )
+        else:
+            message = f"injected fault: {HTTPStatus(code).phrase}"
+        return ApiStatusError(code, message, details=details, headers=headers)
+
+    def _authenticate(self, headers: Mapping[str, str]) -> None:
+        scheme, _, credential = headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or credential.strip() != self.token:
+            raise ApiStatusError(401, "Unauthorized")
+
+    def _authorize(self, verb: str, kind: _Kind, namespace: str, name: str) -> None:
+        rbac = self.rbac
+        if rbac is None or rbac.allows(verb, kind.resource, namespace, name):
+            return
+        who = (
+            f'User "{rbac.user}" cannot {verb} resource "{kind.resource}" in API group '
+            f'"{kind.group}" in the namespace "{namespace}"'
+        )
+        target = f'{kind.qualified} "{name}"' if name else kind.qualified
+        raise ApiStatusError(403, f"{target} is forbidden: {who}", details=kind.details(name))
+
+    def _handle(
+        self,
+        method: str,
+        path: str,
+        query: dict[str, list[str]],
+        headers: dict[str, str],
+        body: bytes,
+    ) -> _Response:
+        injected = self._injected_error()
+        if injected is not None:
+            raise injected
+        self._authenticate(headers)
+        route = _route(path)
+        if route is None:
+            raise ApiStatusError(404, "the server could not find the requested resource")
+        kind, namespace, name = route
+        verbs = (
+            {"GET": "get", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}
+            if name
+            else {"GET": "list", "POST": "create"}
+        )
+        verb = verbs.get(method)
+        if verb is None:
+            raise ApiStatusError(
+                405,
+                "the server does not allow this method on the requested resource",
+                details=kind.details(name),
+            )
+        field_selector = query.get("fieldSelector", [""])[0]
+        auth_name = name
+        if verb == "list":
+            requirements = _field_requirements(kind, field_selector)
+            names = [v for k, negated, v in requirements if k == "metadata.name" and not negated]
+            auth_name = names[0] if len(names) == 1 else ""
+        self._authorize(verb, kind, namespace, auth_name)
+
+        manager = self._field_manager(query, headers)
+        dry_run = "All" in query.get("dryRun", [])
+        content_type = headers.get("content-type", "application/json")
+        with self._lock:
+            if verb == "get":
+                return _Response(200, self._render(kind, self._get(kind, namespace, name)))
+            if verb == "list":
+                return self._list(kind, namespace, query)
+            if verb == "create":
+                obj = self._decode(kind, body, content_type)
+                return self._post(kind, namespace, obj, manager, dry_run)
+            if verb == "update":
+                obj = self._decode(kind, body, content_type)
+                return self._put(kind, namespace, name, obj, manager, dry_run)
+            if verb == "patch":
+                return self._patch(
+                    kind, namespace, name, body, content_type, query, manager, dry_run
+                )
+            return self._delete(kind, namespace, name, body, dry_run)
+
+    @staticmethod
+    def _field_manager(query: dict[str, list[str]], headers: Mapping[str, str]) -> str:
+        if query.get("fieldManager", [""])[0]:
+            return query["fieldManager"][0]
+        # The server names anonymous managers after the User-Agent up to its first "/".
+        return headers.get("user-agent", "").split("/", 1)[0] or "unknown"
+
+    # -- verbs (all called with the lock held) --------------------------------------------------
+
+    def _get(self, kind: _Kind, namespace: str, name: str) -> _Stored:
+        stored = self._store.get((kind.resource, namespace, name))
+        if stored is None:
+            raise kind.not_found(name)
+        return stored
+
+    def _render(self, kind: _Kind, stored: _Stored, *, in_list: bool = False) -> JSONObject:
+        obj = copy.deepcopy(stored.obj)
+        if stored.managers:
+            obj["metadata"]["managedFields"] = [
+                {
+                    "manager": m.manager,
+                    "operation": m.operation,
+                    "apiVersion": kind.api_version,
+                    "time": m.time,
+                    "fieldsType": "FieldsV1",
+                    "fieldsV1": _fields_v1(m.fields),
+                }
+                for m in stored.managers
+            ]
+        if in_list:  # items of a typed list carry no kind/apiVersion
+            obj.pop("kind", None)
+            obj.pop("apiVersion", None)
+        return obj
+
+    def _list(self, kind: _Kind, namespace: str, query: dict[str, list[str]]) -> _Response:
+        label_matches = _label_matcher(query.get("labelSelector", [""])[0])
+        requirements = _field_requirements(kind, query.get("fieldSelector", [""])[0])
+        items = []
+        for (resource, ns, _name), stored in sorted(self._store.items()):
+            if resource != kind.resource or ns != namespace:
+                continue
+            if not label_matches(stored.obj["metadata"].get("labels", {})):
+                continue
+            if any(
+                (_field_value(stored.obj, key) == value) == negated
+                for key, negated, value in requirements
+            ):
+                continue
+            items.append(self._render(kind, stored, in_list=True))
+        body = {
+            "kind": f"{kind.kind}List",
+            "apiVersion": kind.api_version,
+            "metadata": {"resourceVersion": str(self._revision)},
+            "items": items,
+        }
+        return _Response(200, body)
+
+    def _decode(self, kind: _Kind, body: bytes, content_type: str) -> JSONObject:
+        media_type = content_type.split(";", 1)[0].strip().lower()
+        try:
+            if media_type in ("application/json", ""):
+                obj = json.loads(body)
+            elif media_type in ("application/yaml", "application/x-yaml", "text/yaml"):
+                obj = yaml.load(body, Loader=_YAMLLoader)
+            else:
+                raise ApiStatusError(
+                    415,
+                    "the body of the request was in an unknown format - accepted media types "
+                    "include: application/json, application/yaml, "
+                    "application/vnd.kubernetes.protobuf, application/cbor",
+                )
+        except (ValueError, yaml.YAMLError) as error:
+            raise kind.undecodable(f"error decoding request body: {error}") from error
+        if not isinstance(obj, dict):
+            raise kind.undecodable(
+                f"json: cannot unmarshal {_json_type(obj)} into Go value of type "
+                f"struct {{ APIVersion string; Kind string }}"
+            )
+        self._check_type_meta(kind, obj, required=False)
+        if obj.get("metadata") is None:
+            obj["metadata"] = {}
+        _expect(kind, obj["metadata"], dict, f"{kind.kind}.metadata", "v1.ObjectMeta")
+        return obj
+
+    @staticmethod
+    def _check_type_meta(kind: _Kind, obj: JSONObject, *, required: bool) -> None:
+        api_version, obj_kind = obj.get("apiVersion"), obj.get("kind")
+        if required and (not api_version or not obj_kind):
+            missing = "Kind" if not obj_kind else "Version"
+            raise ApiStatusError(400, f"Object '{missing}' is missing in '{json.dumps(obj)}'")
+        if api_version and api_version != kind.api_version:
+            raise ApiStatusError(
+                400,
+                f"the API version in the data ({api_version}) does not match the expected "
+                f"API version ({kind.api_version})",
+            )
+        if obj_kind and obj_kind != kind.kind:
+            raise ApiStatusError(
+                400,
+                f"the kind in the data ({obj_kind}) does not match the expected kind ({kind.kind})",
+            )
+
+    @staticmethod
+    def _check_identity(kind: _Kind, obj: JSONObject, namespace: str, name: str | None) -> None:
+        meta = obj.get("metadata") or {}
+        if meta.get("namespace") and meta["namespace"] != namespace:
+            raise ApiStatusError(
+                400,
+                "the namespace of the provided object does not match the namespace sent on "
+                "the request",
+            )
+        if name is not None and meta.get("name") != name:
+            raise ApiStatusError(
+                400,
+                f"the name of the object ({meta.get('name') or ''}) does not match the name on "
+                f"the URL ({name})",
+            )
+
+    def _post(
+        self, kind: _Kind, namespace: str, obj: JSONObject, manager: str, dry_run: bool
+    ) -> _Response:
+        self._check_identity(kind, obj, namespace, None)
+        meta = obj["metadata"]
+        if meta.get("resourceVersion"):
+            raise ApiStatusError(400, "resourceVersion should not be set on objects to be created")
+        name = meta.get("name") or ""
+        if not name and meta.get("generateName"):
+            suffix = "".join(_random.choice("bcdfghjklmnpqrstvwxz2456789") for _ in range(5))
+            name = f"{meta['generateName']}{suffix}"
+        return self._create(kind, namespace, name, obj, manager, dry_run)
+
+    def _create(
+        self,
+        kind: _Kind,
+        namespace: str,
+        name: str,
+        obj: JSONObject,
+        manager: str,
+        dry_run: bool,
+        *,
+        apply_config: JSONObject | None = None,
+    ) -> _Response:
+        if not name:
+            raise kind.invalid(
+                "", [_FieldError.required("metadata.name", "name or generateName is required")]
+            )
+        if len(name) > 253 or not _DNS_SUBDOMAIN.match(name):
+            raise kind.invalid(
+                name, [_FieldError.invalid("metadata.name", name, _DNS_SUBDOMAIN_MSG)]
+            )
+        key = (kind.resource, namespace, name)
+        if key in self._store:
+            raise kind.already_exists(name)
+        normalizer = _Normalizer(kind, namespace, name)
+        candidate = normalizer(obj, None)
+        now = _now()
+        if apply_config is not None:
+            applied = _tracked_leaves(_normalized_apply_config(kind, namespace, name, apply_config))
+            managers = [_Manager(manager, "Apply", now, set(applied))]
+        else:
+            managers = [_Manager(manager, "Update", now, set(_tracked_leaves(candidate)))]
+        managers = [m for m in managers if m.fields]
+        if dry_run:
+            return _Response(201, self._render(kind, _Stored(candidate, managers)))
+        self._revision += 1
+        candidate["metadata"]["resourceVersion"] = str(self._revision)
+        stored = _Stored(candidate, managers)
+        self._store[key] = stored
+        return _Response(201, self._render(kind, stored), _warning_headers(normalizer.warnings))
+
+    def _concurrent_write(self, kind: _Kind, namespace: str, name: str) -> None:
+        """If a conflict is injected, let another writer modify the object first."""
+        if self._conflicts_left <= 0:
+            return
+        self._conflicts_left -= 1
+        stored = self._store[(kind.resource, namespace, name)]
+        obj = copy.deepcopy(stored.obj)
+        annotations = obj["metadata"].setdefault("annotations", {})
+        annotations[CONFLICT_ANNOTATION] = str(self._revision + 1)
+        self._commit_update(kind, namespace, name, stored, obj, CONFLICT_MANAGER)
+
+    def _check_preconditions(
+        self, kind: _Kind, name: str, candidate_meta: Mapping[str, Any], stored: _Stored
+    ) -> None:
+        current = stored.obj["metadata"]
+        uid = candidate_meta.get("uid")
+        if uid and uid != current["uid"]:
+            raise kind.conflict(
+                name,
+                f"Precondition failed: UID in precondition: {uid}, UID in object meta: "
+                f"{current['uid']}",
+            )
+        resource_version = candidate_meta.get("resourceVersion")
+        if resource_version and resource_version != current["resourceVersion"]:
+            raise kind.stale(name)
+
+    def _commit_update(
+        self,
+        kind: _Kind,
+        namespace: str,
+        name: str,
+        stored: _Stored,
+        candidate: JSONObject,
+        manager: str,
+        *,
+        managers: list[_Manager] | None = None,
+        dry_run: bool = False,
+    ) -> JSONObject:
+        """Store an updated object unless nothing changed (then, like the server, no write)."""
+        if managers is None:
+            managers = _update_ownership(stored.managers, stored.obj, candidate, manager)
+        candidate["metadata"]["resourceVersion"] = stored.obj["metadata"]["resourceVersion"]
+        if candidate == stored.obj and _ownership(managers) == _ownership(stored.managers):
+            return self._render(kind, stored)
+        if dry_run:
+            return self._render(kind, _Stored(candidate, managers))
+        self._revision += 1
+        candidate["metadata"]["resourceVersion"] = str(self._revision)
+        updated = _Stored(candidate, managers)
+        self._store[(kind.resource, namespace, name)] = updated
+        return self._render(kind, updated)
+
+    def _put(
+        self,
+        kind: _Kind,
+        namespace: str,
+        name: str,
+        obj: JSONObject,
+        manager: str,
+        dry_run: bool,
+    ) -> _Response:
+        self._check_identity(kind, obj, namespace, name)
+        stored = self._get(kind, namespace, name)
+        self._concurrent_write(kind, namespace, name)
+        stored = self._get(kind, namespace, name)
+        self._check_preconditions(kind, name, obj["metadata"], stored)
+        normalizer = _Normalizer(kind, namespace, name)
+        candidate = normalizer(obj, stored.obj)
+        result = self._commit_update(
+            kind, namespace, name, stored, candidate, manager, dry_run=dry_run
+        )
+        return _Response(200, result, _warning_headers(normalizer.warnings))
+
+    def _patch(
+        self,
+        kind: _Kind,
+        namespace: str,
+        name: str,
+        body: bytes,
+        content_type: str,
+        query: dict[str, list[str]],
+        manager: str,
+        dry_run: bool,
+    ) -> _Response:
+        patch_type = content_type.split(";", 1)[0].strip().lower()
+        if patch_type not in PATCH_TYPES:
+            raise ApiStatusError(
+                415,
+                "the body of the request was in an unknown format - accepted media types "
+                "include: " + ", ".join(PATCH_TYPES),
+            )
+        field_manager = query.get("fieldManager", [""])[0]
+        if patch_type == APPLY_PATCH and not field_manager:
+            raise _patch_options_invalid(
+                "fieldManager", "FieldValueRequired", "Required value: is required for apply patch"
+            )
+        if patch_type != APPLY_PATCH and "force" in query:
+            raise _patch_options_invalid(
+                "force",
+                "FieldValueForbidden",
+                "Forbidden: may not be specified for non-apply patch",
+            )
+        try:
+            if patch_type == APPLY_PATCH:
+                patch = yaml.load(body, Loader=_YAMLLoader)
+            else:
+                patch = json.loads(body)
+        except (ValueError, yaml.YAMLError) as error:
+            raise ApiStatusError(400, f"error decoding patch: {error}") from error
+        if patch_type == APPLY_PATCH:
+            force = query.get("force", ["false"])[0].lower() == "true"
+            return self._apply(kind, namespace, name, patch, manager, force, dry_run)
+
+        stored = self._get(kind, namespace, name)
+        self._concurrent_write(kind, namespace, name)
+        stored = self._get(kind, namespace, name)
+        current = copy.deepcopy(stored.obj)
+        if patch_type == JSON_PATCH:
+            if not isinstance(patch, list):
+                raise ApiStatusError(
+                    400,
+                    f"json: cannot unmarshal {_json_type(patch)} into Go value of type "
+                    "jsonpatch.Patch",
+                )
+            try:
+                patched = json_patch(current, patch)
+            except _JSONPatchError as error:
+                raise ApiStatusError(422, str(error)) from error
+        else:
+            if not isinstance(patch, dict):
+                raise ApiStatusError(
+                    400,
+                    f"json: cannot unmarshal {_json_type(patch)} into Go value of type "
+                    "map[string]interface {}",
+                )
+            if patch_type == MERGE_PATCH:
+                patched = merge_patch(current, patch)
+            else:
+                patched = strategic_merge_patch(current, patch)
+        if not isinstance(patched, dict):
+            raise kind.undecodable("patched object is not a JSON object")
+        patched.setdefault("metadata", {})
+        _expect(kind, patched["metadata"], dict, f"{kind.kind}.metadata", "v1.ObjectMeta")
+        self._check_type_meta(kind, patched, required=False)
+        self._check_identity(kind, patched, namespace, name)
+        self._check_preconditions(kind, name, patched["metadata"], stored)
+        normalizer = _Normalizer(kind, namespace, name)
+        candidate = normalizer(patched, stored.obj)
+        result = self._commit_update(
+            kind, namespace, name, stored, candidate, manager, dry_run=dry_run
+        )
+        return _Response(200, result, _warning_headers(normalizer.warnings))
+
+    def _apply(
+        self,
+        kind: _Kind,
+        namespace: str,
+        name: str,
+        config: Any,
+        manager: str,
+        force: bool,
+        dry_run: bool,
+    ) -> _Response:
+        if not isinstance(config, dict):
+            raise ApiStatusError(
+                400, f"error decoding YAML: apply patch must be an object, got {config!r}"
+            )
+        self._check_type_meta(kind, config, required=True)
+        meta = config.setdefault("metadata", {})
+        _expect(kind, meta, dict, f"{kind.kind}.metadata", "v1.ObjectMeta")
+        if meta.get("managedFields"):
+            raise ApiStatusError(400, "metadata.managedFields must be nil")
+        self._check_identity(kind, config, namespace, name if meta.get("name") else None)
+        key = (kind.resource, namespace, name)
+        if key not in self._store:
+            # Server-side apply creates missing objects.
+            return self._create(
+                kind, namespace, name, copy.deepcopy(config), manager, dry_run, apply_config=config
+            )
+        self._concurrent_write(kind, namespace, name)
+        stored = self._store[key]
+        self._check_preconditions(kind, name, meta, stored)
+        normalizer = _Normalizer(kind, namespace, name)
+        normalized_config = _normalized_apply_config(kind, namespace, name, config)
+        applied = _tracked_leaves(normalized_config)
+        current = _tracked_leaves(stored.obj)
+
+        changed: set[FieldPath] = set()
+        for path, value in applied.items():
+            for existing, existing_value in current.items():
+                if _overlaps(path, existing) and (existing != path or existing_value != value):
+                    changed.add(existing)
+        me = (manager, "Apply")
+        conflicts = [
+            (other, path)
+            for other in stored.managers
+            if other.key != me
+            for path in sorted(changed)
+            if path in other.fields
+        ]
+        if conflicts and not force:
+            raise _apply_conflict(conflicts)
+
+        previous = next((m for m in stored.managers if m.key == me), None)
+        result = copy.deepcopy(stored.obj)
+        if previous is not None:
+            for path in previous.fields - applied.keys():
+                if not any(path in m.fields for m in stored.managers if m.key != me):
+                    _delete_path(result, path)
+        result = _apply_merge(result, normalized_config)
+        candidate = normalizer(result, stored.obj)
+
+        now = _now()
+        remaining = _tracked_leaves(candidate)
+        managers: list[_Manager] = []
+        for m in stored.managers:
+            if m.key == me:
+                continue
+            fields = {f for f in m.fields - changed if f in remaining}
+            if fields:
+                managers.append(_Manager(m.manager, m.operation, m.time, fields))
+        mine = _Manager(manager, "Apply", now, {f for f in applied if f in remaining})
+        position = next((i for i, m in enumerate(stored.managers) if m.key == me), None)
+        if mine.fields:
+            if previous is not None and previous.fields == mine.fields and position is not None:
+                mine.time = previous.time
+            managers.insert(len(managers) if position is None else position, mine)
+        result_obj = self._commit_update(
+            kind, namespace, name, stored, candidate, manager, managers=managers, dry_run=dry_run
+        )
+        return _Response(200, result_obj, _warning_headers(normalizer.warnings))
+
+    def _delete(
+        self, kind: _Kind, namespace: str, name: str, body: bytes, dry_run: bool
+    ) -> _Response:
+        stored = self._get(kind, namespace, name)
+        options: Any = {}
+        if body.strip():
+            try:
+                options = json.loads(body)
+            except ValueError as error:
+                raise ApiStatusError(400, f"error decoding DeleteOptions: {error}") from error
+        preconditions = (options or {}).get("preconditions") or {}
+        current = stored.obj["metadata"]
+        if preconditions.get("uid") and preconditions["uid"] != current["uid"]:
+            raise kind.conflict(
+                name,
+                f"Precondition failed: UID in precondition: {preconditions['uid']}, UID in "
+                f"object meta: {current['uid']}",
+            )
+        expected_rv = preconditions.get("resourceVersion")
+        if expected_rv and expected_rv != current["resourceVersion"]:
+            raise kind.conflict(
+                name,
+                f"Precondition failed: ResourceVersion in precondition: {expected_rv}, "
+                f"ResourceVersion in object meta: {current['resourceVersion']}",
+            )
+        if not dry_run:
+            del self._store[(kind.resource, namespace, name)]
+            self._revision += 1
+        details = kind.details(name)
+        details["uid"] = current["uid"]
+        body_out = {
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Success",
+            "details": details,
+        }
+        return _Response(200, body_out)
+
+
+def _update_ownership(
+    managers: list[_Manager], old: JSONObject, new: JSONObject, manager: str
+) -> list[_Manager]:
+    """Field ownership after an Update by ``manager``: it takes every field it changed."""
+    old_leaves = _tracked_leaves(old)
+    new_leaves = _tracked_leaves(new)
+    changed = {
+        path
+        for path, value in new_leaves.items()
+        if path not in old_leaves or old_leaves[path] != value
+    }
+    result: list[_Manager] = []
+    mine: _Manager | None = None
+    for m in managers:
+        fields = {f for f in m.fields if f in new_leaves}
+        if m.key == (manager, "Update"):
+            mine = _Manager(m.manager, m.operation, m.time, fields)
+            result.append(mine)
+        else:
+            result.append(_Manager(m.manager, m.operation, m.time, fields - changed))
+    if changed:
+        if mine is None:
+            mine = _Manager(manager, "Update", _now())
+            result.append(mine)
+        mine.fields |= changed
+        mine.time = _now()
+    return [m for m in result if m.fields]
+
+
+def _normalized_apply_config(
+    kind: _Kind, namespace: str, name: str, config: JSONObject
+) -> JSONObject:
+    """An apply configuration as the fields it sets (``stringData`` becomes ``data``), without
+    server-owned metadata and without defaults the configuration did not mention."""
+    normalized = _Normalizer(kind, namespace, name)(config, None)
+    normalized.pop("kind")
+    normalized.pop("apiVersion")
+    meta = normalized["metadata"]
+    for key in _UNTRACKED_METADATA:
+        meta.pop(key, None)
+    if not meta:
+        del normalized["metadata"]
+    if kind is SECRETS and "type" not in config:
+        normalized.pop("type", None)
+    if kind is LEASES and not config.get("spec"):
+        normalized.pop("spec", None)
+    return normalized
+
+
+def _patch_options_invalid(field_name: str, cause: str, text: str) -> ApiStatusError:
+    return ApiStatusError(
+        422,
+        f'PatchOptions.meta.k8s.io "" is invalid: {field_name}: {text}',
+        details={
+            "group": "meta.k8s.io",
+            "kind": "PatchOptions",
+            "causes": [{"reason": cause, "message": text, "field": field_name}],
+        },
+    )
+
+
+def _apply_conflict(conflicts: list[tuple[_Manager, FieldPath]]) -> ApiStatusError:
+    def dotted(path: FieldPath) -> str:
+        return "." + ".".join(path)
+
+    if len(conflicts) == 1:
+        manager, path = conflicts[0]
+        text = f"conflict with {manager.describe()}: {dotted(path)}"
+    else:
+        lines: list[str] = []
+        by_manager: dict[str, list[FieldPath]] = {}
+        for manager, path in conflicts:
+            by_manager.setdefault(manager.describe(), []).append(path)
+        for described, paths in by_manager.items():
+            lines.append(f"conflicts with {described}:")
+            lines.extend(f"- {dotted(path)}" for path in paths)
+        text = "\n".join(lines)
+    count = len(conflicts)
+    message = f"Apply failed with {count} conflict{'s' if count > 1 else ''}: {text}"
+    causes = [
+        {
+            "reason": "FieldManagerConflict",
+            "message": f"conflict with {manager.describe()}",
+            "field": dotted(path),
+        }
+        for manager, path in conflicts
+    ]
+    return ApiStatusError(409, message, details={"causes": causes})
+
+
+def _warning_headers(warnings: list[str]) -> dict[str, str]:
+    if not warnings:
+        return {}
+    return {"Warning": ", ".join(f"299 - {json.dumps(w)}" for w in warnings)}
+
+
+# --------------------------------------------------------------------------------------------
+# HTTP plumbing
+# --------------------------------------------------------------------------------------------
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _Server
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """No request logging."""
+
+    def setup(self) -> None:
+        super().setup()
+        self.server.track(self.connection)
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            self.server.untrack(self.connection)
+
+    def _read_body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            chunks: list[bytes] = []
+            while True:
+                size = int(self.rfile.readline().split(b";", 1)[0].strip() or b"0", 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass
+                    return b"".join(chunks)
+                chunks.append(self.rfile.read(size))
+                self.rfile.readline()
+        length = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(length) if length else b""
+
+    def _dispatch(self) -> None:
+        body = self._read_body()
+        headers = {name.lower(): value for name, value in self.headers.items()}
+        response = self.server.api._serve(self.command, self.path, headers, body)
+        payload = (json.dumps(response.body) + "\n").encode()
+        self.send_response(response.code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Cache-Control", "no-cache, private")
+        self.send_header("Audit-Id", str(uuid.uuid4()))
+        for name, value in response.headers.items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(payload)
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _dispatch
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, api: FakeKubeAPI) -> None:
+        self.api = api
+        self._connections: set[socket.socket] = set()
+        self._connections_lock = threading.Lock()
+        super().__init__(("127.0.0.1", 0), _Handler)
+
+    def track(self, connection: socket.socket) -> None:
+        with self._connections_lock:
+            self._connections.add(connection)
+
+    def untrack(self, connection: socket.socket) -> None:
+        with self._connections_lock:
+            self._connections.discard(connection)
+
+    def close_connections(self) -> None:
+        """Drop kept-alive client connections so clients see the server go away."""
+        with self._connections_lock:
+            connections = list(self._connections)
+        for connection in connections:
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Client disconnects are not worth a traceback on stderr."""

@@ -1,0 +1,140 @@
+"""The file sink: atomic, private, readable back after a restart (design rule 5)."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import threading
+from pathlib import Path
+
+import jwt
+import pytest
+
+from refresher.config import FileSinkConfig
+from refresher.errors import Reason, RefreshError
+from refresher.sinks.file import FileSink
+from refresher.tokens import Token
+
+NOW = 1_800_000_000.0
+
+
+def sink(path: Path, fmt: str = "raw", mode: int | str = 0o600) -> FileSink:
+    return FileSink(
+        FileSinkConfig.model_validate(
+            {"type": "file", "path": str(path), "format": fmt, "mode": mode}
+        )
+    )
+
+
+def token(value: str = "opaque-token-value", lifetime: float = 3600, **kw: object) -> Token:
+    return Token(value, NOW, NOW + lifetime, scope="a b", **kw)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("fmt", ["raw", "json", "env", "header"])
+def test_every_format_round_trips_an_opaque_token(fmt: str, tmp_path: Path) -> None:
+    target = sink(tmp_path / "token", fmt)
+    written = token(extras={"api_key": "k-123"})
+    target.write(written)
+    back = target.read(NOW + 10)
+    assert back is not None
+    assert (back.access_token, back.issued_at, back.expires_at) == (
+        written.access_token,
+        written.issued_at,
+        written.expires_at,
+    )
+    assert back.scope == "a b"
+
+
+def test_formats_are_what_consumers_expect(tmp_path: Path) -> None:
+    t = token("abc.def.ghi", extras={"api_key": "k-1"})
+    sink(tmp_path / "raw").write(t)
+    assert (tmp_path / "raw").read_bytes() == b"abc.def.ghi"  # no newline
+    sink(tmp_path / "hdr", "header").write(t)
+    assert (tmp_path / "hdr").read_text() == "Authorization: Bearer abc.def.ghi"
+    sink(tmp_path / "j", "json").write(t)
+    document = json.loads((tmp_path / "j").read_text())
+    assert document["access_token"] == "abc.def.ghi" and document["token_type"] == "Bearer"
+    assert document["expires_at"] == "2027-01-15T09:00:00Z" and document["api_key"] == "k-1"
+    sink(tmp_path / "e", "env").write(t)
+    env = (tmp_path / "e").read_text()
+    assert "ACCESS_TOKEN=abc.def.ghi\n" in env and "API_KEY=k-1\n" in env
+    assert "TOKEN_SCOPE='a b'\n" in env
+
+
+def test_jwt_in_raw_file_without_metadata_reads_its_exp(tmp_path: Path) -> None:
+    value = jwt.encode({"exp": int(NOW) + 600, "iat": int(NOW)}, "k" * 32)
+    (tmp_path / "token").write_text(value)
+    back = sink(tmp_path / "token").read(NOW + 1)
+    assert back is not None and back.expires_at == NOW + 600
+
+
+def test_opaque_token_without_metadata_counts_as_none(tmp_path: Path) -> None:
+    (tmp_path / "token").write_text("opaque")
+    assert sink(tmp_path / "token").read(NOW) is None
+
+
+def test_stale_metadata_of_another_token_is_not_trusted(tmp_path: Path) -> None:
+    target = sink(tmp_path / "token")
+    target.write(token("first"))
+    (tmp_path / "token").write_text("second")  # replaced by someone else; metadata is stale
+    assert target.read(NOW) is None
+
+
+@pytest.mark.parametrize(("mode", "expected"), [(0o600, 0o600), ("0640", 0o640), (0o644, 0o644)])
+def test_mode(mode: int | str, expected: int, tmp_path: Path) -> None:
+    sink(tmp_path / "token", mode=mode).write(token())
+    assert stat.S_IMODE(os.stat(tmp_path / "token").st_mode) == expected
+
+
+def test_creates_missing_folders_and_leaves_no_temp_files(tmp_path: Path) -> None:
+    target = sink(tmp_path / "a" / "b" / "token")
+    for i in range(5):
+        target.write(token(f"t{i}"))
+    assert sorted(p.name for p in (tmp_path / "a" / "b").iterdir()) == [
+        ".token.refresher.json",
+        "token",
+    ]
+
+
+def test_unwritable_folder_is_a_sink_failure_and_keeps_the_old_token(tmp_path: Path) -> None:
+    if os.geteuid() == 0:
+        # root ignores permission bits; a path under a regular file fails for everyone.
+        blocker = tmp_path / "file"
+        blocker.write_text("x")
+        target = sink(blocker / "token")
+    else:
+        folder = tmp_path / "ro"
+        folder.mkdir()
+        sink(folder / "token").write(token("old"))
+        folder.chmod(0o500)
+        target = sink(folder / "token")
+    with pytest.raises(RefreshError) as caught:
+        target.write(token("new"))
+    assert caught.value.reason is Reason.SINK
+    assert str(target.path) in caught.value.message
+
+
+def test_readers_never_see_a_torn_or_empty_file(tmp_path: Path) -> None:
+    path = tmp_path / "token"
+    target = sink(path)
+    # Tokens of different lengths, so a torn read would show as a value that was never written.
+    values = [f"token-{i}-" + "x" * (i % 7) * 500 for i in range(300)]
+    target.write(token(values[0]))
+    seen: set[str] = set()
+    stop = threading.Event()
+
+    def reader() -> None:
+        while not stop.is_set():
+            seen.add(path.read_text())
+
+    readers = [threading.Thread(target=reader) for _ in range(3)]
+    for thread in readers:
+        thread.start()
+    for value in values[1:]:
+        target.write(token(value))
+    stop.set()
+    for thread in readers:
+        thread.join()
+    assert seen <= set(values)
+    assert len(seen) > 1  # the readers did overlap the writes

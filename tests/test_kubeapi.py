@@ -1,0 +1,777 @@
+"""The fake Kubernetes API (tests/kubeapi.py), driven through the real ``kubernetes`` client."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import kubernetes
+import pytest
+import urllib3
+from kubernetes.client import (
+    ApiClient,
+    CoordinationV1Api,
+    CoreV1Api,
+    V1Lease,
+    V1LeaseSpec,
+    V1ObjectMeta,
+    V1Secret,
+)
+from kubernetes.client.exceptions import ApiException
+
+from tests.kubeapi import RBAC, FakeKubeAPI, Rule
+
+NS = "default"
+T = 5  # _request_timeout for every call
+USER = "system:serviceaccount:default:refresher"
+
+
+def b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+def status_of(error: ApiException) -> dict[str, Any]:
+    """The parsed Status body of an error response."""
+    body = json.loads(error.body)
+    assert body["kind"] == "Status"
+    assert body["code"] == error.status
+    return body
+
+
+@pytest.fixture(autouse=True)
+def _no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Configuration() picks up http_proxy from the environment, even for 127.0.0.1.
+    for name in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def kube() -> Iterator[FakeKubeAPI]:
+    with FakeKubeAPI() as api:
+        yield api
+        assert api.internal_errors == []
+
+
+def client_for(kube: FakeKubeAPI, tmp_path: Path, name: str = "kubeconfig") -> ApiClient:
+    """An ApiClient built the way production code builds one."""
+    path = kube.write_kubeconfig(tmp_path / name, namespace=NS)
+    cfg = kubernetes.client.Configuration()
+    kubernetes.config.load_kube_config(config_file=str(path), client_configuration=cfg)
+    return ApiClient(cfg)
+
+
+@pytest.fixture
+def api_client(kube: FakeKubeAPI, tmp_path: Path) -> Iterator[ApiClient]:
+    with client_for(kube, tmp_path) as client:
+        yield client
+
+
+@pytest.fixture
+def core(api_client: ApiClient) -> CoreV1Api:
+    return CoreV1Api(api_client)
+
+
+@pytest.fixture
+def coord(api_client: ApiClient) -> CoordinationV1Api:
+    return CoordinationV1Api(api_client)
+
+
+def seed_secret(kube: FakeKubeAPI, name: str = "tok", **data: str) -> dict[str, Any]:
+    return kube.put_object(
+        "secrets",
+        NS,
+        name,
+        {"metadata": {"name": name}, "data": {k: b64(v) for k, v in data.items()}},
+    )
+
+
+def last_request(kube: FakeKubeAPI, method: str) -> Any:
+    return [r for r in kube.requests if r.method == method][-1]
+
+
+# --------------------------------------------------------------------------------------------
+# Secrets: create, read, replace, patch
+# --------------------------------------------------------------------------------------------
+
+
+def test_create_and_read_secret_merges_string_data(kube: FakeKubeAPI, core: CoreV1Api) -> None:
+    body = V1Secret(
+        metadata=V1ObjectMeta(name="tok", labels={"app": "refresher"}),
+        data={"a": b64("alpha")},
+        string_data={"token": "s3cr3t"},
+    )
+    created = core.create_namespaced_secret(NS, body, _request_timeout=T)
+
+    assert created.data == {"a": b64("alpha"), "token": b64("s3cr3t")}
+    assert created.string_data is None
+    assert created.type == "Opaque"
+    assert created.kind == "Secret" and created.api_version == "v1"
+    meta = created.metadata
+    assert meta.namespace == NS and meta.uid and int(meta.resource_version) > 0
+    assert isinstance(meta.creation_timestamp, dt.datetime)
+
+    read = core.read_namespaced_secret("tok", NS, _request_timeout=T)
+    assert read.data == created.data
+    assert read.metadata.resource_version == meta.resource_version
+
+    stored = kube.get_object("secrets", NS, "tok")
+    assert stored is not None
+    assert stored["data"]["token"] == b64("s3cr3t")  # base64, as on the wire
+    assert "stringData" not in stored
+
+    post = last_request(kube, "POST")
+    assert post.path == f"/api/v1/namespaces/{NS}/secrets"
+    assert post.headers["authorization"] == "Bearer fake-sa-token"
+    # The generated client sends no Content-Type for POST/PUT; the API server assumes JSON.
+    assert post.headers.get("content-type") in (None, "application/json")
+    assert post.json()["stringData"] == {"token": "s3cr3t"}
+
+
+def test_create_existing_secret_is_already_exists(kube: FakeKubeAPI, core: CoreV1Api) -> None:
+    seed_secret(kube)
+    with pytest.raises(ApiException) as caught:
+        core.create_namespaced_secret(
+            NS, {"metadata": {"name": "tok"}, "data": {}}, _request_timeout=T
+        )
+    assert caught.value.status == 409
+    body = status_of(caught.value)
+    assert body["reason"] == "AlreadyExists"
+    assert body["message"] == 'secrets "tok" already exists'
+
+
+def test_replace_and_stale_replace(kube: FakeKubeAPI, core: CoreV1Api) -> None:
+    seed_secret(kube, other="keep")
+    first = core.read_namespaced_secret("tok", NS, _request_timeout=T)
+    first.data["token"] = b64("v1")
+    replaced = core.replace_namespaced_secret("tok", NS, first, _request_timeout=T)
+    assert int(replaced.metadata.resource_version) > int(first.metadata.resource_version)
+    assert replaced.metadata.uid == first.metadata.uid
+
+    # `first` still carries the old resourceVersion: a real 409.
+    first.data["token"] = b64("v2")
+    with pytest.raises(ApiException) as caught:
+        core.replace_namespaced_secret("tok", NS, first, _request_timeout=T)
+    assert caught.value.status == 409
+    body = status_of(caught.value)
+    assert body["reason"] == "Conflict"
+    assert body["message"] == (
+        'Operation cannot be fulfilled on secrets "tok": the object has been modified; '
+        "please apply your changes to the latest version and try again"
+    )
+    assert body["details"] == {"name": "tok", "kind": "secrets"}
+
+    # Without a resourceVersion the replace is unconditional.
+    first.metadata.resource_version = None
+    core.replace_namespaced_secret("tok", NS, first, _request_timeout=T)
+    assert kube.get_object("secrets", NS, "tok")["data"]["token"] == b64("v2")
+
+
+def test_noop_replace_keeps_resource_version(kube: FakeKubeAPI, core: CoreV1Api) -> None:
+    seed_secret(kube, token="x")
+    current = core.read_namespaced_secret("tok", NS, _request_timeout=T)
+    again = core.replace_namespaced_secret("tok", NS, current, _request_timeout=T)
+    assert again.metadata.resource_version == current.metadata.resource_version
+
+
+def test_default_patch_is_strategic_merge_and_keeps_foreign_keys(
+    kube: FakeKubeAPI, core: CoreV1Api
+) -> None:
+    seed_secret(kube, foreign="theirs", stale="old")
+    patched = core.patch_namespaced_secret(
+        "tok",
+        NS,
+        {"data": {"token": b64("new"), "stale": None}, "metadata": {"annotations": {"x": "1"}}},
+        _request_timeout=T,
+    )
+    assert patched.data == {"foreign": b64("theirs"), "token": b64("new")}
+    assert patched.metadata.annotations == {"x": "1"}
+    assert last_request(kube, "PATCH").headers["content-type"] == (
+        "application/strategic-merge-patch+json"
+    )
+
+
+def test_merge_patch_string_data_and_resource_version_precondition(
+    kube: FakeKubeAPI, core: CoreV1Api
+) -> None:
+    seed_secret(kube, foreign="theirs")
+    current = core.read_namespaced_secret("tok", NS, _request_timeout=T)
+    rv = current.metadata.resource_version
+
+    patched = core.patch_namespaced_secret(
+        "tok",
+        NS,
+        {"metadata": {"resourceVersion": rv}, "stringData": {"token": "t1"}},
+        _content_type="application/merge-patch+json",
+        _request_timeout=T,
+    )
+    assert patched.data == {"foreign": b64("theirs"), "token": b64("t1")}
+    assert last_request(kube, "PATCH").headers["content-type"] == "application/merge-patch+json"
+
+    # The same precondition again is now stale.
+    with pytest.raises(ApiException) as caught:
+        core.patch_namespaced_secret(
+            "tok",
+            NS,
+            {"metadata": {"resourceVersion": rv}, "stringData": {"token": "t2"}},
+            _content_type="application/merge-patch+json",
+            _request_timeout=T,
+        )
+    assert caught.value.status == 409
+    assert "the object has been modified" in status_of(caught.value)["message"]
+    assert kube.get_object("secrets", NS, "tok")["data"]["token"] == b64("t1")
+
+
+def test_json_patch_with_list_body(kube: FakeKubeAPI, core: CoreV1Api) -> None:
+    stored = seed_secret(kube, token="old")
+    rv = stored["metadata"]["resourceVersion"]
+    ops = [
+        {"op": "test", "path": "/metadata/resourceVersion", "value": rv},
+        {"op": "replace", "path": "/data/token", "value": b64("new")},
+        {"op": "add", "path": "/metadata/labels", "value": {"a": "b"}},
+    ]
+    patched = core.patch_namespaced_secret("tok", NS, ops, _request_timeout=T)
+    assert patched.data["token"] == b64("new")
+    assert patched.metadata.labels == {"a": "b"}
+    assert last_request(kube, "PATCH").headers["content-type"] == "application/json-patch+json"
+
+    # The "test" operation now fails: 422 like the API server.
+    with pytest.raises(ApiException) as caught:
+        core.patch_namespaced_secret("tok", NS, ops, _request_timeout=T)
+    assert caught.value.status == 422
+    assert "testing value /metadata/resourceVersion failed" in status_of(caught.value)["message"]
+
+
+def test_explicit_json_patch_type_with_dict_body_becomes_strategic(
+    kube: FakeKubeAPI, core: CoreV1Api
+) -> None:
+    seed_secret(kube)
+    core.patch_namespaced_secret(
+        "tok",
+        NS,
+        {"data": {"k": b64("v")}},
+        _content_type="application/json-patch+json",
+        _request_timeout=T,
+    )
+    # The client's REST layer rewrites json-patch+json with a non-list body.
+    assert last_request(kube, "PATCH").headers["content-type"] == (
+        "application/strategic-merge-patch+json"
+    )
+
+
+def test_unknown_patch_content_type_is_415(kube: FakeKubeAPI, core: CoreV1Api) -> None:
+    seed_secret(kube)
+    with pytest.raises(ApiException) as caught:
+        core.patch_namespaced_secret(
+            "tok", NS, {"data": {}}, _content_type="application/vnd.x+json", _request_timeout=T
+        )
+    assert caught.value.status == 415
+    assert status_of(caught.value)["reason"] == "UnsupportedMediaType"
+
+
+def test_validation_errors(kube: FakeKubeAPI, core: CoreV1Api) -> None:
+    with pytest.raises(ApiException) as caught:
+        core.create_namespaced_secret(NS, {"metadata": {"name": "Bad_Name"}}, _request_timeout=T)
+    assert caught.value.status == 422
+    assert status_of(caught.value)["message"].startswith(
+        'Secret "Bad_Name" is invalid: metadata.name: Invalid value: "Bad_Name"'
+    )
+
+    with pytest.raises(ApiException) as caught:
+        core.create_namespaced_secret(
+            NS, {"metadata": {"name": "x"}, "data": {"k": "not base64!"}}, _request_timeout=T
+        )
+    assert caught.value.status == 400
+    assert "illegal base64 data" in status_of(caught.value)["message"]
+
+    with pytest.raises(ApiException) as caught:
+        core.create_namespaced_secret(
+            NS, {"metadata": {"name": "x", "namespace": "other"}}, _request_timeout=T
+        )
+    assert caught.value.status == 400
+    assert status_of(caught.value)["reason"] == "BadRequest"
+
+
+# --------------------------------------------------------------------------------------------
+# Fault injection
+# --------------------------------------------------------------------------------------------
+
+
+def test_injected_conflict_then_success_after_reread(kube: FakeKubeAPI, core: CoreV1Api) -> None:
+    seed_secret(kube, token="old")
+    current = core.read_namespaced_secret("tok", NS, _request_timeout=T)
+    kube.inject_conflicts(1)
+
+    current.data["token"] = b64("mine")
+    with pytest.raises(ApiException) as caught:
+        core.replace_namespaced_secret("tok", NS, current, _request_timeout=T)
+    assert caught.value.status == 409
+    assert status_of(caught.value)["reason"] == "Conflict"
+
+    fresh = core.read_namespaced_secret("tok", NS, _request_timeout=T)
+    assert fresh.metadata.annotations["other-writer/touched"]
+    assert int(fresh.metadata.resource_version) > int(current.metadata.resource_version)
+    fresh.data["token"] = b64("mine")
+    done = core.replace_namespaced_secret("tok", NS, fresh, _request_timeout=T)
+    assert done.data["token"] == b64("mine")
+    assert done.metadata.annotations["other-writer/touched"]  # the other writer's change kept
+    assert kube.write_count("secrets") == 2
+    assert kube.write_count("leases") == 0
+
+
+def test_injected_conflict_does_not_affect_unconditional_merge_patch(
+    kube: FakeKubeAPI, core: CoreV1Api
+) -> None:
+    seed_secret(kube, token="old")
+    kube.inject_conflicts(1)
+    patched = core.patch_namespaced_secret(
+        "tok",
+        NS,
+        {"data": {"token": b64("new")}},
+        _content_type="application/merge-patch+json",
+        _request_timeout=T,
+    )
+    assert patched.data["token"] == b64("new")
+    assert "other-writer/touched" in patched.metadata.annotations
+
+
+def test_injected_errors(kube: FakeKubeAPI, core: CoreV1Api) -> None:
+    seed_secret(kube)
+    kube.inject_errors(1)
+    with pytest.raises(ApiException) as caught:
+        core.read_namespaced_secret("tok", NS, _request_timeout=T)
+    assert caught.value.status == 500
+    assert status_of(caught.value)["reason"] == "InternalError"
+    assert core.read_namespaced_secret("tok", NS, _request_timeout=T).metadata.name == "tok"
+
+    kube.inject_errors(1, status=429)
+    with pytest.raises(ApiException) as caught:
+        core.patch_namespaced_secret("tok", NS, {"data": {}}, _request_timeout=T)
+    assert caught.value.status == 429
+    assert caught.value.headers["Retry-After"] == "1"
+    assert status_of(caught.value)["reason"] == "TooManyRequests"
+
+
+def test_slow_response_times_out_with_a_urllib3_error(kube: FakeKubeAPI, core: CoreV1Api) -> None:
+    seed_secret(kube)
+    kube.inject_delay(1, 3)
+    # Not an ApiException: timeouts surface as urllib3 errors.
+    with pytest.raises(urllib3.exceptions.ReadTimeoutError):
+        core.patch_namespaced_secret("tok", NS, {"data": {"a": b64("1")}}, _request_timeout=0.3)
+    # The server applied the write although the client gave up waiting.
+    assert kube.get_object("secrets", NS, "tok")["data"]["a"] == b64("1")
+
+
+def test_urllib3_silently_retries_a_timed_out_put(kube: FakeKubeAPI, core: CoreV1Api) -> None:
+    seed_secret(kube)
+    current = core.read_namespaced_secret("tok", NS, _request_timeout=T)
+    current.data = {"a": b64("1")}
+    kube.inject_delay(1, 3)
+    # urllib3's default Retry(3) re-sends PUT/DELETE (idempotent methods) after a read
+    # timeout: the first PUT succeeded, so the caller sees its own retry's 409.
+    with pytest.raises(ApiException) as caught:
+        core.replace_namespaced_secret("tok", NS, current, _request_timeout=0.3)
+    assert caught.value.status == 409
+    assert [r.method for r in kube.requests].count("PUT") == 2
+    assert kube.get_object("secrets", NS, "tok")["data"] == {"a": b64("1")}
+
+
+# --------------------------------------------------------------------------------------------
+# Errors: 404, 403, 401
+# --------------------------------------------------------------------------------------------
+
+
+def test_not_found(kube: FakeKubeAPI, core: CoreV1Api) -> None:
+    for call in (
+        lambda: core.read_namespaced_secret("nope", NS, _request_timeout=T),
+        lambda: core.patch_namespaced_secret("nope", NS, {"data": {}}, _request_timeout=T),
+        lambda: core.delete_namespaced_secret("nope", NS, _request_timeout=T),
+        lambda: core.replace_namespaced_secret(
+            "nope", NS, {"metadata": {"name": "nope"}}, _request_timeout=T
+        ),
+    ):
+        with pytest.raises(ApiException) as caught:
+            call()
+        assert caught.value.status == 404
+        body = status_of(caught.value)
+        assert body["reason"] == "NotFound"
+        assert body["message"] == 'secrets "nope" not found'
+        assert body["details"] == {"name": "nope", "kind": "secrets"}
+
+
+def test_unknown_path_is_404_status(kube: FakeKubeAPI) -> None:
+    request = urllib.request.Request(
+        f"{kube.url}/api/v1/namespaces/default/configmaps/x",
+        headers={"Authorization": "Bearer fake-sa-token"},
+    )
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(request, timeout=T)
+    assert caught.value.code == 404
+    assert json.loads(caught.value.read())["reason"] == "NotFound"
+
+
+def test_rbac_forbidden_messages(kube: FakeKubeAPI, tmp_path: Path) -> None:
+    kube.rbac = RBAC(
+        rules=[
+            Rule(verbs=frozenset({"get"}), resource="secrets", namespace=NS),
+            Rule(verbs=frozenset({"get", "update"}), resource="leases", namespace=NS),
+        ]
+    )
+    seed_secret(kube)
+    with client_for(kube, tmp_path) as client:
+        core, coord = CoreV1Api(client), CoordinationV1Api(client)
+        assert core.read_namespaced_secret("tok", NS, _request_timeout=T).metadata.name == "tok"
+
+        with pytest.raises(ApiException) as caught:
+            core.patch_namespaced_secret("tok", NS, {"data": {}}, _request_timeout=T)
+        assert caught.value.status == 403
+        body = status_of(caught.value)
+        assert body["reason"] == "Forbidden"
+        assert body["message"] == (
+            f'secrets "tok" is forbidden: User "{USER}" cannot patch resource "secrets" '
+            f'in API group "" in the namespace "{NS}"'
+        )
+        assert body["details"] == {"name": "tok", "kind": "secrets"}
+
+        with pytest.raises(ApiException) as caught:
+            core.list_namespaced_secret("kube-system", _request_timeout=T)
+        assert status_of(caught.value)["message"] == (
+            f'secrets is forbidden: User "{USER}" cannot list resource "secrets" '
+            'in API group "" in the namespace "kube-system"'
+        )
+
+        with pytest.raises(ApiException) as caught:
+            coord.create_namespaced_lease(
+                NS, {"metadata": {"name": "leader"}, "spec": {}}, _request_timeout=T
+            )
+        assert caught.value.status == 403
+        assert status_of(caught.value)["message"] == (
+            f'leases.coordination.k8s.io is forbidden: User "{USER}" cannot create resource '
+            f'"leases" in API group "coordination.k8s.io" in the namespace "{NS}"'
+        )
+        # 403 comes before 404, as authorization runs before the handler.
+        with pytest.raises(ApiException) as caught:
+            core.delete_namespaced_secret("missing", NS, _request_timeout=T)
+        assert caught.value.status == 403
+
+
+def test_rbac_resource_names(kube: FakeKubeAPI, tmp_path: Path) -> None:
+    kube.rbac = RBAC(
+        rules=[
+            Rule(
+                verbs=frozenset({"get", "list", "create", "patch"}),
+                resource="secrets",
+                namespace=NS,
+                names=frozenset({"tok"}),
+            )
+        ]
+    )
+    seed_secret(kube, "tok")
+    seed_secret(kube, "other")
+    with client_for(kube, tmp_path) as client:
+        core = CoreV1Api(client)
+        core.read_namespaced_secret("tok", NS, _request_timeout=T)
+        with pytest.raises(ApiException) as caught:
+            core.read_namespaced_secret("other", NS, _request_timeout=T)
+        assert caught.value.status == 403
+        # A name-restricted rule never allows create (as in real RBAC)...
+        with pytest.raises(ApiException) as caught:
+            core.create_namespaced_secret(NS, {"metadata": {"name": "tok2"}}, _request_timeout=T)
+        assert caught.value.status == 403
+        assert "cannot create resource" in status_of(caught.value)["message"]
+        # ...and allows list only when the field selector names an allowed object.
+        listed = core.list_namespaced_secret(
+            NS, field_selector="metadata.name=tok", _request_timeout=T
+        )
+        assert [s.metadata.name for s in listed.items] == ["tok"]
+        with pytest.raises(ApiException):
+            core.list_namespaced_secret(NS, _request_timeout=T)
+
+
+def test_missing_or_wrong_token_is_401(kube: FakeKubeAPI, tmp_path: Path) -> None:
+    seed_secret(kube)
+    cfg = kubernetes.client.Configuration(host=kube.url)  # no token at all
+    with ApiClient(cfg) as client, pytest.raises(ApiException) as caught:
+        CoreV1Api(client).read_namespaced_secret("tok", NS, _request_timeout=T)
+    assert caught.value.status == 401
+    body = status_of(caught.value)
+    assert body["reason"] == "Unauthorized" and body["message"] == "Unauthorized"
+    assert "authorization" not in kube.requests[-1].headers  # recorded before the auth check
+
+    with client_for(kube, tmp_path) as client:
+        kube.token = "rotated"
+        with pytest.raises(ApiException) as caught:
+            CoreV1Api(client).read_namespaced_secret("tok", NS, _request_timeout=T)
+    assert caught.value.status == 401
+
+
+# --------------------------------------------------------------------------------------------
+# Server-side apply
+# --------------------------------------------------------------------------------------------
+
+
+def apply_secret(core: CoreV1Api, data: dict[str, str], **kwargs: Any) -> V1Secret:
+    return core.patch_namespaced_secret(
+        "tok",
+        NS,
+        {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "tok"}, "data": data},
+        field_manager="refresher",
+        _content_type="application/apply-patch+yaml",
+        _request_timeout=T,
+        **kwargs,
+    )
+
+
+def test_server_side_apply_creates_updates_and_owns_fields(
+    kube: FakeKubeAPI, core: CoreV1Api
+) -> None:
+    created = apply_secret(core, {"token": b64("t1"), "expiry": b64("1")})
+    assert created.data == {"token": b64("t1"), "expiry": b64("1")}
+    request = last_request(kube, "PATCH")
+    assert request.headers["content-type"] == "application/apply-patch+yaml"
+    assert request.query["fieldManager"] == ["refresher"]
+    [entry] = created.metadata.managed_fields
+    assert (entry.manager, entry.operation) == ("refresher", "Apply")
+    assert entry.fields_v1 == {"f:data": {"f:expiry": {}, "f:token": {}}}
+
+    # A foreign key added by someone else survives; a key dropped from the config is removed.
+    core.patch_namespaced_secret("tok", NS, {"data": {"foreign": b64("x")}}, _request_timeout=T)
+    updated = apply_secret(core, {"token": b64("t2")})
+    assert updated.data == {"token": b64("t2"), "foreign": b64("x")}
+    managers = {(m.manager, m.operation) for m in updated.metadata.managed_fields}
+    assert managers == {("refresher", "Apply"), ("OpenAPI-Generator", "Update")}
+
+    # Applying the same configuration again is a no-op.
+    again = apply_secret(core, {"token": b64("t2")})
+    assert again.metadata.resource_version == updated.metadata.resource_version
+
+
+def test_server_side_apply_conflicts_and_force(kube: FakeKubeAPI, core: CoreV1Api) -> None:
+    seed_secret(kube, token="from-harness")  # owned by manager "test-harness" (Update)
+    with pytest.raises(ApiException) as caught:
+        apply_secret(core, {"token": b64("mine")})
+    assert caught.value.status == 409
+    body = status_of(caught.value)
+    assert body["reason"] == "Conflict"
+    assert body["message"] == (
+        'Apply failed with 1 conflict: conflict with "test-harness" using v1: .data.token'
+    )
+    forced = apply_secret(core, {"token": b64("mine")}, force=True)
+    assert forced.data["token"] == b64("mine")
+    owners = {m.manager: m.fields_v1 for m in forced.metadata.managed_fields}
+    assert owners == {"test-harness": {"f:type": {}}, "refresher": {"f:data": {"f:token": {}}}}
+
+
+def test_server_side_apply_requires_field_manager(kube: FakeKubeAPI, core: CoreV1Api) -> None:
+    with pytest.raises(ApiException) as caught:
+        core.patch_namespaced_secret(
+            "tok",
+            NS,
+            {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "tok"}},
+            _content_type="application/apply-patch+yaml",
+            _request_timeout=T,
+        )
+    assert caught.value.status == 422  # what a real API server answers
+    assert status_of(caught.value)["message"] == (
+        'PatchOptions.meta.k8s.io "" is invalid: fieldManager: Required value: '
+        "is required for apply patch"
+    )
+    assert kube.get_object("secrets", NS, "tok") is None
+
+
+# --------------------------------------------------------------------------------------------
+# Leases
+# --------------------------------------------------------------------------------------------
+
+
+class MicroTime(dt.datetime):
+    """A datetime the client serializes as a metav1.MicroTime (exactly six fraction digits).
+
+    The client serializes datetimes with ``isoformat()``, which the API server rejects for
+    MicroTime fields when ``microsecond == 0`` or the datetime is naive.
+    """
+
+    def isoformat(self, sep: str = "T", timespec: str = "auto") -> str:
+        return self.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+    @classmethod
+    def of(cls, value: dt.datetime) -> MicroTime:
+        return cls.fromtimestamp(value.timestamp(), tz=dt.UTC)
+
+
+def test_lease_create_get_replace_and_conflict(kube: FakeKubeAPI, coord: CoordinationV1Api) -> None:
+    start = dt.datetime(2024, 1, 1, tzinfo=dt.UTC)
+    body = V1Lease(
+        metadata=V1ObjectMeta(name="leader"),
+        spec=V1LeaseSpec(
+            holder_identity="pod-a",
+            lease_duration_seconds=15,
+            acquire_time=MicroTime.of(start),
+            renew_time=MicroTime.of(start),
+            lease_transitions=0,
+        ),
+    )
+    created = coord.create_namespaced_lease(NS, body, _request_timeout=T)
+    assert created.kind == "Lease" and created.api_version == "coordination.k8s.io/v1"
+    assert kube.get_object("leases", NS, "leader")["spec"] == {
+        "holderIdentity": "pod-a",
+        "leaseDurationSeconds": 15,
+        "acquireTime": "2024-01-01T00:00:00.000000Z",
+        "renewTime": "2024-01-01T00:00:00.000000Z",
+        "leaseTransitions": 0,
+    }
+    assert last_request(kube, "POST").path == (
+        f"/apis/coordination.k8s.io/v1/namespaces/{NS}/leases"
+    )
+
+    lease = coord.read_namespaced_lease("leader", NS, _request_timeout=T)
+    assert lease.spec.holder_identity == "pod-a"
+    assert lease.spec.renew_time == start
+
+    # Take over with the read resourceVersion; read-back datetimes must be re-wrapped.
+    lease.spec.holder_identity = "pod-b"
+    lease.spec.lease_transitions = 1
+    lease.spec.acquire_time = MicroTime.of(lease.spec.acquire_time)
+    lease.spec.renew_time = MicroTime.of(start + dt.timedelta(seconds=60, microseconds=500))
+    taken = coord.replace_namespaced_lease("leader", NS, lease, _request_timeout=T)
+    assert taken.spec.holder_identity == "pod-b"
+    assert kube.get_object("leases", NS, "leader")["spec"]["renewTime"] == (
+        "2024-01-01T00:01:00.000500Z"
+    )
+
+    # A second contender still holding the old resourceVersion loses.
+    lease.spec.holder_identity = "pod-c"
+    with pytest.raises(ApiException) as caught:
+        coord.replace_namespaced_lease("leader", NS, lease, _request_timeout=T)
+    assert caught.value.status == 409
+    body_ = status_of(caught.value)
+    assert body_["message"].startswith(
+        'Operation cannot be fulfilled on leases.coordination.k8s.io "leader": '
+        "the object has been modified"
+    )
+    assert body_["details"] == {
+        "name": "leader",
+        "group": "coordination.k8s.io",
+        "kind": "leases",
+    }
+
+
+def test_lease_merge_patch_keeps_microtime_strings(
+    kube: FakeKubeAPI, coord: CoordinationV1Api
+) -> None:
+    stored = kube.put_object("leases", NS, "leader", {"spec": {"holderIdentity": "pod-a"}})
+    # PATCH bodies stay dicts (create/replace bodies are coerced into models).
+    patched = coord.patch_namespaced_lease(
+        "leader",
+        NS,
+        {
+            "metadata": {"resourceVersion": stored["metadata"]["resourceVersion"]},
+            "spec": {"holderIdentity": "pod-b", "renewTime": "2024-01-01T00:00:00.000000Z"},
+        },
+        _content_type="application/merge-patch+json",
+        _request_timeout=T,
+    )
+    assert patched.spec.holder_identity == "pod-b"
+    assert kube.get_object("leases", NS, "leader")["spec"]["renewTime"] == (
+        "2024-01-01T00:00:00.000000Z"
+    )
+
+
+def test_lease_microtime_must_have_six_fraction_digits(
+    kube: FakeKubeAPI, coord: CoordinationV1Api
+) -> None:
+    # Plain datetimes (and even dict bodies: create/replace coerce them into models) are sent
+    # with isoformat(): "2024-01-01T00:00:00+00:00" when microsecond == 0, no zone when naive.
+    for renew in (dt.datetime(2024, 1, 1, tzinfo=dt.UTC), "2024-01-01T00:00:00.000000Z"):
+        body = {"metadata": {"name": "leader"}, "spec": {"holderIdentity": "a", "renewTime": renew}}
+        with pytest.raises(ApiException) as caught:
+            coord.create_namespaced_lease(NS, body, _request_timeout=T)
+        assert caught.value.status == 400
+        assert status_of(caught.value)["message"] == (
+            'Lease in version "v1" cannot be handled as a Lease: parsing time '
+            '"2024-01-01T00:00:00+00:00" as "2006-01-02T15:04:05.000000Z07:00": '
+            'cannot parse "+00:00" as ".000000"'
+        )
+    assert kube.get_object("leases", NS, "leader") is None
+
+
+def test_lease_delete_and_preconditions(kube: FakeKubeAPI, coord: CoordinationV1Api) -> None:
+    created = kube.put_object(
+        "leases", NS, "leader", {"metadata": {"name": "leader"}, "spec": {"holderIdentity": "a"}}
+    )
+    with pytest.raises(ApiException) as caught:
+        coord.delete_namespaced_lease(
+            "leader",
+            NS,
+            body={"preconditions": {"resourceVersion": "1"}},
+            _request_timeout=T,
+        )
+    assert caught.value.status == 409
+    status = coord.delete_namespaced_lease(
+        "leader",
+        NS,
+        body={"preconditions": {"uid": created["metadata"]["uid"]}},
+        _request_timeout=T,
+    )
+    assert status["kind"] == "Status" and status["status"] == "Success"  # client 37: a dict
+    assert kube.get_object("leases", NS, "leader") is None
+
+
+# --------------------------------------------------------------------------------------------
+# Lists, direct access, concurrency
+# --------------------------------------------------------------------------------------------
+
+
+def test_list_with_label_selector(kube: FakeKubeAPI, core: CoreV1Api) -> None:
+    for name, app in (("a", "x"), ("b", "y"), ("c", "x")):
+        kube.put_object("secrets", NS, name, {"metadata": {"name": name, "labels": {"app": app}}})
+    kube.put_object("secrets", "elsewhere", "d", {"metadata": {"labels": {"app": "x"}}})
+    listed = core.list_namespaced_secret(NS, label_selector="app=x", _request_timeout=T)
+    assert [s.metadata.name for s in listed.items] == ["a", "c"]
+    assert int(listed.metadata.resource_version) > 0
+
+
+def test_out_of_band_writes_make_client_copies_stale(kube: FakeKubeAPI, core: CoreV1Api) -> None:
+    seed_secret(kube, token="a")
+    mine = core.read_namespaced_secret("tok", NS, _request_timeout=T)
+    kube.put_object("secrets", NS, "tok", {"data": {"token": b64("b")}})
+    with pytest.raises(ApiException) as caught:
+        core.replace_namespaced_secret("tok", NS, mine, _request_timeout=T)
+    assert caught.value.status == 409
+
+    kube.delete_object("secrets", NS, "tok")
+    with pytest.raises(ApiException) as caught:
+        core.read_namespaced_secret("tok", NS, _request_timeout=T)
+    assert caught.value.status == 404
+
+
+def test_concurrent_patches_are_serialized(kube: FakeKubeAPI, core: CoreV1Api) -> None:
+    seed_secret(kube)
+    errors: list[BaseException] = []
+
+    def writer(index: int) -> None:
+        try:
+            for round_ in range(5):
+                core.patch_namespaced_secret(
+                    "tok",
+                    NS,
+                    {"data": {f"k{index}-{round_}": b64("v")}},
+                    _request_timeout=T,
+                )
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert errors == []
+    assert len(kube.get_object("secrets", NS, "tok")["data"]) == 30
+    assert kube.write_count("secrets") == 30

@@ -1,0 +1,845 @@
+"""Tests of refresher.localidp, driven over HTTP with requests, as the refresher will drive it.
+
+Each provider test follows the provider's public page (/work/shared/seeds). Time is an
+injected clock unless a test is about the real clock, so nothing sleeps for long.
+"""
+
+from __future__ import annotations
+
+import base64
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from typing import Any, TypedDict
+from urllib.parse import quote_plus
+
+import jwt
+import pytest
+import requests
+
+from refresher.localidp import SHAPES, Fault, LocalIdP
+
+FORM = "application/x-www-form-urlencoded"
+CLIENT, SECRET = "demo-client", "demo-secret"
+AUDIENCE = "https://api.example.test"
+T0 = 1_700_000_000.25  # a fractional start, so exp flooring is visible
+INVALID_CLIENT = {"error": "invalid_client", "error_description": "Client authentication failed"}
+
+
+class OAuthParams(TypedDict, total=False):
+    scope: str
+    audience: str
+
+
+# A request each provider's page says is correct.
+GOOD_PARAMS: dict[str, OAuthParams] = {
+    "lucidworks": {"scope": "machinelearning.predict"},
+    "fusion": {"scope": "connectedsearch.query datasource.push"},
+    "lucidtech": {},
+    "usage-engine": {"audience": AUDIENCE},
+    "generic": {},
+}
+
+
+class FakeClock:
+    """The server's clock, moved by hand."""
+
+    def __init__(self, now: float = T0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+MakeIdP = Callable[..., LocalIdP]
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def make_idp(clock: FakeClock) -> Iterator[MakeIdP]:
+    """Start LocalIdPs (on the fake clock unless told otherwise); stop them all afterwards."""
+    started: list[LocalIdP] = []
+
+    def make(shape: Any = "generic", **kwargs: Any) -> LocalIdP:
+        kwargs.setdefault("clock", clock)
+        idp = LocalIdP(shape, **kwargs).start()
+        started.append(idp)
+        return idp
+
+    yield make
+    for idp in started:
+        idp.stop()
+
+
+@pytest.fixture
+def http() -> Iterator[requests.Session]:
+    with requests.Session() as session:
+        session.trust_env = False  # never send 127.0.0.1 through a proxy from the environment
+        yield session
+
+
+def rfc_basic(client_id: str, secret: str) -> str:
+    """RFC 6749 2.3.1: form-urlencode each half, then base64 the pair."""
+    pair = f"{quote_plus(client_id)}:{quote_plus(secret)}"
+    return "Basic " + base64.b64encode(pair.encode()).decode()
+
+
+def raw_basic(client_id: str, secret: str) -> str:
+    """What `echo -n id:secret | base64` (and requests' auth=(id, secret)) sends."""
+    return "Basic " + base64.b64encode(f"{client_id}:{secret}".encode()).decode()
+
+
+def token_request(
+    http: requests.Session,
+    idp: LocalIdP,
+    *,
+    client_id: str = CLIENT,
+    secret: str = SECRET,
+    client_auth: str | None = None,
+    scope: str | None = None,
+    audience: str | None = None,
+    timeout: float = 5,
+) -> requests.Response:
+    """A request made the way idp's shape wants it: what the refresher must send.
+
+    ``client_auth`` sends the credentials in another style than the shape's.
+    """
+    shape = idp.shape
+    oauth = {"grant_type": "client_credentials"}
+    if scope is not None:
+        oauth["scope"] = scope
+    if audience is not None:
+        oauth["audience"] = audience
+    headers = {"Content-Type": FORM, "Accept": "application/json", "Cache-Control": "no-cache"}
+    body: dict[str, str] = {}
+    style = client_auth or shape.client_auth
+    if style == "body":
+        body.update(client_id=client_id, client_secret=secret)
+    elif style == "basic":
+        headers["Authorization"] = rfc_basic(client_id, secret)
+    else:
+        headers["Authorization"] = raw_basic(client_id, secret)
+    query = oauth if shape.params_in == "query" else {}
+    if shape.params_in == "body":
+        body.update(oauth)
+    return http.post(idp.token_url, params=query, data=body, headers=headers, timeout=timeout)
+
+
+def get_token(http: requests.Session, idp: LocalIdP, **kwargs: Any) -> str:
+    response = token_request(http, idp, **kwargs)
+    assert response.status_code == 200, response.text
+    token = response.json()["access_token"]
+    assert isinstance(token, str)
+    return token
+
+
+def call_api(http: requests.Session, idp: LocalIdP, token: str, **headers: str) -> int:
+    headers["Authorization"] = f"Bearer {token}"
+    return http.get(idp.protected_url, headers=headers, timeout=5).status_code
+
+
+def claims(token: str) -> dict[str, Any]:
+    decoded: dict[str, Any] = jwt.decode(token, options={"verify_signature": False})
+    return decoded
+
+
+def raw_exchange(idp: LocalIdP, data: bytes) -> int:
+    """Send raw bytes (for requests requests cannot make) and return the status code."""
+    port = int(idp.base_url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(data)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return int(answer.split(b" ", 2)[1])
+
+
+# ------------------------------------------------------------------ every shape
+
+
+def test_shapes_are_the_seed_providers() -> None:
+    assert set(SHAPES) == {"lucidworks", "fusion", "lucidtech", "usage-engine", "generic"}
+    assert all(shape.name == key for key, shape in SHAPES.items())
+    assert SHAPES["lucidworks"].token_path == "/oauth2/ausao8uveaPmyhv0v357/v1/token"
+    assert SHAPES["fusion"].token_path == SHAPES["lucidworks"].token_path
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_correct_request_gets_a_jwt(
+    shape: str, make_idp: MakeIdP, http: requests.Session, clock: FakeClock
+) -> None:
+    idp = make_idp(shape)
+    response = token_request(http, idp, **GOOD_PARAMS[shape])
+
+    assert response.status_code == 200, response.text
+    assert response.headers["Content-Type"] == "application/json"
+    assert response.headers["Cache-Control"] == "no-store"
+    body = response.json()
+    assert body["token_type"] == "Bearer"
+    assert body["expires_in"] == 3600 and isinstance(body["expires_in"], int)
+    assert body["scope"] == GOOD_PARAMS[shape].get("scope", "")
+
+    jwt_claims = claims(body["access_token"])
+    assert jwt_claims["sub"] == CLIENT
+    assert jwt_claims["iss"] == idp.base_url
+    assert jwt_claims["scope"] == body["scope"]
+    assert jwt_claims["iat"] == int(T0)
+    assert jwt_claims["exp"] == int(T0 + 3600)
+    assert jwt_claims.get("aud") == GOOD_PARAMS[shape].get("audience")
+
+    (issued,) = idp.issued
+    assert issued.access_token == body["access_token"]
+    assert issued.client_id == CLIENT
+    assert issued.scopes == frozenset(body["scope"].split())
+    assert (issued.issued_at, issued.expires_at) == (T0, jwt_claims["exp"])
+    assert idp.token_status(body["access_token"]) == "valid"
+    api_key = {"x-api-key": "demo-api-key"} if shape == "lucidtech" else {}
+    assert call_api(http, idp, body["access_token"], **api_key) == 200
+    assert idp.token_requests == 1
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_credentials_in_the_wrong_style_are_invalid_client(
+    shape: str, make_idp: MakeIdP, http: requests.Session
+) -> None:
+    idp = make_idp(shape)
+    wrong = "basic" if idp.shape.client_auth == "body" else "body"
+    response = token_request(http, idp, client_auth=wrong, **GOOD_PARAMS[shape])
+
+    assert response.status_code == 401
+    assert response.json() == INVALID_CLIENT
+    assert idp.issued == []
+
+
+@pytest.mark.parametrize(
+    "authorization",
+    [
+        rfc_basic(CLIENT, "wrong-secret"),
+        rfc_basic("unknown-client", SECRET),
+        "Bearer " + base64.b64encode(f"{CLIENT}:{SECRET}".encode()).decode(),
+        "Basic",
+        "Basic !!!not-base64!!!",
+        "Basic " + base64.b64encode(b"no-colon-here").decode(),
+        "Basic " + base64.b64encode(b"\xff\xfe:\xff").decode(),
+        "Basic " + base64.b64encode(b"demo-client:%ff").decode(),
+        "",
+    ],
+)
+def test_bad_basic_credentials_are_invalid_client(
+    authorization: str, make_idp: MakeIdP, http: requests.Session
+) -> None:
+    idp = make_idp("generic")
+    response = http.post(
+        idp.token_url,
+        data={"grant_type": "client_credentials"},
+        headers={"Authorization": authorization},
+        timeout=5,
+    )
+    assert response.status_code == 401
+    assert response.json() == INVALID_CLIENT
+    assert response.headers["WWW-Authenticate"].startswith("Basic ")
+
+
+def test_basic_auth_is_rfc6749_form_urlencoded(make_idp: MakeIdP, http: requests.Session) -> None:
+    client_id, secret = "svc client", "p:a+s% s"
+    idp = make_idp("generic", clients={client_id: secret})
+    grant = {"grant_type": "client_credentials"}
+
+    header = {"Authorization": rfc_basic(client_id, secret)}
+    encoded = http.post(idp.token_url, data=grant, headers=header, timeout=5)
+    # requests' auth=(id, secret) does not urlencode: the RFC server must refuse it.
+    unencoded = http.post(idp.token_url, data=grant, auth=(client_id, secret), timeout=5)
+
+    assert encoded.status_code == 200
+    assert claims(encoded.json()["access_token"])["sub"] == client_id
+    assert unencoded.status_code == 401
+
+
+def test_basic_raw_shape_takes_the_pair_as_is(make_idp: MakeIdP, http: requests.Session) -> None:
+    secret = "p:a+s% s"
+    idp = make_idp(replace(SHAPES["generic"], client_auth="basic_raw"), clients={CLIENT: secret})
+    grant = {"grant_type": "client_credentials"}
+
+    unencoded = http.post(idp.token_url, data=grant, auth=(CLIENT, secret), timeout=5)
+    header = {"Authorization": rfc_basic(CLIENT, secret)}
+    encoded = http.post(idp.token_url, data=grant, headers=header, timeout=5)
+
+    assert unencoded.status_code == 200
+    assert encoded.status_code == 401
+
+
+# ------------------------------------------------------------------- lucidworks
+
+
+LUCIDWORKS_HEADERS = {
+    "Authorization": rfc_basic(CLIENT, SECRET),
+    "Accept": "application/json",
+    "Content-Type": FORM,
+}
+
+
+GRANT = {"grant_type": "client_credentials"}
+PREDICT = {"scope": "machinelearning.predict"}
+
+
+@pytest.mark.parametrize(
+    ("query", "body", "error"),
+    [
+        (GRANT, PREDICT, "invalid_scope"),
+        (PREDICT, GRANT, "invalid_request"),
+        (GRANT, {}, "invalid_scope"),
+        ({**GRANT, "scope": "machinelearning.predict machinelearning.model"}, {}, "invalid_scope"),
+        ({**GRANT, "scope": "datasource.push"}, {}, "invalid_scope"),
+        ({"grant_type": "password", **PREDICT}, {}, "unsupported_grant_type"),
+    ],
+    ids=["scope-in-body", "grant-in-body", "no-scope", "two-scopes", "fusion-scope", "password"],
+)
+def test_lucidworks_rejects(
+    query: dict[str, str],
+    body: dict[str, str],
+    error: str,
+    make_idp: MakeIdP,
+    http: requests.Session,
+) -> None:
+    idp = make_idp("lucidworks")
+    response = http.post(
+        idp.token_url, params=query, data=body, headers=LUCIDWORKS_HEADERS, timeout=5
+    )
+    assert response.status_code == 400
+    assert response.json()["error"] == error
+    assert idp.issued == []
+
+
+@pytest.mark.parametrize(
+    ("accept", "status"),
+    [
+        ("application/json", 200),
+        ("*/*", 200),
+        ("application/*;q=0.5", 200),
+        ("text/html", 406),
+        ("*/*, application/json;q=0", 406),
+    ],
+)
+def test_lucidworks_answers_only_json(
+    accept: str, status: int, make_idp: MakeIdP, http: requests.Session
+) -> None:
+    idp = make_idp("lucidworks")
+    response = http.post(
+        idp.token_url,
+        params={"grant_type": "client_credentials", "scope": "machinelearning.model"},
+        headers={**LUCIDWORKS_HEADERS, "Accept": accept},
+        timeout=5,
+    )
+    assert response.status_code == status
+
+
+def test_lucidworks_one_token_per_scope_and_reissue_revokes(
+    make_idp: MakeIdP, http: requests.Session, clock: FakeClock
+) -> None:
+    idp = make_idp("lucidworks")
+    predict_1 = get_token(http, idp, scope="machinelearning.predict")
+    model = get_token(http, idp, scope="machinelearning.model")
+    clock.now += 10
+    predict_2 = get_token(http, idp, scope="machinelearning.predict")
+
+    # "if you request a new token with that scope, it deletes the existing token"
+    assert call_api(http, idp, predict_1) == 401
+    assert call_api(http, idp, predict_2) == 200
+    # "does not affect an existing Models API token"
+    assert call_api(http, idp, model) == 200
+    assert [idp.token_status(t) for t in (predict_1, model, predict_2)] == [
+        "revoked",
+        "valid",
+        "valid",
+    ]
+    assert [t.revoked_at for t in idp.issued] == [T0 + 10, None, None]
+    assert (idp.protected_ok, idp.protected_unauthorized) == (2, 1)
+
+
+def test_reissue_revokes_only_the_same_client(make_idp: MakeIdP, http: requests.Session) -> None:
+    idp = make_idp("lucidworks", clients={"a": "secret-a", "b": "secret-b"})
+    first = get_token(http, idp, client_id="a", secret="secret-a", scope="machinelearning.model")
+    get_token(http, idp, client_id="b", secret="secret-b", scope="machinelearning.model")
+    assert idp.token_status(first) == "valid"
+
+
+# ----------------------------------------------------------------------- fusion
+
+
+def test_fusion_gives_one_token_for_both_scopes(make_idp: MakeIdP, http: requests.Session) -> None:
+    idp = make_idp("fusion")
+    response = token_request(http, idp, scope="connectedsearch.query datasource.push")
+
+    assert response.json()["scope"] == "connectedsearch.query datasource.push"
+    (issued,) = idp.issued
+    assert issued.scopes == {"connectedsearch.query", "datasource.push"}
+    assert claims(issued.access_token)["scope"] == "connectedsearch.query datasource.push"
+
+
+def test_fusion_query_and_push_tokens_do_not_affect_each_other(
+    make_idp: MakeIdP, http: requests.Session
+) -> None:
+    idp = make_idp("fusion")
+    both = get_token(http, idp, scope="connectedsearch.query datasource.push")
+    push = get_token(http, idp, scope="datasource.push")
+    query_1 = get_token(http, idp, scope="connectedsearch.query")
+    query_2 = get_token(http, idp, scope="connectedsearch.query")
+
+    statuses = [idp.token_status(t) for t in (both, push, query_1, query_2)]
+    assert statuses == ["valid", "valid", "revoked", "valid"]
+    assert token_request(http, idp, scope="machinelearning.predict").status_code == 400
+
+
+# -------------------------------------------------------------------- lucidtech
+
+
+def test_lucidtech_wants_grant_type_in_the_query(make_idp: MakeIdP, http: requests.Session) -> None:
+    idp = make_idp("lucidtech")
+    response = http.post(
+        idp.token_url,
+        data={"grant_type": "client_credentials"},
+        headers={"Authorization": rfc_basic(CLIENT, SECRET)},
+        timeout=5,
+    )
+    assert response.status_code == 400
+    assert response.json()["error"] == "invalid_request"
+
+
+def test_lucidtech_api_needs_token_and_api_key(make_idp: MakeIdP, http: requests.Session) -> None:
+    idp = make_idp("lucidtech", api_key="key-123")
+    token = get_token(http, idp)
+
+    assert call_api(http, idp, token) == 403
+    assert call_api(http, idp, token, **{"x-api-key": "wrong"}) == 403
+    assert call_api(http, idp, token, **{"x-api-key": "key-123"}) == 200
+    assert call_api(http, idp, "not-a-token", **{"x-api-key": "key-123"}) == 401
+    assert (idp.protected_ok, idp.protected_unauthorized, idp.protected_forbidden) == (1, 1, 2)
+
+
+# ----------------------------------------------------------------- usage engine
+
+
+@pytest.mark.parametrize(
+    ("where", "audience", "status", "error"),
+    [
+        ("body", None, 400, "invalid_request"),
+        ("body", "", 400, "invalid_request"),
+        ("query", AUDIENCE, 400, "invalid_request"),
+        ("body", "https://other.example.test", 403, "access_denied"),
+    ],
+)
+def test_usage_engine_requires_its_audience(
+    where: str,
+    audience: str | None,
+    status: int,
+    error: str,
+    make_idp: MakeIdP,
+    http: requests.Session,
+) -> None:
+    idp = make_idp("usage-engine")
+    body = {"grant_type": "client_credentials", "client_id": CLIENT, "client_secret": SECRET}
+    query: dict[str, str] = {}
+    if audience is not None:
+        (body if where == "body" else query)["audience"] = audience
+    response = http.post(idp.token_url, params=query, data=body, timeout=5)
+    assert response.status_code == status
+    assert response.json()["error"] == error
+
+
+def test_usage_engine_audience_is_configurable(make_idp: MakeIdP, http: requests.Session) -> None:
+    idp = make_idp("usage-engine", audience="https://ue.example.test/api")
+    token = get_token(http, idp, audience="https://ue.example.test/api")
+    assert claims(token)["aud"] == "https://ue.example.test/api"
+
+
+# ------------------------------------------------------- tokens, expiry, clock
+
+
+def test_expiry_is_the_jwt_exp_judged_by_the_injected_clock(
+    make_idp: MakeIdP, http: requests.Session, clock: FakeClock
+) -> None:
+    idp = make_idp("generic", lifetime=60)
+    token = get_token(http, idp)
+    exp = claims(token)["exp"]
+    assert exp == int(T0 + 60)  # floored: the server enforces what the client can read
+
+    clock.now = exp - 0.01
+    assert call_api(http, idp, token) == 200
+    clock.now = exp
+    assert call_api(http, idp, token) == 401
+    assert idp.token_status(token) == "expired"
+
+
+def test_opaque_tokens_expire_server_side(
+    make_idp: MakeIdP, http: requests.Session, clock: FakeClock
+) -> None:
+    idp = make_idp("generic", lifetime=60, token_format="opaque")
+    token = get_token(http, idp)
+    assert token.count(".") != 2  # not a JWT
+    assert idp.issued[0].expires_at == T0 + 60
+
+    clock.now = T0 + 59.9
+    assert call_api(http, idp, token) == 200
+    clock.now = T0 + 60
+    assert call_api(http, idp, token) == 401
+
+
+def test_real_clock_short_lifetime(make_idp: MakeIdP, http: requests.Session) -> None:
+    idp = make_idp("generic", lifetime=1, clock=time.time)
+    token = get_token(http, idp)
+    assert call_api(http, idp, token) == 200
+    time.sleep(max(0.0, claims(token)["exp"] - time.time()) + 0.01)
+    assert call_api(http, idp, token) == 401
+
+
+def test_lifetime_is_settable_and_expires_in_optional(
+    make_idp: MakeIdP, http: requests.Session
+) -> None:
+    idp = make_idp("generic")
+    idp.lifetime = 1.5
+    body = token_request(http, idp).json()
+    assert body["expires_in"] == 1.5
+    assert claims(body["access_token"])["exp"] == int(T0 + 1.5)
+
+    quiet = make_idp("generic", send_expires_in=False)
+    assert "expires_in" not in token_request(http, quiet).json()
+
+
+def test_generic_reissue_does_not_revoke(make_idp: MakeIdP, http: requests.Session) -> None:
+    idp = make_idp("generic")
+    first, second = get_token(http, idp), get_token(http, idp)
+    assert first != second
+    assert (call_api(http, idp, first), call_api(http, idp, second)) == (200, 200)
+
+
+def test_tokens_from_another_server_are_refused(make_idp: MakeIdP, http: requests.Session) -> None:
+    one, other = make_idp("generic"), make_idp("generic")
+    token = get_token(http, other)
+    assert call_api(http, one, token) == 401
+    assert one.token_status(token) == "unknown"
+
+
+# ----------------------------------------------------------------------- faults
+
+
+# (fault, status, Content-Type prefix, check of the response) for faults that answer.
+FAULT_CASES: list[tuple[Fault, int, str, Callable[[requests.Response], object]]] = [
+    (Fault.SERVER_ERROR, 500, "application/json", lambda r: r.json()["error"]),
+    (Fault.UNAVAILABLE, 503, "application/json", lambda r: r.headers["Retry-After"] == "1"),
+    (Fault.RATE_LIMITED, 429, "application/json", lambda r: r.headers["Retry-After"] == "1"),
+    (Fault.HTML, 200, "text/html", lambda r: r.text.startswith("<html>")),
+    (Fault.NO_ACCESS_TOKEN, 200, "application/json", lambda r: "access_token" not in r.json()),
+    (Fault.NOT_JSON, 200, "application/json", lambda r: r.text == "not json{"),
+    (Fault.INVALID_CLIENT, 401, "application/json", lambda r: r.json() == INVALID_CLIENT),
+    (
+        Fault.NEGATIVE_EXPIRES_IN,
+        200,
+        "application/json",
+        lambda r: r.json()["expires_in"] == -60 and claims(r.json()["access_token"]),
+    ),
+]
+
+
+def test_every_fault_kind_is_tested() -> None:
+    answered = {case[0] for case in FAULT_CASES}
+    assert answered | {Fault.RESET, Fault.SLOW} == set(Fault)  # those two have their own tests
+
+
+@pytest.mark.parametrize(
+    ("fault", "status", "media", "check"),
+    FAULT_CASES,
+    ids=[case[0].name for case in FAULT_CASES],
+)
+def test_fault_is_seen_by_the_client_then_service_resumes(
+    fault: Fault,
+    status: int,
+    media: str,
+    check: Callable[[requests.Response], object],
+    make_idp: MakeIdP,
+    http: requests.Session,
+) -> None:
+    idp = make_idp("generic")
+    idp.fail_next(fault)
+
+    response = token_request(http, idp)
+    assert response.status_code == status
+    assert response.headers["Content-Type"].startswith(media)
+    assert check(response)
+    assert idp.issued == []
+
+    assert token_request(http, idp).status_code == 200
+    assert idp.token_requests == 2
+
+
+def test_negative_expires_in_token_is_not_accepted(
+    make_idp: MakeIdP, http: requests.Session
+) -> None:
+    idp = make_idp("generic")
+    idp.fail_next(Fault.NEGATIVE_EXPIRES_IN)
+    token = token_request(http, idp).json()["access_token"]
+    assert claims(token)["exp"] < claims(token)["iat"]
+    assert call_api(http, idp, token) == 401
+
+
+def test_reset_closes_the_connection_without_a_response(
+    make_idp: MakeIdP, http: requests.Session
+) -> None:
+    idp = make_idp("generic")
+    idp.fail_next(Fault.RESET)
+    with pytest.raises(requests.ConnectionError):
+        token_request(http, idp)
+    assert token_request(http, idp).status_code == 200
+
+
+def test_slow_answers_normally_after_the_delay(make_idp: MakeIdP, http: requests.Session) -> None:
+    idp = make_idp("generic")
+    idp.fail_next(Fault.SLOW, slow_seconds=0.3)
+    started = time.monotonic()
+    assert token_request(http, idp).status_code == 200
+    assert time.monotonic() - started >= 0.3
+
+
+def test_slow_times_the_client_out_and_stop_is_still_prompt(
+    make_idp: MakeIdP, http: requests.Session
+) -> None:
+    idp = make_idp("generic")
+    idp.fail_next(Fault.SLOW, slow_seconds=30)
+    with pytest.raises(requests.Timeout):
+        token_request(http, idp, timeout=0.2)
+
+    started = time.monotonic()
+    idp.stop()
+    assert time.monotonic() - started < 1.0
+
+
+def test_retry_after_value(make_idp: MakeIdP, http: requests.Session) -> None:
+    idp = make_idp("generic")
+    idp.fail_next(Fault.RATE_LIMITED, retry_after=7)
+    idp.fail_next(Fault.UNAVAILABLE, retry_after=0.5)
+    assert token_request(http, idp).headers["Retry-After"] == "7"
+    assert token_request(http, idp).headers["Retry-After"] == "0.5"
+
+
+def test_fail_next_counts_then_set_fault_persists(
+    make_idp: MakeIdP, http: requests.Session
+) -> None:
+    idp = make_idp("generic")
+    idp.fail_next(Fault.SERVER_ERROR, 2)
+    idp.fail_next(Fault.INVALID_CLIENT)
+    assert [token_request(http, idp).status_code for _ in range(4)] == [500, 500, 401, 200]
+
+    idp.set_fault(Fault.UNAVAILABLE)
+    idp.fail_next(Fault.SERVER_ERROR)  # queued faults come first
+    assert [token_request(http, idp).status_code for _ in range(3)] == [500, 503, 503]
+    idp.set_fault(None)
+    assert token_request(http, idp).status_code == 200
+    assert idp.token_requests == 8
+    assert len(idp.issued) == 2
+
+
+# ------------------------------------------------------------------ secrecy, logs
+
+
+def test_client_secret_never_appears_in_a_response(
+    make_idp: MakeIdP, http: requests.Session
+) -> None:
+    secret = "S3cret-never-echo:+% x"
+    leaks = {secret, quote_plus(secret), base64.b64encode(secret.encode()).decode()}
+    responses: list[requests.Response] = []
+    for shape in sorted(SHAPES):
+        idp = make_idp(shape, clients={CLIENT: secret})
+        good = GOOD_PARAMS[shape]
+        responses.append(token_request(http, idp, secret=secret, **good))
+        responses.append(token_request(http, idp, secret=secret + "x", **good))
+        responses.append(token_request(http, idp, client_id=secret, secret=secret, **good))
+        responses.append(token_request(http, idp, secret=secret, audience=secret))
+        for fault in set(Fault) - {Fault.RESET, Fault.SLOW}:
+            idp.fail_next(fault)
+            responses.append(token_request(http, idp, secret=secret, **good))
+
+    assert {r.status_code for r in responses} >= {200, 400, 401, 403, 429, 500, 503}
+    for response in responses:
+        exposed = response.text + repr(dict(response.headers))
+        assert not any(leak in exposed for leak in leaks)
+
+
+def test_server_writes_nothing_to_stdout_or_stderr(
+    make_idp: MakeIdP, http: requests.Session, capfd: pytest.CaptureFixture[str]
+) -> None:
+    idp = make_idp("lucidworks")
+    token = get_token(http, idp, scope="machinelearning.predict")
+    call_api(http, idp, token)
+    http.get(idp.base_url + "/nowhere", timeout=5)
+    token_request(http, idp)
+    idp.fail_next(Fault.RESET)
+    with pytest.raises(requests.ConnectionError):
+        token_request(http, idp)
+    raw_exchange(idp, b"NOT AN HTTP REQUEST\r\n\r\n")
+    idp.stop()
+
+    out, err = capfd.readouterr()
+    assert (out, err) == ("", "")
+
+
+# ------------------------------------------------------------------- robustness
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body", "status", "error"),
+    [
+        (None, "grant_type=client_credentials", 400, "invalid_request"),
+        ("application/json", '{"grant_type": "client_credentials"}', 400, "invalid_request"),
+        (FORM, "", 400, "invalid_request"),
+        (FORM, "grant_type=password", 400, "unsupported_grant_type"),
+        (
+            FORM,
+            "grant_type=client_credentials&grant_type=client_credentials",
+            400,
+            "invalid_request",
+        ),
+        (FORM, "grant_type=%ff", 400, "invalid_request"),
+        (FORM + "; charset=utf-8", "grant_type=client_credentials", 200, None),
+    ],
+)
+def test_token_request_validation(
+    content_type: str | None,
+    body: str,
+    status: int,
+    error: str | None,
+    make_idp: MakeIdP,
+    http: requests.Session,
+) -> None:
+    idp = make_idp("generic")
+    headers = {"Authorization": rfc_basic(CLIENT, SECRET), "Content-Type": content_type}
+    response = http.post(idp.token_url, data=body.encode(), headers=headers, timeout=5)
+    assert response.status_code == status
+    assert response.json().get("error") == error
+
+
+def test_non_ascii_body_is_a_bad_request(make_idp: MakeIdP, http: requests.Session) -> None:
+    idp = make_idp("generic")
+    headers = {"Authorization": rfc_basic(CLIENT, SECRET), "Content-Type": FORM}
+    response = http.post(idp.token_url, data="grant_type=ç".encode(), headers=headers, timeout=5)
+    assert response.status_code == 400
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [
+        ("GET", "/oauth2/token", 405),
+        ("PUT", "/oauth2/token", 405),
+        ("POST", "/api/protected", 405),
+        ("DELETE", "/api/protected", 405),
+        ("GET", "/nowhere", 404),
+        ("POST", "/oauth2/token/", 404),
+        ("HEAD", "/nowhere", 404),
+    ],
+)
+def test_routing(
+    method: str, path: str, status: int, make_idp: MakeIdP, http: requests.Session
+) -> None:
+    idp = make_idp("generic")
+    response = http.request(method, idp.base_url + path, timeout=5)
+    assert response.status_code == status
+
+
+@pytest.mark.parametrize(
+    "authorization", [None, "Bearer", "Bearer ", "Basic abc", "Bearer not-issued-here"]
+)
+def test_protected_endpoint_refuses_bad_bearer(
+    authorization: str | None, make_idp: MakeIdP, http: requests.Session
+) -> None:
+    idp = make_idp("generic")
+    response = http.get(idp.protected_url, headers={"Authorization": authorization}, timeout=5)
+    assert response.status_code == 401
+    assert response.json()["error"] == "invalid_token"
+    assert idp.protected_unauthorized == 1
+
+
+def _post(path: str, *headers: str) -> bytes:
+    lines = [f"POST {path} HTTP/1.1", "Host: 127.0.0.1", *headers, "", ""]
+    return "\r\n".join(lines).encode()
+
+
+@pytest.mark.parametrize(
+    ("shape", "data", "status"),
+    [
+        ("generic", _post("/oauth2/token", "Content-Length: abc"), 400),
+        ("generic", _post("/oauth2/token", "Content-Length: -1"), 400),
+        ("generic", _post("/oauth2/token", "Content-Length: 999999999"), 413),
+        ("generic", _post("/oauth2/token", "Transfer-Encoding: chunked"), 411),
+        ("generic", b"NOT AN HTTP REQUEST\r\n\r\n", 400),
+        # No Content-Length and no body, with Basic auth: grant_type is missing.
+        ("generic", _post("/oauth2/token", "Authorization: " + rfc_basic(CLIENT, SECRET)), 400),
+        # Lucidtech's own curl example sends no body at all: that must work.
+        (
+            "lucidtech",
+            _post(
+                "/oauth2/token?grant_type=client_credentials",
+                "Authorization: " + raw_basic(CLIENT, SECRET),
+                "Content-Type: " + FORM,
+            ),
+            200,
+        ),
+    ],
+    ids=["length-abc", "length-negative", "too-large", "chunked", "garbage", "no-body", "curl"],
+)
+def test_malformed_http_gets_4xx(shape: str, data: bytes, status: int, make_idp: MakeIdP) -> None:
+    assert raw_exchange(make_idp(shape), data) == status
+
+
+# -------------------------------------------------------------------- lifecycle
+
+
+def test_context_manager_and_restart_on_the_same_url(http: requests.Session) -> None:
+    with LocalIdP("generic") as idp:
+        assert idp.base_url.startswith("http://127.0.0.1:")
+        assert idp.token_url == idp.base_url + "/oauth2/token"
+        assert idp.protected_url == idp.base_url + "/api/protected"
+        token = get_token(http, idp)
+        url = idp.base_url
+    with pytest.raises(requests.ConnectionError):
+        token_request(http, idp)
+
+    with idp:  # back up at the same address, remembering its tokens
+        assert idp.base_url == url
+        assert call_api(http, idp, token) == 200
+
+
+def test_constructor_and_lifecycle_errors() -> None:
+    with pytest.raises(ValueError, match="unknown provider shape"):
+        LocalIdP("okta")
+    with pytest.raises(ValueError, match="loopback"):
+        LocalIdP(host="0.0.0.0")
+    idp = LocalIdP()
+    with pytest.raises(RuntimeError):
+        _ = idp.base_url
+    idp.stop()  # stopping a server that never started is harmless
+    with idp, pytest.raises(RuntimeError):
+        idp.start()
+
+
+def test_concurrent_requests_are_all_counted(make_idp: MakeIdP) -> None:
+    idp = make_idp("generic")
+    statuses: list[int] = []
+
+    def fetch() -> None:
+        with requests.Session() as session:
+            session.trust_env = False
+            statuses.append(token_request(session, idp).status_code)
+
+    threads = [threading.Thread(target=fetch) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert statuses == [200] * 16
+    assert idp.token_requests == 16
+    assert len({token.access_token for token in idp.issued}) == 16
