@@ -121,4 +121,5 @@ def test_retry_delay_is_always_bounded(
     delay = retry_delay(DEFAULT, failures, now, expires_at, retry_after, u)
     assert DEFAULT.retry_floor <= delay <= DEFAULT.backoff_cap
     if left is not None and left > 2 * DEFAULT.retry_floor:
-        assert delay <= left / 2 + 1e-9
+        # expires_at - now loses precision at large `now` (an ulp at 1e9 is ~1e-7).
+        assert delay <= left / 2 + 1e-6
