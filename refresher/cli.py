@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -23,7 +25,7 @@ from refresher.idp import IdPClient, new_session
 from refresher.metrics import Metrics
 from refresher.refresh import JobRunner
 from refresher.schedule import refresh_at
-from refresher.sinks import build_sink
+from refresher.sinks import SinkFactory, describe
 
 log = logging.getLogger("refresher.cli")
 
@@ -50,8 +52,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"refresher {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.add_parser("run", parents=[with_config], help="run as a daemon (Deployment)")
-    commands.add_parser(
+    once = commands.add_parser(
         "once", parents=[with_config], help="refresh what is due, then exit 0 or 1 (CronJob)"
+    )
+    once.add_argument(
+        "--pushgateway",
+        metavar="URL",
+        help="push this run's metrics to a Prometheus Pushgateway (default: config `pushgateway`)",
     )
     check = commands.add_parser("check", parents=[with_config], help="validate the config")
     check.add_argument(
@@ -115,6 +122,7 @@ def run_once(config: Config, metrics: Metrics) -> list[JobRunner]:
     from refresher.daemon import build_runners
 
     runners = build_runners(config, metrics=metrics)
+    metrics.bind_jobs(lambda: [runner.snapshot() for runner in runners])
 
     def one(runner: JobRunner) -> None:
         runner.start()
@@ -127,19 +135,42 @@ def run_once(config: Config, metrics: Metrics) -> list[JobRunner]:
 
 
 def cmd_once(config: Config, args: argparse.Namespace) -> int:
-    runners = run_once(config, Metrics())
+    metrics = Metrics()
+    runners = run_once(config, metrics)
     missing = [runner.job.name for runner in runners if not runner.snapshot().ready]
     if missing:
         log.error("jobs without a valid token", extra={"tokens": missing})
+    pushgateway = args.pushgateway or config.settings.pushgateway
+    if pushgateway and not push_metrics(metrics, pushgateway):
         return EXIT_FAILED
-    return EXIT_OK
+    return EXIT_FAILED if missing else EXIT_OK
+
+
+def push_metrics(metrics: Metrics, url: str) -> bool:
+    """Replace this instance's group on the Pushgateway with this run's metrics."""
+    from prometheus_client import push_to_gateway
+
+    instance = os.environ.get("HOSTNAME") or socket.gethostname()
+    try:
+        push_to_gateway(
+            url,
+            job="refresher",
+            registry=metrics.registry,
+            grouping_key={"instance": instance},
+            timeout=10,
+        )
+    except OSError as err:
+        log.error("cannot push metrics", extra={"pushgateway": url, "error": type(err).__name__})
+        return False
+    log.info("metrics pushed", extra={"pushgateway": url, "instance": instance})
+    return True
 
 
 def cmd_check(config: Config, args: argparse.Namespace) -> int:
     print(f"config OK: {len(config.jobs)} token job(s)")
     for job in config.jobs:
         url = urlsplit(job.token_url or "(from credentials_file)")
-        sinks = ", ".join(build_sink(sink).name for sink in job.sinks)
+        sinks = ", ".join(describe(sink) for sink in job.sinks)
         print(
             f"  {job.name}: provider={job.provider} url={url.scheme}://{url.netloc}{url.path} "
             f"scopes={' '.join(job.scopes) or '-'} sinks={sinks}"
@@ -174,10 +205,11 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
     now = time.time()
     rows = [("JOB", "SINK", "EXPIRES AT", "TIME LEFT", "FINGERPRINT", "STATE")]
     all_valid = True
+    factory = SinkFactory(config.settings.kubernetes)
     for job in config.jobs:
         policy = job.schedule_policy()
         for sink_config in job.sinks:
-            sink = build_sink(sink_config)
+            sink = factory.build(sink_config, job=job.name)
             try:
                 token = sink.read(now)
             except RefreshError as err:

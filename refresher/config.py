@@ -113,10 +113,36 @@ class FileSinkConfig(_Strict):
     mode: FileMode = 0o600
 
 
-SinkConfig = Annotated[FileSinkConfig, Field(discriminator="type")]
+# Kubernetes object names (DNS subdomain) and Secret data keys.
+_DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+_DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+SecretKey = Annotated[str, Field(pattern=r"^[-._a-zA-Z0-9]+$", max_length=253)]
+
+
+class KubernetesSinkConfig(_Strict):
+    """A Secret the token is written into (one API write per refresh)."""
+
+    type: Literal["kubernetes"]
+    name: str = Field(pattern=_DNS_SUBDOMAIN, max_length=253)
+    namespace: str | None = Field(default=None, pattern=_DNS_LABEL, max_length=63)
+    token_key: SecretKey = "token"
+    # Optional extra keys the refresher owns: `Bearer <token>`, ISO expiry, granted scope.
+    authorization_key: SecretKey | None = None
+    expires_at_key: SecretKey | None = None
+    scope_key: SecretKey | None = None
+    # Values from the credentials written beside the token (Lucidtech's `api_key`).
+    write_credential_extras: bool = True
+    # Static keys written with every refresh.
+    extra_keys: dict[SecretKey, str] = Field(default_factory=dict)
+    secret_type: str = "Opaque"
+    # Create the Secret when it is missing (needs the `create` RBAC verb).
+    create: bool = False
+
+
+SinkConfig = Annotated[FileSinkConfig | KubernetesSinkConfig, Field(discriminator="type")]
 
 # Loc parts pydantic inserts for a discriminated union's tag; not part of the user's path.
-_UNION_TAGS = {"file"}
+_UNION_TAGS = {"file", "kubernetes"}
 
 
 # ----------------------------------------------------------------------------------- jobs
@@ -207,18 +233,55 @@ class MetricsServerConfig(_Strict):
     port: int = Field(default=9464, ge=0, le=65535)
 
 
+class KubernetesSettings(_Strict):
+    # None: in-cluster config inside a pod, else $KUBECONFIG or ~/.kube/config.
+    kubeconfig: Path | None = None
+    context: str | None = None
+    request_timeout: PositiveDuration = 10.0
+
+
+class LeaderElectionConfig(_Strict):
+    """client-go's defaults: a leader that cannot renew for `renew_deadline` stops at once,
+    `lease_duration - renew_deadline` before anyone else may take over."""
+
+    enabled: bool = False
+    name: str = Field(default="refresher", pattern=_DNS_SUBDOMAIN, max_length=253)
+    namespace: str | None = Field(default=None, pattern=_DNS_LABEL, max_length=63)
+    identity: str | None = None  # default: $POD_NAME, else hostname_pid
+    lease_duration: PositiveDuration = 15.0
+    renew_deadline: PositiveDuration = 10.0
+    retry_period: PositiveDuration = 2.0
+
+    @model_validator(mode="after")
+    def _ordered(self) -> LeaderElectionConfig:
+        if not self.retry_period < self.renew_deadline < self.lease_duration:
+            raise ValueError("needs retry_period < renew_deadline < lease_duration")
+        return self
+
+
 class Settings(_Strict):
     """Everything in the file besides `tokens`."""
 
     metrics: MetricsServerConfig = Field(default_factory=MetricsServerConfig)
+    kubernetes: KubernetesSettings = Field(default_factory=KubernetesSettings)
+    leader_election: LeaderElectionConfig = Field(default_factory=LeaderElectionConfig)
     # Refreshes running at once; a slow IdP ties up at most this many threads.
     max_concurrent_refreshes: int = Field(default=8, ge=1, le=256)
+    # `refresher once` pushes its metrics here (a CronJob has no endpoint to scrape).
+    pushgateway: str | None = None
 
 
 @dataclass(frozen=True)
 class Config:
     settings: Settings
     jobs: tuple[TokenJobConfig, ...]
+
+    @property
+    def uses_kubernetes(self) -> bool:
+        """Whether the (slow to import) Kubernetes client is needed at all."""
+        return self.settings.leader_election.enabled or any(
+            isinstance(sink, KubernetesSinkConfig) for job in self.jobs for sink in job.sinks
+        )
 
 
 # ----------------------------------------------------------------------------- validation
@@ -331,7 +394,7 @@ def _cross_job_problems(
     problems: list[str] = []
     names: dict[str, int] = {}
     writers: dict[tuple[str, str, frozenset[str]], int] = {}
-    sink_paths: dict[Path, str] = {}
+    sink_paths: dict[str, str] = {}
     for index, job, token_url, client_id in jobs:
         path = f"tokens[{index}]"
         if job.name in names:
@@ -350,10 +413,16 @@ def _cross_job_problems(
             writers.setdefault(key, index)
         for sink_index, sink in enumerate(job.sinks):
             sink_path = f"{path}.sinks[{sink_index}]"
-            target = Path(os.path.abspath(sink.path))
+            if isinstance(sink, FileSinkConfig):
+                target, field_name = str(Path(os.path.abspath(sink.path))), "path"
+            else:
+                target, field_name = (
+                    f"secret {sink.namespace or '(pod namespace)'}/{sink.name}",
+                    "name",
+                )
             if target in sink_paths:
                 problems.append(
-                    f"{sink_path}.path: {target} is already written by {sink_paths[target]}"
+                    f"{sink_path}.{field_name}: {target} is already written by {sink_paths[target]}"
                 )
             sink_paths.setdefault(target, sink_path)
     return problems

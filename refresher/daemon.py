@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from types import FrameType
+from typing import TYPE_CHECKING, Any
 
 import requests
 from apscheduler.executors.pool import ThreadPoolExecutor
@@ -31,7 +32,10 @@ from refresher.idp import IdPClient, new_session
 from refresher.metrics import JobSnapshot, Metrics
 from refresher.refresh import JobRunner, Listener
 from refresher.server import MetricsServer
-from refresher.sinks import build_sink
+from refresher.sinks import SinkFactory, describe
+
+if TYPE_CHECKING:
+    from refresher.leader import LeaseElector
 
 log = logging.getLogger("refresher.daemon")
 
@@ -46,18 +50,22 @@ def build_runners(
     clock: Clock = time.time,
     listeners: Sequence[Listener] = (),
     rng: random.Random | None = None,
+    sinks: SinkFactory | None = None,
+    may_fetch: Callable[[], bool] = lambda: True,
 ) -> list[JobRunner]:
     idp = IdPClient(session or new_session(config.settings.max_concurrent_refreshes), clock)
     rng = rng or random.Random()
+    sinks = sinks or SinkFactory(config.settings.kubernetes)
     return [
         JobRunner(
             job,
-            [build_sink(sink) for sink in job.sinks],
+            [sinks.build(sink, job=job.name) for sink in job.sinks],
             idp,
             metrics=metrics,
             clock=clock,
             rng=random.Random(rng.random()),
             listeners=listeners,
+            may_fetch=may_fetch,
         )
         for job in config.jobs
     ]
@@ -77,8 +85,16 @@ class Daemon:
         self.config = config
         self.clock = clock
         self.metrics = metrics or Metrics(clock=clock)
+        self.sinks = SinkFactory(config.settings.kubernetes)
+        self._leading = threading.Event()
         self.runners = build_runners(
-            config, metrics=self.metrics, session=session, clock=clock, listeners=listeners
+            config,
+            metrics=self.metrics,
+            session=session,
+            clock=clock,
+            listeners=listeners,
+            sinks=self.sinks,
+            may_fetch=self._leading.is_set,
         )
         self.metrics.bind_jobs(self.snapshots)
         self.scheduler = BackgroundScheduler(
@@ -88,6 +104,18 @@ class Daemon:
         )
         self._stopping = threading.Event()
         self._stopped = threading.Event()
+        self.elector: LeaseElector | None = None
+        election = config.settings.leader_election
+        if election.enabled:
+            from refresher.leader import LeaseElector
+
+            self.elector = LeaseElector(
+                self.sinks.kube(),
+                election,
+                on_started_leading=self._lead,
+                on_stopped_leading=self._follow,
+            )
+        self.metrics.leader.set(0)
         serve = config.settings.metrics.enabled if serve_http is None else serve_http
         self.http: MetricsServer | None = None
         if serve:
@@ -103,21 +131,50 @@ class Daemon:
         if self.http is not None:
             self.http.start()
             log.info("serving metrics", extra={"port": self.http.port})
-        for runner in self.runners:
-            self._schedule(runner, self.clock())
-        log.info("started", extra={"jobs": len(self.runners)})
+        log.info(
+            "started",
+            extra={"jobs": len(self.runners), "config": redacted_summary(self.config)},
+        )
+        if self.elector is not None:
+            self.elector.start()
+        else:
+            self._lead()
         return self
 
     def stop(self) -> None:
-        """Stop scheduling; wait for refreshes in flight so no write is cut off."""
+        """Stop scheduling; wait for refreshes in flight so no write is cut off; then give
+        up the lease so a successor takes over at once."""
         if self._stopping.is_set():
             return
         self._stopping.set()
         self.scheduler.shutdown(wait=True)
+        if self.elector is not None:
+            self.elector.stop()
         if self.http is not None:
             self.http.stop()
         self._stopped.set()
         log.info("stopped")
+
+    # -------------------------------------------------------------------------- leadership
+
+    def _lead(self) -> None:
+        """This replica refreshes from now on; every job re-reads its sinks first, since the
+        previous leader may have refreshed them."""
+        self._leading.set()
+        self.metrics.leader.set(1)
+        for runner in self.runners:
+            runner.restart()
+            self._schedule(runner, self.clock())
+
+    def _follow(self) -> None:
+        """Stop refreshing at once. A refresh in flight may finish its write; no new one starts."""
+        self._leading.clear()
+        self.metrics.leader.set(0)
+        self.scheduler.remove_all_jobs()
+
+    @property
+    def is_leader(self) -> bool:
+        return self._leading.is_set()
 
     def run_forever(self) -> None:
         """Run until SIGTERM or SIGINT, then stop cleanly."""
@@ -148,14 +205,14 @@ class Daemon:
         )
 
     def _run(self, runner: JobRunner) -> None:
-        if self._stopping.is_set():
+        if self._stopping.is_set() or not self._leading.is_set():
             return
         try:
             at = runner.step()
         except Exception:  # step() classifies its own failures; this is a last resort
             log.exception("runner failed", extra={"token": runner.job.name})
             at = self.clock() + 30.0
-        if not self._stopping.is_set():
+        if self._leading.is_set() and not self._stopping.is_set():
             self._schedule(runner, at)
 
     # ------------------------------------------------------------------------------ health
@@ -168,7 +225,29 @@ class Daemon:
         return alive, "ok" if alive else "scheduler not running"
 
     def ready(self) -> tuple[bool, str]:
+        if self.elector is not None and not self.is_leader:
+            return True, f"follower (leader: {self.elector.holder or 'unknown'})"
         waiting = [job.name for job in self.snapshots() if not job.ready]
         if waiting:
             return False, "no valid token yet: " + ", ".join(waiting)
         return True, "ok"
+
+
+def redacted_summary(config: Config) -> dict[str, Any]:
+    """The effective config for the start-up log line: where and what, never a secret."""
+    return {
+        "tokens": [
+            {
+                "name": job.name,
+                "provider": job.provider,
+                "token_url": (job.token_url or "(credentials_file)").split("?")[0],
+                "scopes": job.scopes,
+                "client_secret": job.client_secret.ref().describe() if job.client_secret else None,
+                "margin": job.margin,
+                "sinks": [describe(sink) for sink in job.sinks],
+            }
+            for job in config.jobs
+        ],
+        "leader_election": config.settings.leader_election.enabled,
+        "max_concurrent_refreshes": config.settings.max_concurrent_refreshes,
+    }

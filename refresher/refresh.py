@@ -63,8 +63,11 @@ class JobRunner:
         clock: Clock = time.time,
         rng: random.Random | None = None,
         listeners: Sequence[Listener] = (),
+        may_fetch: Callable[[], bool] = lambda: True,
     ) -> None:
         self.job = job
+        # Asked right before every IdP request: False once this replica stopped leading.
+        self.may_fetch = may_fetch
         self.sinks = list(sinks)
         self.idp = idp
         self.metrics = metrics
@@ -93,6 +96,10 @@ class JobRunner:
             if at > self.clock():
                 return at
         return self.attempt()
+
+    def restart(self) -> None:
+        """Read the sinks again on the next step (another replica may have written them)."""
+        self._started = False
 
     def start(self) -> float:
         """Read every sink and adopt a token that is still good, instead of asking the IdP."""
@@ -162,6 +169,8 @@ class JobRunner:
         return at
 
     def _fetch_and_write(self, now: float) -> float:
+        if not self.may_fetch():
+            return self._plan(now)  # not the leader (any more): someone else refreshes
         started = time.perf_counter()
         try:
             token = self.idp.fetch(self.job, self.job.credentials())

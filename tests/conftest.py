@@ -37,6 +37,21 @@ SHAPE_SCOPES: dict[str, list[str]] = {
 }
 
 
+@pytest.fixture(autouse=True)
+def _no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every test talks to loopback servers only; a proxy from the environment (honoured by
+    # requests and by the kubernetes client, even for 127.0.0.1) must not get in between.
+    for name in (
+        "http_proxy",
+        "HTTP_PROXY",
+        "https_proxy",
+        "HTTPS_PROXY",
+        "all_proxy",
+        "ALL_PROXY",
+    ):
+        monkeypatch.delenv(name, raising=False)
+
+
 @pytest.fixture
 def secret_file(tmp_path: Path) -> Path:
     path = tmp_path / "client-secret"

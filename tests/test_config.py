@@ -283,7 +283,9 @@ def test_every_example_is_valid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         monkeypatch.setenv(f"{name}_CLIENT_SECRET", "s")
     monkeypatch.setenv("LUCIDTECH_CREDENTIALS", str(cfg))
     monkeypatch.setenv("EXAMPLE_SECRET_FILE", str(secret))
+    (tmp_path / "lucidworks-client-secret").write_text("s")
+    monkeypatch.setenv("SECRETS_DIR", str(tmp_path))
     examples = sorted(EXAMPLES.glob("*.yaml"))
-    assert len(examples) >= 5
+    assert len(examples) >= 6
     for path in examples:
         assert load_config(path).jobs, path

@@ -45,13 +45,6 @@ def status_of(error: ApiException) -> dict[str, Any]:
     return body
 
 
-@pytest.fixture(autouse=True)
-def _no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Configuration() picks up http_proxy from the environment, even for 127.0.0.1.
-    for name in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(name, raising=False)
-
-
 @pytest.fixture
 def kube() -> Iterator[FakeKubeAPI]:
     with FakeKubeAPI() as api:

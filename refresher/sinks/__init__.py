@@ -1,15 +1,20 @@
 """Sinks: the places a token is written to and read back from.
 
 Every sink offers the same two operations (see `Sink`); which one a job uses is config.
-`build_sink` imports a sink's module only when it is used, so that a file-only setup never
+`SinkFactory` imports a sink's module only when it is used, so that a file-only setup never
 pays for importing the `kubernetes` package.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+import threading
+from typing import TYPE_CHECKING, Protocol
 
+from refresher.config import FileSinkConfig, KubernetesSettings, KubernetesSinkConfig
 from refresher.tokens import Token
+
+if TYPE_CHECKING:
+    from refresher.kube import Kube
 
 
 class Sink(Protocol):
@@ -28,12 +33,34 @@ class Sink(Protocol):
         ...
 
 
-def build_sink(config: object) -> Sink:
-    """The sink for one `sinks[]` entry of the config."""
-    from refresher.config import FileSinkConfig
+class SinkFactory:
+    """Builds sinks; connects to Kubernetes once, on the first Kubernetes sink."""
 
+    def __init__(self, kubernetes: KubernetesSettings) -> None:
+        self._settings = kubernetes
+        self._kube: Kube | None = None
+        self._lock = threading.Lock()
+
+    def kube(self) -> Kube:
+        with self._lock:
+            if self._kube is None:
+                from refresher.kube import connect
+
+                self._kube = connect(self._settings)
+            return self._kube
+
+    def build(self, config: FileSinkConfig | KubernetesSinkConfig, *, job: str) -> Sink:
+        if isinstance(config, FileSinkConfig):
+            from refresher.sinks.file import FileSink
+
+            return FileSink(config)
+        from refresher.sinks.kubernetes import KubernetesSecretSink
+
+        return KubernetesSecretSink(config, self.kube(), job=job)
+
+
+def describe(config: FileSinkConfig | KubernetesSinkConfig) -> str:
+    """A sink's place in words, without connecting anywhere."""
     if isinstance(config, FileSinkConfig):
-        from refresher.sinks.file import FileSink
-
-        return FileSink(config)
-    raise TypeError(f"no sink for {type(config).__name__}")
+        return f"file:{config.path}"
+    return f"kubernetes:{config.namespace or '(pod namespace)'}/{config.name}"

@@ -1,0 +1,226 @@
+"""A token in a Kubernetes Secret: one API write per refresh (design rule 5).
+
+The write is a JSON merge patch of only the keys the refresher owns, so keys written by others
+survive, carrying the `resourceVersion` last seen as a precondition: a concurrent writer makes
+it fail with 409, and the sink re-reads and tries again (bounded). In steady state the
+resourceVersion comes from our own previous write, so a refresh costs exactly one request.
+The Secret's annotations record expiry, refresh time, scope and the token's fingerprint (never
+the token), which is also how a restart knows the expiry of an opaque token.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+import urllib3
+from kubernetes.client.exceptions import ApiException
+
+from refresher.config import KubernetesSinkConfig
+from refresher.errors import Reason, RefreshError
+from refresher.kube import Kube
+from refresher.tokens import Token, fingerprint, stored_times
+
+ANNOTATION = "refresher.io/"
+MANAGED_BY = {"app.kubernetes.io/managed-by": "refresher"}
+MAX_CONFLICT_RETRIES = 5
+
+
+def _b64(value: str) -> str:
+    return base64.b64encode(value.encode()).decode("ascii")
+
+
+def _iso(epoch: float) -> str:
+    when = datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds")
+    return when.replace("+00:00", "Z")
+
+
+def _epoch(text: str | None) -> float | None:
+    if not text:
+        return None
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+def _status_message(err: ApiException) -> str:
+    """The API server's own explanation (a Status object); never the raw exception text."""
+    try:
+        status = json.loads(err.body or "")
+    except (ValueError, TypeError):
+        return err.reason or f"HTTP {err.status}"
+    message = status.get("message") if isinstance(status, dict) else None
+    return str(message)[:300] if message else (err.reason or f"HTTP {err.status}")
+
+
+class KubernetesSecretSink:
+    def __init__(self, config: KubernetesSinkConfig, kube: Kube, *, job: str) -> None:
+        self.config = config
+        self.kube = kube
+        self.job = job
+        self.namespace = config.namespace or kube.namespace
+        self.name = f"kubernetes:{self.namespace}/{config.name}"
+        self._api = kube.core()
+        self._resource_version: str | None = None  # of the Secret as we last saw it
+
+    @property
+    def _where(self) -> str:
+        return f"secret {self.config.name!r} in namespace {self.namespace!r}"
+
+    # ------------------------------------------------------------------------------ write
+
+    def owned_data(self, token: Token) -> dict[str, str]:
+        """The Secret keys this sink owns, base64-encoded as the API wants them."""
+        values = {self.config.token_key: token.access_token}
+        if self.config.authorization_key:
+            values[self.config.authorization_key] = f"Bearer {token.access_token}"
+        if self.config.expires_at_key:
+            values[self.config.expires_at_key] = _iso(token.expires_at)
+        if self.config.scope_key and token.scope:
+            values[self.config.scope_key] = token.scope
+        if self.config.write_credential_extras:
+            values.update(token.extras)
+        values.update(self.config.extra_keys)
+        return {key: _b64(value) for key, value in values.items()}
+
+    def _metadata(self, token: Token) -> dict[str, Any]:
+        annotations = {
+            f"{ANNOTATION}expires-at": _iso(token.expires_at),
+            f"{ANNOTATION}issued-at": _iso(token.issued_at),
+            f"{ANNOTATION}refreshed-at": _iso(datetime.now(UTC).timestamp()),
+            f"{ANNOTATION}fingerprint": token.fingerprint,
+            f"{ANNOTATION}token-job": self.job,
+        }
+        if token.scope:
+            annotations[f"{ANNOTATION}scope"] = token.scope
+        return {"labels": dict(MANAGED_BY), "annotations": annotations}
+
+    def write(self, token: Token) -> None:
+        data = self.owned_data(token)
+        for _ in range(MAX_CONFLICT_RETRIES):
+            metadata = self._metadata(token)
+            if self._resource_version is not None:
+                metadata["resourceVersion"] = self._resource_version
+            try:
+                result = self._call(
+                    "patch",
+                    self._api.patch_namespaced_secret,
+                    self.config.name,
+                    self.namespace,
+                    {"metadata": metadata, "data": data},
+                    _content_type="application/merge-patch+json",
+                )
+            except ApiException as err:
+                if err.status == 409:  # someone wrote in between: re-read, then try again
+                    self._reread()
+                    continue
+                if err.status == 404:
+                    if self._create(token, data):
+                        return
+                    continue  # created by someone else in between: patch that one
+                raise self._error(err, "patch") from None
+            self._resource_version = result.metadata.resource_version
+            return
+        raise RefreshError(
+            Reason.SINK, f"{self._where}: still conflicting after {MAX_CONFLICT_RETRIES} attempts"
+        )
+
+    def _create(self, token: Token, data: dict[str, str]) -> bool:
+        """Create the missing Secret if allowed; False when it appeared meanwhile."""
+        if not self.config.create:
+            raise RefreshError(
+                Reason.SINK,
+                f"{self._where} does not exist; create it, or set `create: true` on the sink "
+                "(which needs the `create` verb on secrets)",
+            )
+        body = {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": self.config.name, **self._metadata(token)},
+            "type": self.config.secret_type,
+            "data": data,
+        }
+        try:
+            result = self._call("create", self._api.create_namespaced_secret, self.namespace, body)
+        except ApiException as err:
+            if err.status == 409:
+                self._resource_version = None
+                return False
+            raise self._error(err, "create") from None
+        self._resource_version = result.metadata.resource_version
+        return True
+
+    def _reread(self) -> None:
+        secret = self._get()
+        self._resource_version = secret.metadata.resource_version if secret else None
+
+    # ------------------------------------------------------------------------------- read
+
+    def read(self, now: float) -> Token | None:
+        secret = self._get()
+        if secret is None:
+            return None
+        self._resource_version = secret.metadata.resource_version
+        encoded = (secret.data or {}).get(self.config.token_key)
+        if not encoded:
+            return None
+        try:
+            access_token = base64.b64decode(encoded, validate=True).decode()
+        except (binascii.Error, UnicodeDecodeError):
+            return None
+        annotations = secret.metadata.annotations or {}
+        times: tuple[float, float] | None = None
+        if annotations.get(f"{ANNOTATION}fingerprint") == fingerprint(access_token):
+            issued_at = _epoch(annotations.get(f"{ANNOTATION}issued-at"))
+            expires_at = _epoch(annotations.get(f"{ANNOTATION}expires-at"))
+            if issued_at is not None and expires_at is not None:
+                times = (issued_at, expires_at)
+        times = times or stored_times(access_token, now)
+        if times is None:
+            return None  # opaque and unannotated: unknown expiry, so refresh it
+        return Token(
+            access_token,
+            times[0],
+            times[1],
+            scope=annotations.get(f"{ANNOTATION}scope"),
+        )
+
+    def _get(self) -> Any:
+        try:
+            return self._call(
+                "get", self._api.read_namespaced_secret, self.config.name, self.namespace
+            )
+        except ApiException as err:
+            if err.status == 404:
+                return None
+            raise self._error(err, "get") from None
+
+    # ---------------------------------------------------------------------------- plumbing
+
+    def _call(self, verb: str, method: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(*args, _request_timeout=self.kube.request_timeout, **kwargs)
+        except ApiException:
+            raise
+        except (urllib3.exceptions.HTTPError, OSError) as err:
+            raise RefreshError(
+                Reason.SINK,
+                f"{verb} {self._where}: Kubernetes API unreachable ({type(err).__name__})",
+            ) from None
+
+    def _error(self, err: ApiException, verb: str) -> RefreshError:
+        detail = _status_message(err)
+        if err.status == 403:
+            message = (
+                f"forbidden: RBAC does not allow `{verb}` on {self._where}; grant the verb on "
+                f"this Secret in the Role ({detail})"
+            )
+        elif err.status == 401:
+            message = f"{verb} {self._where}: the API rejected our credentials ({detail})"
+        else:
+            message = f"{verb} {self._where}: HTTP {err.status} ({detail})"
+        return RefreshError(Reason.SINK, message, status=err.status)
