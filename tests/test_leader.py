@@ -179,7 +179,9 @@ def test_two_processes_one_leader_kill_9_and_takeover(
         wait_for(lambda: kube_api.get_object("secrets", NS, "api-token") is not None)
         thread.start()
         b = start_refresher(config, tmp_path / "b.log", "pod-b")
-        wait_for(lambda: len(idp.issued) >= 2, timeout=20)  # a refreshed at least once more
+        # Kill a between refreshes: after it has written (and logged) its second token. A kill
+        # between issuance and write is the crash case of issue 6, not what this test measures.
+        wait_for(lambda: len(refreshed(tmp_path / "a.log")) >= 2, timeout=20)
         killed = time.monotonic()
         a.send_signal(signal.SIGKILL)
         a.wait()
@@ -216,7 +218,20 @@ def test_two_processes_one_leader_kill_9_and_takeover(
     assert takeover < FAST["lease_duration"] + 2 * FAST["retry_period"] + 1.0
     # A SIGTERMed leader gives the lease back.
     assert holder(kube_api) is None
-    outside = [r for r in rejected if r[1] != "revoked"]
+    from datetime import datetime
+
+    # A rejection is inside the write window when its token was revoked by a refresh whose
+    # write (logged right after it) finished after the consumer's read.
+    written_at = [
+        datetime.fromisoformat(line["time"].replace("Z", "+00:00")).timestamp()
+        for log in ("a.log", "b.log")
+        for line in refreshed(tmp_path / log)
+    ]
+    outside = [
+        (read_at, status)
+        for read_at, status in rejected
+        if status != "revoked" or not any(read_at <= w <= read_at + 1 for w in written_at)
+    ]
     print(
         f"\nleader takeover after kill -9: {takeover:.2f} s; consumer calls {calls}, "
         f"rejected {len(rejected)} ({len(outside)} not explained by a reissue); "
