@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint check clean
+.PHONY: demo test lint check bench clean
 
 $(BIN)/refresher: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,9 @@ lint: $(BIN)/refresher  ## ruff and mypy
 	$(BIN)/mypy refresher
 
 check: lint test
+
+bench: $(BIN)/refresher  ## benchmarks (several minutes): write window, overhead, scale, start-up
+	$(BIN)/python -m bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info

@@ -269,6 +269,10 @@ class Settings(_Strict):
     max_concurrent_refreshes: int = Field(default=8, ge=1, le=256)
     # `refresher once` pushes its metrics here (a CronJob has no endpoint to scrape).
     pushgateway: str | None = None
+    # Requests per second to any one token URL (a token bucket with this burst), so a start-up
+    # wave of thousands of jobs cannot trip the provider's rate limits.
+    idp_rate_limit: float = Field(default=20.0, gt=0, allow_inf_nan=False)
+    idp_rate_burst: int = Field(default=20, ge=1)
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from apscheduler.triggers.date import DateTrigger
 from refresher.config import Config
 from refresher.idp import IdPClient, new_session
 from refresher.metrics import JobSnapshot, Metrics
+from refresher.ratelimit import RateLimits
 from refresher.refresh import JobRunner, Listener
 from refresher.server import MetricsServer
 from refresher.sinks import SinkFactory, describe
@@ -56,6 +57,7 @@ def build_runners(
     idp = IdPClient(session or new_session(config.settings.max_concurrent_refreshes), clock)
     rng = rng or random.Random()
     sinks = sinks or SinkFactory(config.settings.kubernetes)
+    limits = RateLimits(config.settings.idp_rate_limit, config.settings.idp_rate_burst)
     return [
         JobRunner(
             job,
@@ -66,6 +68,7 @@ def build_runners(
             rng=random.Random(rng.random()),
             listeners=listeners,
             may_fetch=may_fetch,
+            rate_limit=limits.for_url(job.token_url or str(job.credentials_file)),
         )
         for job in config.jobs
     ]

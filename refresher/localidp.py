@@ -758,6 +758,10 @@ class _Handler(BaseHTTPRequestHandler):
     default_request_version = "HTTP/1.0"
     timeout = 10  # a client that stalls mid-request cannot pin a thread for ever
 
+    # Headers and body are separate writes; with Nagle on, the second one waits ~40 ms for
+    # the client's delayed ACK. Real IdPs answer without that stall.
+    disable_nagle_algorithm = True
+
     def __init__(
         self,
         request: Any,

@@ -24,6 +24,7 @@ from refresher.config import TokenJobConfig
 from refresher.errors import Reason, RefreshError
 from refresher.idp import IdPClient
 from refresher.metrics import JobSnapshot, Metrics
+from refresher.ratelimit import TokenBucket
 from refresher.schedule import refresh_at, retry_delay
 from refresher.sinks import Sink
 from refresher.tokens import Token
@@ -52,6 +53,13 @@ class RefreshEvent:
 Listener = Callable[[RefreshEvent], None]
 
 
+@dataclass(frozen=True)
+class SinkWrite:
+    sink: Sink
+    duration: float
+    error: RefreshError | None
+
+
 class JobRunner:
     def __init__(
         self,
@@ -64,8 +72,10 @@ class JobRunner:
         rng: random.Random | None = None,
         listeners: Sequence[Listener] = (),
         may_fetch: Callable[[], bool] = lambda: True,
+        rate_limit: TokenBucket | None = None,
     ) -> None:
         self.job = job
+        self.rate_limit = rate_limit  # shared by every job asking the same token URL
         # Asked right before every IdP request: False once this replica stopped leading.
         self.may_fetch = may_fetch
         self.sinks = list(sinks)
@@ -169,6 +179,8 @@ class JobRunner:
         return at
 
     def _fetch_and_write(self, now: float) -> float:
+        if self.rate_limit is not None:
+            self.rate_limit.acquire()
         if not self.may_fetch():
             return self._plan(now)  # not the leader (any more): someone else refreshes
         started = time.perf_counter()
@@ -192,42 +204,47 @@ class JobRunner:
             self.refresh_at = refresh_at(
                 self.policy, token.issued_at, token.expires_at, self._jitter
             )
-        write_error = self._write(token)
+        results = self._write(token)
         window = time.perf_counter() - answered
+        write_error = self._settle(token, results)
         self.metrics.write_window.labels(token=self.job.name).observe(window)
         if write_error is not None:
             return self._failed(write_error, self.clock(), duration, window)
         return self._succeeded(token, duration, window)
 
     def _write_pending(self, token: Token, now: float) -> float:
-        error = self._write(token)
+        error = self._settle(token, self._write(token))
         if error is not None:
             return self._failed(error, now, 0.0, None)
         return self._succeeded(token, 0.0, None)
 
-    def _write(self, token: Token) -> RefreshError | None:
-        """Write `token` to every pending sink; return the first error (others still tried)."""
-        first_error: RefreshError | None = None
-        still_pending: list[Sink] = []
+    def _write(self, token: Token) -> list[SinkWrite]:
+        """Write `token` to every pending sink (all are tried, whatever fails). Only the writes
+        happen here: this loop is the write window, so counting and follow-up work wait for
+        `_settle`."""
+        results: list[SinkWrite] = []
         for sink in list(self.pending):
             begun = time.perf_counter()
+            error: RefreshError | None = None
             try:
                 sink.write(token)
             except RefreshError as err:
-                outcome = "failure"
-                still_pending.append(sink)
-                first_error = first_error or err
-            else:
-                outcome = "success"
-            self.metrics.sink_write_duration.labels(token=self.job.name, sink=sink.name).observe(
-                time.perf_counter() - begun
-            )
-            self.metrics.sink_writes.labels(
-                token=self.job.name, sink=sink.name, outcome=outcome
-            ).inc()
+                error = err
+            results.append(SinkWrite(sink, time.perf_counter() - begun, error))
         with self._lock:
-            self.pending = still_pending
-        return first_error
+            self.pending = [result.sink for result in results if result.error is not None]
+        return results
+
+    def _settle(self, token: Token, results: list[SinkWrite]) -> RefreshError | None:
+        """Count the writes, let written sinks finish their work; return the first error."""
+        for result in results:
+            labels = {"token": self.job.name, "sink": result.sink.name}
+            outcome = "failure" if result.error else "success"
+            self.metrics.sink_write_duration.labels(**labels).observe(result.duration)
+            self.metrics.sink_writes.labels(**labels, outcome=outcome).inc()
+            if result.error is None:
+                result.sink.settle(token)
+        return next((result.error for result in results if result.error), None)
 
     def _succeeded(self, token: Token, duration: float, window: float | None) -> float:
         now = self.clock()

@@ -1775,6 +1775,9 @@ def _warning_headers(warnings: list[str]) -> dict[str, str]:
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Like Go's net/http (the real API server): headers and body are separate writes, and
+    # with Nagle on, the second waits ~40 ms for a delayed ACK.
+    disable_nagle_algorithm = True
     server: _Server
 
     def log_message(self, format: str, *args: Any) -> None:

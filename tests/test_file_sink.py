@@ -27,6 +27,12 @@ def sink(path: Path, fmt: str = "raw", mode: int | str = 0o600) -> FileSink:
     )
 
 
+def store(target: FileSink, written: Token) -> None:
+    """What the runner does: write (the token becomes visible), then settle (metadata)."""
+    target.write(written)
+    target.settle(written)
+
+
 def token(value: str = "opaque-token-value", lifetime: float = 3600, **kw: object) -> Token:
     return Token(value, NOW, NOW + lifetime, scope="a b", **kw)  # type: ignore[arg-type]
 
@@ -35,7 +41,7 @@ def token(value: str = "opaque-token-value", lifetime: float = 3600, **kw: objec
 def test_every_format_round_trips_an_opaque_token(fmt: str, tmp_path: Path) -> None:
     target = sink(tmp_path / "token", fmt)
     written = token(extras={"api_key": "k-123"})
-    target.write(written)
+    store(target, written)
     back = target.read(NOW + 10)
     assert back is not None
     assert (back.access_token, back.issued_at, back.expires_at) == (
@@ -48,15 +54,15 @@ def test_every_format_round_trips_an_opaque_token(fmt: str, tmp_path: Path) -> N
 
 def test_formats_are_what_consumers_expect(tmp_path: Path) -> None:
     t = token("abc.def.ghi", extras={"api_key": "k-1"})
-    sink(tmp_path / "raw").write(t)
+    store(sink(tmp_path / "raw"), t)
     assert (tmp_path / "raw").read_bytes() == b"abc.def.ghi"  # no newline
-    sink(tmp_path / "hdr", "header").write(t)
+    store(sink(tmp_path / "hdr", "header"), t)
     assert (tmp_path / "hdr").read_text() == "Authorization: Bearer abc.def.ghi"
-    sink(tmp_path / "j", "json").write(t)
+    store(sink(tmp_path / "j", "json"), t)
     document = json.loads((tmp_path / "j").read_text())
     assert document["access_token"] == "abc.def.ghi" and document["token_type"] == "Bearer"
     assert document["expires_at"] == "2027-01-15T09:00:00Z" and document["api_key"] == "k-1"
-    sink(tmp_path / "e", "env").write(t)
+    store(sink(tmp_path / "e", "env"), t)
     env = (tmp_path / "e").read_text()
     assert "ACCESS_TOKEN=abc.def.ghi\n" in env and "API_KEY=k-1\n" in env
     assert "TOKEN_SCOPE='a b'\n" in env
@@ -76,21 +82,21 @@ def test_opaque_token_without_metadata_counts_as_none(tmp_path: Path) -> None:
 
 def test_stale_metadata_of_another_token_is_not_trusted(tmp_path: Path) -> None:
     target = sink(tmp_path / "token")
-    target.write(token("first"))
+    store(target, token("first"))
     (tmp_path / "token").write_text("second")  # replaced by someone else; metadata is stale
     assert target.read(NOW) is None
 
 
 @pytest.mark.parametrize(("mode", "expected"), [(0o600, 0o600), ("0640", 0o640), (0o644, 0o644)])
 def test_mode(mode: int | str, expected: int, tmp_path: Path) -> None:
-    sink(tmp_path / "token", mode=mode).write(token())
+    store(sink(tmp_path / "token", mode=mode), token())
     assert stat.S_IMODE(os.stat(tmp_path / "token").st_mode) == expected
 
 
 def test_creates_missing_folders_and_leaves_no_temp_files(tmp_path: Path) -> None:
     target = sink(tmp_path / "a" / "b" / "token")
     for i in range(5):
-        target.write(token(f"t{i}"))
+        store(target, token(f"t{i}"))
     assert sorted(p.name for p in (tmp_path / "a" / "b").iterdir()) == [
         ".token.refresher.json",
         "token",
@@ -106,11 +112,11 @@ def test_unwritable_folder_is_a_sink_failure_and_keeps_the_old_token(tmp_path: P
     else:
         folder = tmp_path / "ro"
         folder.mkdir()
-        sink(folder / "token").write(token("old"))
+        store(sink(folder / "token"), token("old"))
         folder.chmod(0o500)
         target = sink(folder / "token")
     with pytest.raises(RefreshError) as caught:
-        target.write(token("new"))
+        store(target, token("new"))
     assert caught.value.reason is Reason.SINK
     assert str(target.path) in caught.value.message
 
@@ -120,7 +126,7 @@ def test_readers_never_see_a_torn_or_empty_file(tmp_path: Path) -> None:
     target = sink(path)
     # Tokens of different lengths, so a torn read would show as a value that was never written.
     values = [f"token-{i}-" + "x" * (i % 7) * 500 for i in range(300)]
-    target.write(token(values[0]))
+    store(target, token(values[0]))
     seen: set[str] = set()
     stop = threading.Event()
 
@@ -132,9 +138,22 @@ def test_readers_never_see_a_torn_or_empty_file(tmp_path: Path) -> None:
     for thread in readers:
         thread.start()
     for value in values[1:]:
-        target.write(token(value))
+        store(target, token(value))
     stop.set()
     for thread in readers:
         thread.join()
     assert seen <= set(values)
     assert len(seen) > 1  # the readers did overlap the writes
+
+
+def test_abandoned_temp_files_are_removed_on_read_but_not_live_ones(tmp_path: Path) -> None:
+    target = sink(tmp_path / "token")
+    store(target, token())
+    abandoned = tmp_path / ".token.abc123.tmp"
+    live = tmp_path / ".token.def456.tmp"
+    for path in (abandoned, live):
+        path.write_text("half a tok")
+    os.utime(abandoned, (NOW - 3600, NOW - 3600))
+    os.utime(live, (NOW, NOW))
+    assert target.read(NOW + 1) is not None
+    assert not abandoned.exists() and live.exists()

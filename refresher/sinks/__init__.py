@@ -29,7 +29,16 @@ class Sink(Protocol):
         ...
 
     def write(self, token: Token) -> None:
-        """Replace the held token with `token`, atomically. Raises RefreshError(SINK)."""
+        """Make `token` the one readers see, atomically. Raises RefreshError(SINK).
+
+        Only what consumers need belongs here: the time from the IdP's answer to the last
+        `write` is the window in which an invalidate-on-reissue IdP leaves them with a dead
+        token.
+        """
+        ...
+
+    def settle(self, token: Token) -> None:
+        """Follow-up work once every sink shows `token` (durability, metadata); best effort."""
         ...
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shlex
 import tempfile
@@ -21,6 +22,10 @@ from typing import Any
 from refresher.config import FileSinkConfig
 from refresher.errors import Reason, RefreshError
 from refresher.tokens import Token, fingerprint, stored_times
+
+log = logging.getLogger(__name__)
+
+ABANDONED_AFTER = 60.0  # seconds; see FileSink._remove_abandoned_temp_files
 
 
 def atomic_write(path: Path, data: bytes, mode: int, *, durable: bool = True) -> None:
@@ -113,9 +118,25 @@ class FileSink:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(self.path, render(token, self.config.format), self.config.mode)
-            if self.config.format in ("raw", "header"):
-                # Only a hint for restarts, keyed by fingerprint: if a crash loses it, the
-                # restart falls back to the JWT's exp or refreshes. Not worth a second fsync.
+        except OSError as err:
+            raise RefreshError(
+                Reason.SINK, f"cannot write {self.path}: {err.strerror or type(err).__name__}"
+            ) from None
+
+    @staticmethod
+    def _needs_metadata(token: Token) -> bool:
+        """Whether reading the token back could not tell its expiry safely by itself: opaque
+        tokens, and JWTs whose `exp` is later than the expiry we determined (a shorter
+        `expires_in`). A stale metadata file is harmless: it names another fingerprint."""
+        times = stored_times(token.access_token, token.issued_at)
+        return times is None or times[1] > token.expires_at
+
+    def settle(self, token: Token) -> None:
+        # The metadata is only a hint for restarts, keyed by fingerprint: if a crash loses it,
+        # a restart falls back to the JWT's exp or refreshes. So it is written after the token
+        # (outside the write window) and without an fsync of its own.
+        try:
+            if self.config.format in ("raw", "header") and self._needs_metadata(token):
                 meta = {
                     "fingerprint": token.fingerprint,
                     "issued_at": token.issued_at,
@@ -125,15 +146,17 @@ class FileSink:
                 atomic_write(
                     self.meta_path, json.dumps(meta).encode(), self.config.mode, durable=False
                 )
-            sync_dir(self.path.parent)
         except OSError as err:
-            raise RefreshError(
-                Reason.SINK, f"cannot write {self.path}: {err.strerror or type(err).__name__}"
-            ) from None
+            log.warning(
+                "cannot write token metadata",
+                extra={"path": str(self.meta_path), "error": err.strerror or type(err).__name__},
+            )
+        sync_dir(self.path.parent)  # makes both renames durable
 
     # ------------------------------------------------------------------------------- read
 
     def read(self, now: float) -> Token | None:
+        self._remove_abandoned_temp_files(now)
         try:
             content = self.path.read_text(encoding="utf-8")
         except FileNotFoundError:
@@ -143,6 +166,16 @@ class FileSink:
             raise RefreshError(Reason.SINK, f"cannot read {self.path}: {reason}") from None
         parse = {"raw": self._parse_raw, "header": self._parse_header, "json": self._parse_json}
         return parse.get(self.config.format, self._parse_env)(content, now)
+
+    def _remove_abandoned_temp_files(self, now: float) -> None:
+        """A process killed between creating a temp file and renaming it leaves the file
+        behind. A write takes milliseconds, so one older than a minute is abandoned (younger
+        ones may be a live write by another process, e.g. while `refresher status` runs)."""
+        for pattern in (f".{self.path.name}.*.tmp", f".{self.meta_path.name}.*.tmp"):
+            for temp in self.path.parent.glob(pattern):
+                with contextlib.suppress(OSError):
+                    if now - temp.stat().st_mtime > ABANDONED_AFTER:
+                        temp.unlink()
 
     def _with_times(
         self,

@@ -129,6 +129,9 @@ class KubernetesSecretSink:
             Reason.SINK, f"{self._where}: still conflicting after {MAX_CONFLICT_RETRIES} attempts"
         )
 
+    def settle(self, token: Token) -> None:
+        pass  # the API server made the write durable before it answered
+
     def _create(self, token: Token, data: dict[str, str]) -> bool:
         """Create the missing Secret if allowed; False when it appeared meanwhile."""
         if not self.config.create:

@@ -1,0 +1,244 @@
+"""kill -9 the daemon while it writes; check what the sinks hold and what a restart does.
+
+`python -m bench.crash [--kills 200]` prints a table; tests/test_crash.py runs 20 kills.
+
+Each round starts `refresher run` (a JSON file sink, a raw file sink and a Kubernetes Secret
+on a local API server), waits until the local IdP issues a token, and sends SIGKILL a random
+0-3 ms later: that is inside the write of that token, or just after it. Then it checks:
+- every file holds a complete token the IdP issued (old or new), never empty or partial;
+- the Secret's keys are consistent (token, `Bearer` header and fingerprint annotation agree);
+- a restart asks the IdP for nothing while the stored token is still before its refresh point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from refresher.localidp import LocalIdP  # noqa: E402
+from refresher.schedule import SchedulePolicy, refresh_at  # noqa: E402
+from refresher.tokens import fingerprint  # noqa: E402
+from tests.kubeapi import FakeKubeAPI  # noqa: E402
+
+CLIENT_ID, CLIENT_SECRET = "crash-client", "crash-secret-5e4d"
+LIFETIME = 2.0
+
+
+@dataclass
+class CrashResult:
+    kills: int = 0
+    kills_during_refresh: int = 0  # the IdP had answered and the files did not yet all agree
+    torn_or_empty_files: int = 0
+    unknown_tokens: int = 0  # a token the IdP never issued
+    inconsistent_secrets: int = 0
+    early_requests_after_restart: int = 0  # asked the IdP although the stored token was fresh
+    leftover_temp_files: int = 0  # after the restart that follows each kill
+    problems: list[str] = field(default_factory=list)
+
+
+def _config(folder: Path, idp: LocalIdP, kube: FakeKubeAPI) -> Path:
+    secret = folder / "client-secret"
+    secret.write_text(CLIENT_SECRET)
+    secret.chmod(0o600)
+    config = folder / "config.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "tokens": [
+                    {
+                        "name": "crash",
+                        "token_url": idp.token_url,
+                        "client_id": CLIENT_ID,
+                        "client_secret": {"file": str(secret)},
+                        "scopes": ["crash"],
+                        "min_refresh_interval": 0.1,
+                        "sinks": [
+                            {"type": "file", "path": str(folder / "token.json"), "format": "json"},
+                            {"type": "file", "path": str(folder / "token")},
+                            {
+                                "type": "kubernetes",
+                                "name": "crash-token",
+                                "create": True,
+                                "authorization_key": "authorization",
+                            },
+                        ],
+                    }
+                ],
+                "metrics": {"enabled": False},
+                "kubernetes": {"kubeconfig": str(kube.write_kubeconfig(folder / "kubeconfig"))},
+            }
+        )
+    )
+    return config
+
+
+def _start(config: Path, log: Path) -> subprocess.Popen[bytes]:
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "refresher", "run", "-c", str(config), "--log-format", "json"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+
+
+def _file_tokens(folder: Path, issued: set[str], result: CrashResult) -> list[str]:
+    found = []
+    for name, parse in (
+        ("token", lambda text: text),
+        ("token.json", lambda text: json.loads(text)["access_token"]),
+    ):
+        path = folder / name
+        if not path.exists():
+            continue
+        text = path.read_text()
+        try:
+            value = parse(text)
+        except (ValueError, KeyError):
+            result.torn_or_empty_files += 1
+            result.problems.append(f"{name}: unparsable ({len(text)} bytes)")
+            continue
+        if not value:
+            result.torn_or_empty_files += 1
+            result.problems.append(f"{name}: empty")
+        elif value not in issued:
+            result.unknown_tokens += 1
+            result.problems.append(f"{name}: a token the IdP never issued")
+        found.append(value)
+    return found
+
+
+def _check_secret(kube: FakeKubeAPI, issued: set[str], result: CrashResult) -> None:
+    secret = kube.get_object("secrets", "default", "crash-token")
+    if secret is None:
+        return
+    data = {k: base64.b64decode(v).decode() for k, v in secret.get("data", {}).items()}
+    token = data.get("token", "")
+    consistent = (
+        token in issued
+        and data.get("authorization") == f"Bearer {token}"
+        and secret["metadata"]["annotations"].get("refresher.io/fingerprint") == fingerprint(token)
+    )
+    if not consistent:
+        result.inconsistent_secrets += 1
+        result.problems.append("secret keys disagree")
+
+
+def _kill_during_next_issue(
+    process: subprocess.Popen[bytes], idp: LocalIdP, rng: random.Random, timeout: float
+) -> bool:
+    """SIGKILL a random 0-3 ms after the IdP's next issuance. False if none came in time."""
+    before = len(idp.issued)
+    deadline = time.monotonic() + timeout
+    while len(idp.issued) == before:
+        if time.monotonic() > deadline or process.poll() is not None:
+            return False
+        time.sleep(0.0002)
+    time.sleep(rng.uniform(0, 0.003))
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    return True
+
+
+def run(kills: int, seed: int = 1) -> CrashResult:
+    rng = random.Random(seed)
+    result = CrashResult()
+    policy = SchedulePolicy(min_interval=0.1)
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        FakeKubeAPI() as kube,
+        LocalIdP("generic", lifetime=LIFETIME, clients={CLIENT_ID: CLIENT_SECRET}) as idp,
+    ):
+        folder = Path(tmp)
+        config = _config(folder, idp, kube)
+        log = folder / "refresher.log"
+        process = _start(config, log)
+        try:
+            while result.kills < kills:
+                if not _kill_during_next_issue(process, idp, rng, timeout=15):
+                    raise RuntimeError(
+                        f"no refresh within 15 s; log tail:\n{log.read_text()[-2000:]}"
+                    )
+                result.kills += 1
+                issued = {t.access_token for t in idp.issued}
+                values = _file_tokens(folder, issued, result)
+                if len(set(values)) > 1 or (values and values[0] != idp.issued[-1].access_token):
+                    result.kills_during_refresh += 1
+                _check_secret(kube, issued, result)
+
+                # Restart: nothing may be asked while the stored token is before its refresh
+                # point (the earliest the jitter allows).
+                requests_before = idp.token_requests
+                stored = min(
+                    (t for t in idp.issued if t.access_token in values),
+                    key=lambda t: t.expires_at,
+                    default=None,
+                )
+                process = _start(config, log)
+                if stored is not None:
+                    earliest = refresh_at(policy, stored.issued_at, stored.expires_at, 0.999)
+                    while time.time() < earliest - 0.05 and process.poll() is None:
+                        if idp.token_requests != requests_before:
+                            result.early_requests_after_restart += 1
+                            result.problems.append("asked the IdP while the stored token was fresh")
+                            break
+                        time.sleep(0.005)
+                result.leftover_temp_files = sum(
+                    1
+                    for p in folder.iterdir()
+                    if p.name.endswith(".tmp") and time.time() - p.stat().st_mtime > 60
+                )
+        finally:
+            process.kill()
+            process.wait()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.crash")
+    parser.add_argument("--kills", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args()
+    begun = time.monotonic()
+    result = run(args.kills, args.seed)
+    rows: list[tuple[str, Any]] = [
+        ("kill -9 rounds", result.kills),
+        (
+            "  of which mid-refresh (sinks disagreed or held the old token)",
+            result.kills_during_refresh,
+        ),
+        ("torn or empty files", result.torn_or_empty_files),
+        ("tokens the IdP never issued", result.unknown_tokens),
+        ("inconsistent Secrets", result.inconsistent_secrets),
+        (
+            "IdP requests on restart while the stored token was fresh",
+            result.early_requests_after_restart,
+        ),
+        ("abandoned temp files left after restarts", result.leftover_temp_files),
+        ("duration", f"{time.monotonic() - begun:.0f} s"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"{name.ljust(width)}  {value}")
+    for problem in result.problems[:20]:
+        print("  problem:", problem)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,231 @@
+"""One measurement in a fresh interpreter: `python -m bench.measure SECTION ARGS...`.
+
+Prints one JSON line of raw figures; `bench/__main__.py` turns them into tables.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from bench.__main__ import job, secret_file
+from bench.idp_process import CLIENT_ID, CLIENT_SECRET, idp_process
+from refresher import logs
+from refresher.config import Config, validate
+from refresher.daemon import Daemon, build_runners
+from refresher.idp import basic_authorization
+from refresher.metrics import Metrics
+from refresher.refresh import RefreshEvent
+from refresher.sinks.file import atomic_write, sync_dir
+
+
+def rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def quiet_logs() -> None:
+    """Logging as in production (JSON lines at INFO), into /dev/null."""
+    logs.configure("json", "info", open(os.devnull, "w"))  # noqa: SIM115 - lives as long as the process
+
+
+def window(sink: str, refreshes: int) -> dict[str, Any]:
+    quiet_logs()
+    windows: list[float] = []
+
+    def on_event(event: RefreshEvent) -> None:
+        if event.write_window is not None:
+            windows.append(event.write_window)
+
+    with idp_process("generic") as url, tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        secret = secret_file(folder)
+        settings: dict[str, Any] = {"metrics": {"enabled": False}}
+        kube_api = None
+        if sink == "file":
+            sinks: list[dict[str, Any]] = [{"type": "file", "path": str(folder / "token")}]
+        else:
+            sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+            from tests.kubeapi import FakeKubeAPI
+
+            kube_api = FakeKubeAPI().start()
+            settings["kubernetes"] = {
+                "kubeconfig": str(kube_api.write_kubeconfig(folder / "kubeconfig"))
+            }
+            sinks = [{"type": "kubernetes", "name": "bench-token", "create": True}]
+        config = validate({"tokens": [job("w", url, secret, sinks)], **settings})
+        (runner,) = build_runners(config, metrics=Metrics(), listeners=[on_event])
+        runner.step()  # reads the sink, fetches, creates the Secret
+        windows.clear()
+        requests_before = kube_api.write_count("secrets") if kube_api else 0
+        all_before = len(kube_api.requests) if kube_api else 0
+        for _ in range(refreshes):
+            runner.attempt()
+        per_refresh = 0.0
+        if kube_api is not None:
+            per_refresh = (len(kube_api.requests) - all_before) / refreshes
+            assert kube_api.write_count("secrets") - requests_before == refreshes
+            kube_api.stop()
+    return {"windows": windows, "api_requests_per_refresh": per_refresh}
+
+
+def overhead(cycles: int) -> dict[str, Any]:
+    quiet_logs()
+    with idp_process("generic") as url, tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        secret = secret_file(folder)
+        config = validate(
+            {
+                "tokens": [
+                    job("o", url, secret, [{"type": "file", "path": str(folder / "token")}])
+                ],
+                "metrics": {"enabled": False},
+            }
+        )
+        daemon = Daemon(config)
+        daemon.scheduler.start(paused=True)  # rescheduling is measured; nothing runs by itself
+        daemon._leading.set()
+        (runner,) = daemon.runners
+        runner.step()
+
+        session = requests.Session()
+        headers = {
+            "Authorization": basic_authorization(CLIENT_ID, CLIENT_SECRET, form_encode=True),
+            "Content-Type": "application/x-www-form-urlencoded",
+        }
+        bare_file = folder / "bare"
+
+        def bare() -> None:
+            answer = session.post(
+                url,
+                data={"grant_type": "client_credentials", "scope": "o"},
+                headers=headers,
+                timeout=10,
+            )
+            atomic_write(bare_file, answer.json()["access_token"].encode(), 0o600)
+            sync_dir(folder)
+
+        def cycle() -> None:
+            daemon._schedule(runner, runner.attempt())
+
+        samples: dict[str, list[tuple[float, float]]] = {"bare": [], "cycle": []}
+        for _ in range(10):  # warm both paths (connections, caches)
+            bare()
+            cycle()
+        for _ in range(cycles):
+            for name, action in (("bare", bare), ("cycle", cycle)):
+                wall, cpu = time.perf_counter(), time.process_time()
+                action()
+                samples[name].append((time.perf_counter() - wall, time.process_time() - cpu))
+        daemon.scheduler.shutdown(wait=False)
+    return {
+        f"{name}_{kind}": statistics.median(s[i] for s in values)
+        for name, values in samples.items()
+        for i, kind in enumerate(("wall", "cpu"))
+    }
+
+
+def _config(n: int, url: str, secret: Path, folder: Path, **extra: Any) -> Config:
+    return validate(
+        {
+            "tokens": [
+                job(
+                    f"job-{i}",
+                    url,
+                    secret,
+                    [{"type": "file", "path": str(folder / f"token-{i}")}],
+                    **extra,
+                )
+                for i in range(n)
+            ],
+            "metrics": {"enabled": False},
+        }
+    )
+
+
+def _wait_all_ready(daemon: Daemon, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not all(r.snapshot().ready for r in daemon.runners):
+        if time.monotonic() > deadline:
+            raise SystemExit("not every job got a token in time")
+        time.sleep(0.01)
+
+
+def scale(n: int, idle: float) -> dict[str, Any]:
+    quiet_logs()
+    with idp_process("generic", lifetime=3600) as url, tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        secret = secret_file(folder)
+        session = requests.Session()
+        headers = {"Authorization": basic_authorization(CLIENT_ID, CLIENT_SECRET, form_encode=True)}
+        rtts = []
+        for _ in range(30):
+            begun = time.perf_counter()
+            session.post(
+                url, data={"grant_type": "client_credentials", "scope": "x"}, headers=headers
+            )
+            rtts.append(time.perf_counter() - begun)
+        config = _config(n, url, secret, folder)
+        base_rss = rss_mb()
+        begun = time.perf_counter()
+        daemon = Daemon(config).start()
+        _wait_all_ready(daemon, timeout=600)
+        startup = time.perf_counter() - begun
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        cpu = time.process_time()
+        time.sleep(idle)
+        idle_cpu = (time.process_time() - cpu) / idle * 100
+        daemon.stop()
+
+    # Sustained: every token lives 2 s, so every job wants a refresh every ~1.3 s.
+    with idp_process("generic", lifetime=2) as url, tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        config = _config(n, url, secret_file(folder), folder, min_refresh_interval=0.1)
+        successes = 0
+
+        def count(event: RefreshEvent) -> None:
+            nonlocal successes
+            if event.outcome == "success":
+                successes += 1
+
+        daemon = Daemon(config, listeners=[count]).start()
+        time.sleep(3)
+        before, begun = successes, time.perf_counter()
+        time.sleep(10)
+        rate = (successes - before) / (time.perf_counter() - begun)
+        daemon.stop()
+    return {
+        "startup": startup,
+        "rtt": statistics.median(rtts),
+        "concurrency": config.settings.max_concurrent_refreshes,
+        "base_rss_mb": base_rss,
+        "peak_rss_mb": peak,
+        "idle_cpu_percent": idle_cpu,
+        "refreshes_per_second": rate,
+    }
+
+
+def main() -> None:
+    section, *args = sys.argv[1:]
+    if section == "window":
+        result = window(args[0], int(args[1]))
+    elif section == "overhead":
+        result = overhead(int(args[0]))
+    else:
+        result = scale(int(args[0]), float(args[1]))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

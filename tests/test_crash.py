@@ -1,0 +1,16 @@
+"""kill -9 during writes, 20 times (bench/crash.py runs any number and prints the table)."""
+
+from __future__ import annotations
+
+from bench.crash import run
+
+
+def test_kill_9_during_writes_never_leaves_a_torn_token_or_a_needless_request() -> None:
+    result = run(kills=20, seed=7)
+    assert result.kills == 20
+    assert result.kills_during_refresh >= 5, "the kills must land inside refreshes to mean anything"
+    assert result.problems == []
+    assert result.torn_or_empty_files == 0
+    assert result.unknown_tokens == 0
+    assert result.inconsistent_secrets == 0
+    assert result.early_requests_after_restart == 0
