@@ -121,7 +121,7 @@ def run_once(config: Config, metrics: Metrics) -> list[JobRunner]:
     """One pass: every job reads its sinks and refreshes only if due. Returns the runners."""
     from refresher.daemon import build_runners
 
-    runners = build_runners(config, metrics=metrics)
+    runners = build_runners(config)
     metrics.bind_jobs(lambda: [runner.snapshot() for runner in runners])
 
     def one(runner: JobRunner) -> None:

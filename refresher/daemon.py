@@ -46,7 +46,6 @@ Clock = Callable[[], float]
 def build_runners(
     config: Config,
     *,
-    metrics: Metrics,
     session: requests.Session | None = None,
     clock: Clock = time.time,
     listeners: Sequence[Listener] = (),
@@ -63,9 +62,8 @@ def build_runners(
             job,
             [sinks.build(sink, job=job.name) for sink in job.sinks],
             idp,
-            metrics=metrics,
             clock=clock,
-            rng=random.Random(rng.random()),
+            rng=rng,  # one generator for all: each holds ~2.5 KB of state
             listeners=listeners,
             may_fetch=may_fetch,
             rate_limit=limits.for_url(job.token_url or str(job.credentials_file)),
@@ -92,14 +90,13 @@ class Daemon:
         self._leading = threading.Event()
         self.runners = build_runners(
             config,
-            metrics=self.metrics,
             session=session,
             clock=clock,
             listeners=listeners,
             sinks=self.sinks,
             may_fetch=self._leading.is_set,
         )
-        self.metrics.bind_jobs(self.snapshots)
+        self.metrics.bind_jobs(self.snapshots, state_visible=self._leading.is_set)
         self.scheduler = BackgroundScheduler(
             timezone=UTC,
             executors={"default": ThreadPoolExecutor(config.settings.max_concurrent_refreshes)},

@@ -1,20 +1,30 @@
 """Prometheus metrics (prefix `refresher_`, label `token` = the job's name).
 
-Events (attempts, failures, sink writes, durations) are counted as they happen. Values that
-depend on time (expiry, seconds left, next refresh) are computed at scrape time from the
-jobs' state by a custom collector, so `refresher_token_ttl_seconds` falls between refreshes
-and goes negative once a token has expired, with no background thread updating gauges.
-No label carries a token, a secret or an unbounded value.
+Every per-job series is produced at scrape time by one custom collector, from the jobs' own
+state: time-dependent values (expiry, seconds left, next refresh) are computed then, so
+`refresher_token_ttl_seconds` falls between refreshes and goes negative once a token has
+expired; counts and histograms are plain numbers in each job's `JobStats`. (prometheus_client's
+labelled children hold one locked value object per series and bucket, about 17 KB per job;
+plain numbers keep 10,000 jobs within a small pod.) No label carries a token, a secret or an
+unbounded value.
 """
 
 from __future__ import annotations
 
+import bisect
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from refresher import __version__
@@ -22,8 +32,68 @@ from refresher.errors import Reason
 
 Clock = Callable[[], float]
 
-_REFRESH_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-_WRITE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+REFRESH_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+WRITE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+REASONS = tuple(reason.value for reason in Reason)
+
+
+class Buckets:
+    """One histogram's state: counts per bucket (`le` semantics), sum, and count."""
+
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        running = 0
+        buckets: list[tuple[str, float]] = []
+        for bound, count in zip((*map(str, self.bounds), "+Inf"), self.counts, strict=True):
+            running += count
+            buckets.append((bound, running))
+        return buckets
+
+
+@dataclass
+class JobStats:
+    """What one job has done so far; written by the job's runner, read by scrapes."""
+
+    sinks: tuple[str, ...] = ()
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    attempts: dict[str, int] = field(default_factory=lambda: {"success": 0, "failure": 0})
+    failures: dict[str, int] = field(default_factory=dict)
+    sink_writes: dict[tuple[str, str], int] = field(default_factory=dict)
+    refresh_duration: Buckets = field(default_factory=lambda: Buckets(REFRESH_BUCKETS))
+    write_window: Buckets = field(default_factory=lambda: Buckets(WRITE_BUCKETS))
+    sink_write_duration: dict[str, Buckets] = field(default_factory=dict)
+
+    def record_attempt(self, outcome: str, reason: str | None = None) -> None:
+        with self.lock:
+            self.attempts[outcome] += 1
+            if reason is not None:
+                self.failures[reason] = self.failures.get(reason, 0) + 1
+
+    def record_refresh_duration(self, seconds: float) -> None:
+        with self.lock:
+            self.refresh_duration.observe(seconds)
+
+    def record_write_window(self, seconds: float) -> None:
+        with self.lock:
+            self.write_window.observe(seconds)
+
+    def record_sink_write(self, sink: str, seconds: float, outcome: str) -> None:
+        with self.lock:
+            self.sink_writes[sink, outcome] = self.sink_writes.get((sink, outcome), 0) + 1
+            buckets = self.sink_write_duration.get(sink)
+            if buckets is None:
+                buckets = self.sink_write_duration[sink] = Buckets(WRITE_BUCKETS)
+            buckets.observe(seconds)
 
 
 @dataclass(frozen=True)
@@ -37,52 +107,120 @@ class JobSnapshot:
     consecutive_failures: int
     last_error: str | None  # the classified reason of the last failure
     ready: bool  # holds a valid token, written to every sink
+    stats: JobStats = field(default_factory=JobStats)
 
 
-class _JobStateCollector(Collector):
-    def __init__(self, source: Callable[[], Iterable[JobSnapshot]], clock: Clock) -> None:
+def _families() -> dict[str, Any]:  # each value a *MetricFamily with its own add_metric
+    return {
+        "attempts": CounterMetricFamily(
+            "refresher_refresh_attempts",
+            "Refresh attempts by outcome.",
+            labels=["token", "outcome"],
+        ),
+        "failures": CounterMetricFamily(
+            "refresher_refresh_failures",
+            "Failed refresh attempts by reason.",
+            labels=["token", "reason"],
+        ),
+        "sink_writes": CounterMetricFamily(
+            "refresher_sink_writes",
+            "Token writes to sinks by outcome.",
+            labels=["token", "sink", "outcome"],
+        ),
+        "refresh_duration": HistogramMetricFamily(
+            "refresher_refresh_duration_seconds",
+            "Round trip to the IdP for one token request.",
+            labels=["token"],
+        ),
+        "sink_write_duration": HistogramMetricFamily(
+            "refresher_sink_write_duration_seconds",
+            "Time to write a token to one sink.",
+            labels=["token", "sink"],
+        ),
+        "write_window": HistogramMetricFamily(
+            "refresher_write_window_seconds",
+            "From the IdP's answer to the last sink written: how long consumers of an "
+            "invalidate-on-reissue IdP may hold a revoked token.",
+            labels=["token"],
+        ),
+        "expiry": GaugeMetricFamily(
+            "refresher_token_expiry_timestamp_seconds",
+            "When the token the job holds expires (Unix time).",
+            labels=["token"],
+        ),
+        "ttl": GaugeMetricFamily(
+            "refresher_token_ttl_seconds",
+            "Seconds until the held token expires; negative once it has expired.",
+            labels=["token"],
+        ),
+        "next": GaugeMetricFamily(
+            "refresher_next_refresh_timestamp_seconds",
+            "When the next refresh (or retry) of the job is scheduled (Unix time).",
+            labels=["token"],
+        ),
+        "success": GaugeMetricFamily(
+            "refresher_last_success_timestamp_seconds",
+            "When the job last wrote a new token to every sink (Unix time).",
+            labels=["token"],
+        ),
+        "consecutive": GaugeMetricFamily(
+            "refresher_consecutive_failures",
+            "Failed attempts since the last success.",
+            labels=["token"],
+        ),
+    }
+
+
+class _JobCollector(Collector):
+    def __init__(
+        self,
+        source: Callable[[], Iterable[JobSnapshot]],
+        clock: Clock,
+        state_visible: Callable[[], bool],
+    ) -> None:
         self._source = source
         self._clock = clock
+        self._state_visible = state_visible
 
     def collect(self) -> Iterator[Metric]:
         now = self._clock()
-        families = {
-            "expiry": GaugeMetricFamily(
-                "refresher_token_expiry_timestamp_seconds",
-                "When the token the job holds expires (Unix time).",
-                labels=["token"],
-            ),
-            "ttl": GaugeMetricFamily(
-                "refresher_token_ttl_seconds",
-                "Seconds until the held token expires; negative once it has expired.",
-                labels=["token"],
-            ),
-            "next": GaugeMetricFamily(
-                "refresher_next_refresh_timestamp_seconds",
-                "When the next refresh (or retry) of the job is scheduled (Unix time).",
-                labels=["token"],
-            ),
-            "success": GaugeMetricFamily(
-                "refresher_last_success_timestamp_seconds",
-                "When the job last wrote a new token to every sink (Unix time).",
-                labels=["token"],
-            ),
-            "failures": GaugeMetricFamily(
-                "refresher_consecutive_failures",
-                "Failed attempts since the last success.",
-                labels=["token"],
-            ),
-        }
+        # A follower's view of the tokens goes stale while the leader refreshes them; it
+        # exports only what it did itself.
+        state = self._state_visible()
+        f = _families()
         for job in self._source():
+            token = [job.name]
+            with job.stats.lock:
+                s = job.stats
+                for outcome, count in s.attempts.items():
+                    f["attempts"].add_metric([job.name, outcome], count)
+                for reason in REASONS:
+                    f["failures"].add_metric([job.name, reason], s.failures.get(reason, 0))
+                for sink in s.sinks:
+                    for outcome in ("success", "failure"):
+                        f["sink_writes"].add_metric(
+                            [job.name, sink, outcome], s.sink_writes.get((sink, outcome), 0)
+                        )
+                for name, buckets, labels in (
+                    ("refresh_duration", s.refresh_duration, token),
+                    ("write_window", s.write_window, token),
+                    *(
+                        ("sink_write_duration", b, [job.name, sink])
+                        for sink, b in s.sink_write_duration.items()
+                    ),
+                ):
+                    f[name].add_metric(labels, buckets.cumulative(), sum_value=buckets.total)
+            if not state:
+                continue
             if job.expires_at is not None:
-                families["expiry"].add_metric([job.name], job.expires_at)
-                families["ttl"].add_metric([job.name], job.expires_at - now)
+                f["expiry"].add_metric(token, job.expires_at)
+                f["ttl"].add_metric(token, job.expires_at - now)
             if job.next_attempt_at is not None:
-                families["next"].add_metric([job.name], job.next_attempt_at)
+                f["next"].add_metric(token, job.next_attempt_at)
             if job.last_success_at is not None:
-                families["success"].add_metric([job.name], job.last_success_at)
-            families["failures"].add_metric([job.name], job.consecutive_failures)
-        yield from families.values()
+                f["success"].add_metric(token, job.last_success_at)
+            f["consecutive"].add_metric(token, job.consecutive_failures)
+        yield from f.values()
 
 
 class Metrics:
@@ -91,66 +229,21 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None, clock: Clock = time.time) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.clock = clock
-        r = self.registry
-        self.attempts = Counter(
-            "refresher_refresh_attempts",
-            "Refresh attempts by outcome.",
-            ["token", "outcome"],
-            registry=r,
-        )
-        self.failures = Counter(
-            "refresher_refresh_failures",
-            "Failed refresh attempts by reason.",
-            ["token", "reason"],
-            registry=r,
-        )
-        self.refresh_duration = Histogram(
-            "refresher_refresh_duration_seconds",
-            "Round trip to the IdP for one token request.",
-            ["token"],
-            buckets=_REFRESH_BUCKETS,
-            registry=r,
-        )
-        self.sink_writes = Counter(
-            "refresher_sink_writes",
-            "Token writes to sinks by outcome.",
-            ["token", "sink", "outcome"],
-            registry=r,
-        )
-        self.sink_write_duration = Histogram(
-            "refresher_sink_write_duration_seconds",
-            "Time to write a token to one sink.",
-            ["token", "sink"],
-            buckets=_WRITE_BUCKETS,
-            registry=r,
-        )
-        self.write_window = Histogram(
-            "refresher_write_window_seconds",
-            "From the IdP's answer to the last sink written: how long consumers of an "
-            "invalidate-on-reissue IdP may hold a revoked token.",
-            ["token"],
-            buckets=_WRITE_BUCKETS,
-            registry=r,
-        )
         self.leader = Gauge(
             "refresher_leader",
             "1 when this replica refreshes tokens, 0 when it follows.",
-            registry=r,
+            registry=self.registry,
         )
         self.leader.set(1)
-        build_info = Gauge("refresher_build_info", "The running version.", ["version"], registry=r)
+        build_info = Gauge(
+            "refresher_build_info", "The running version.", ["version"], registry=self.registry
+        )
         build_info.labels(version=__version__).set(1)
 
-    def bind_jobs(self, source: Callable[[], Iterable[JobSnapshot]]) -> None:
-        """Serve the time-dependent gauges from `source`, called at every scrape."""
-        self.registry.register(_JobStateCollector(source, self.clock))
-
-    def add_job(self, name: str, sinks: Iterable[str]) -> None:
-        """Create every series of a job at zero, so rates and alerts work from the start."""
-        for outcome in ("success", "failure"):
-            self.attempts.labels(token=name, outcome=outcome)
-        for reason in Reason:
-            self.failures.labels(token=name, reason=reason.value)
-        for sink in sinks:
-            for outcome in ("success", "failure"):
-                self.sink_writes.labels(token=name, sink=sink, outcome=outcome)
+    def bind_jobs(
+        self,
+        source: Callable[[], Iterable[JobSnapshot]],
+        state_visible: Callable[[], bool] = lambda: True,
+    ) -> None:
+        """Serve every per-job series from `source`, called at every scrape."""
+        self.registry.register(_JobCollector(source, self.clock, state_visible))

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from refresher.config import TokenJobConfig
 from refresher.errors import Reason, RefreshError
 from refresher.idp import IdPClient
-from refresher.metrics import JobSnapshot, Metrics
+from refresher.metrics import JobSnapshot, JobStats
 from refresher.ratelimit import TokenBucket
 from refresher.schedule import refresh_at, retry_delay
 from refresher.sinks import Sink
@@ -67,7 +67,6 @@ class JobRunner:
         sinks: Sequence[Sink],
         idp: IdPClient,
         *,
-        metrics: Metrics,
         clock: Clock = time.time,
         rng: random.Random | None = None,
         listeners: Sequence[Listener] = (),
@@ -80,7 +79,6 @@ class JobRunner:
         self.may_fetch = may_fetch
         self.sinks = list(sinks)
         self.idp = idp
-        self.metrics = metrics
         self.clock = clock
         self.rng = rng or random.Random()
         self.listeners = list(listeners)
@@ -95,7 +93,7 @@ class JobRunner:
         self.last_error: RefreshError | None = None
         self.last_success_at: float | None = None
         self._jitter = self.rng.random()  # one draw per token, so the plan is stable
-        metrics.add_job(job.name, [sink.name for sink in self.sinks])
+        self.stats = JobStats(sinks=tuple(sink.name for sink in self.sinks))
 
     # ------------------------------------------------------------------------ public API
 
@@ -164,6 +162,7 @@ class JobRunner:
                 consecutive_failures=self.failures,
                 last_error=self.last_error.reason.value if self.last_error else None,
                 ready=token is not None and token.is_valid(now) and not self.pending,
+                stats=self.stats,
             )
 
     # -------------------------------------------------------------------------- internals
@@ -188,7 +187,7 @@ class JobRunner:
             token = self.idp.fetch(self.job, self.job.credentials())
         except RefreshError as err:
             duration = time.perf_counter() - started
-            self.metrics.refresh_duration.labels(token=self.job.name).observe(duration)
+            self.stats.record_refresh_duration(duration)
             return self._failed(err, now, duration, None)
         except Exception as err:  # a bug must not stop the daemon; classify and retry
             log.exception("unexpected error during refresh", extra={"token": self.job.name})
@@ -196,7 +195,7 @@ class JobRunner:
             return self._failed(error, now, time.perf_counter() - started, None)
         answered = time.perf_counter()
         duration = answered - started
-        self.metrics.refresh_duration.labels(token=self.job.name).observe(duration)
+        self.stats.record_refresh_duration(duration)
         with self._lock:
             self.token = token
             self.pending = list(self.sinks)
@@ -207,7 +206,7 @@ class JobRunner:
         results = self._write(token)
         window = time.perf_counter() - answered
         write_error = self._settle(token, results)
-        self.metrics.write_window.labels(token=self.job.name).observe(window)
+        self.stats.record_write_window(window)
         if write_error is not None:
             return self._failed(write_error, self.clock(), duration, window)
         return self._succeeded(token, duration, window)
@@ -238,10 +237,8 @@ class JobRunner:
     def _settle(self, token: Token, results: list[SinkWrite]) -> RefreshError | None:
         """Count the writes, let written sinks finish their work; return the first error."""
         for result in results:
-            labels = {"token": self.job.name, "sink": result.sink.name}
             outcome = "failure" if result.error else "success"
-            self.metrics.sink_write_duration.labels(**labels).observe(result.duration)
-            self.metrics.sink_writes.labels(**labels, outcome=outcome).inc()
+            self.stats.record_sink_write(result.sink.name, result.duration, outcome)
             if result.error is None:
                 result.sink.settle(token)
         return next((result.error for result in results if result.error), None)
@@ -252,7 +249,7 @@ class JobRunner:
             self.failures = 0
             self.last_error = None
             self.last_success_at = now
-        self.metrics.attempts.labels(token=self.job.name, outcome="success").inc()
+        self.stats.record_attempt("success")
         at = self._plan(now)
         self._emit("success", None, None, token, at, duration, window)
         return at
@@ -263,8 +260,7 @@ class JobRunner:
         with self._lock:
             self.failures += 1
             self.last_error = error
-        self.metrics.attempts.labels(token=self.job.name, outcome="failure").inc()
-        self.metrics.failures.labels(token=self.job.name, reason=error.reason.value).inc()
+        self.stats.record_attempt("failure", error.reason.value)
         expires_at = self.token.expires_at if self.token else None
         delay = retry_delay(
             self.policy, self.failures, now, expires_at, error.retry_after, self.rng.random()

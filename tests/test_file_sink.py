@@ -147,8 +147,8 @@ def test_readers_never_see_a_torn_or_empty_file(tmp_path: Path) -> None:
 
 
 def test_abandoned_temp_files_are_removed_on_read_but_not_live_ones(tmp_path: Path) -> None:
+    store(sink(tmp_path / "token"), token())
     target = sink(tmp_path / "token")
-    store(target, token())
     abandoned = tmp_path / ".token.abc123.tmp"
     live = tmp_path / ".token.def456.tmp"
     for path in (abandoned, live):

@@ -43,9 +43,7 @@ def test_no_secret_or_token_appears_anywhere(
 
     # 1. Real runners through success, every IdP fault, and a sink failure, one attempt each.
     idp = make_idp("lucidworks", lifetime=60)
-    (runner,) = build_runners(
-        config_of(job_for(idp, secret_file, tmp_path / "token")), metrics=metrics
-    )
+    (runner,) = build_runners(config_of(job_for(idp, secret_file, tmp_path / "token")))
     runner.step()
     for fault in Fault:
         if fault is not Fault.SLOW:
@@ -57,7 +55,8 @@ def test_no_secret_or_token_appears_anywhere(
     sink_job = job_for(
         idp, secret_file, blocked / "token", name="blocked", scopes=["machinelearning.model"]
     )
-    (blocked_runner,) = build_runners(config_of(sink_job), metrics=metrics)
+    (blocked_runner,) = build_runners(config_of(sink_job))
+    metrics.bind_jobs(lambda: [runner.snapshot(), blocked_runner.snapshot()])
     blocked_runner.step()
     exceptions.append(str(blocked_runner.last_error))
     # ...and the daemon, for its own log lines.

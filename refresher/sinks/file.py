@@ -14,6 +14,7 @@ import logging
 import os
 import shlex
 import tempfile
+import threading
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,6 +27,8 @@ from refresher.tokens import Token, fingerprint, stored_times
 log = logging.getLogger(__name__)
 
 ABANDONED_AFTER = 60.0  # seconds; see FileSink._remove_abandoned_temp_files
+_swept_folders: set[Path] = set()
+_swept_lock = threading.Lock()
 
 
 def atomic_write(path: Path, data: bytes, mode: int, *, durable: bool = True) -> None:
@@ -170,12 +173,20 @@ class FileSink:
     def _remove_abandoned_temp_files(self, now: float) -> None:
         """A process killed between creating a temp file and renaming it leaves the file
         behind. A write takes milliseconds, so one older than a minute is abandoned (younger
-        ones may be a live write by another process, e.g. while `refresher status` runs)."""
-        for pattern in (f".{self.path.name}.*.tmp", f".{self.meta_path.name}.*.tmp"):
-            for temp in self.path.parent.glob(pattern):
-                with contextlib.suppress(OSError):
-                    if now - temp.stat().st_mtime > ABANDONED_AFTER:
-                        temp.unlink()
+        ones may be a live write by another process, e.g. while `refresher status` runs).
+        Each folder is swept once per process: with thousands of tokens in one folder, a
+        sweep per token would cost a directory listing per token."""
+        folder = self.path.parent
+        with _swept_lock:
+            if folder in _swept_folders:
+                return
+            _swept_folders.add(folder)
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(folder):
+                if entry.name.startswith(".") and entry.name.endswith(".tmp"):
+                    with contextlib.suppress(OSError):
+                        if now - entry.stat().st_mtime > ABANDONED_AFTER:
+                            os.unlink(entry.path)
 
     def _with_times(
         self,
