@@ -27,8 +27,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 ROOT = Path(__file__).parent.parent
-RULES = ROOT / "alerts" / "refresher-rules.yaml"
-RULE_TESTS = ROOT / "alerts" / "refresher-rules.test.yaml"
+# One source: the Helm chart ships this file as its PrometheusRule (Helm reads only files
+# inside the chart).
+RULES = ROOT / "helm" / "refresher" / "files" / "refresher-rules.yaml"
+RULE_TESTS = RULES.with_name("refresher-rules.test.yaml")
 INSTALL_HINT = (
     "install it with `bash .ci/install-prometheus` (as root or with sudo; Debian packages)"
 )

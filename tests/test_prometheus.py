@@ -1,6 +1,6 @@
 """The metrics and alert rules against real Prometheus parts, all on loopback.
 
-- `promtool` checks `alerts/refresher-rules.yaml` and runs its unit tests;
+- `promtool` checks `helm/refresher/files/refresher-rules.yaml` and runs its unit tests;
 - a real Prometheus scrapes a running daemon every second, with tokens that live 3 s, and
   evaluates the alert rules; its HTTP API then shows what it stored;
 - `refresher once --pushgateway` pushes to a real Pushgateway, read back from its /metrics.

@@ -1,0 +1,295 @@
+{{/* ------------------------------------------------------------------ names and labels */}}
+
+{{- define "refresher.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "refresher.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "refresher.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "refresher.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "refresher.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "refresher.labels" -}}
+helm.sh/chart: {{ include "refresher.chart" . }}
+{{ include "refresher.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{- define "refresher.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "refresher.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "refresher.image" -}}
+{{- $tag := default .Chart.AppVersion .Values.image.tag -}}
+{{- if .Values.image.digest -}}
+{{- printf "%s:%s@%s" .Values.image.repository $tag .Values.image.digest -}}
+{{- else -}}
+{{- printf "%s:%s" .Values.image.repository $tag -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "refresher.credentialsSecretName" -}}
+{{- if .Values.credentials.existingSecret -}}
+{{- .Values.credentials.existingSecret -}}
+{{- else if .Values.credentials.create -}}
+{{- printf "%s-credentials" (include "refresher.fullname" .) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* ------------------------------------------------------------------ the effective config
+
+The user's `config` with the chart's overlays, as YAML:
+- metrics: enabled, on metrics.bind and metrics.port (what the Service and the probes use);
+- every `type: kubernetes` sink gets the release namespace unless it names one;
+- deployment mode: leader election is on when replicaCount > 1 (or when the config turns it
+  on), with a Lease named after the release in the release namespace unless the config names
+  them; other modes: no leader election (a CronJob with concurrencyPolicy Forbid, or one
+  sidecar per pod, is the only writer).
+*/}}
+{{- define "refresher.configData" -}}
+{{- $config := deepCopy (.Values.config | default dict) -}}
+{{- $namespace := .Release.Namespace -}}
+{{- range $job := (get $config "tokens" | default list) -}}
+{{- if kindIs "map" $job -}}
+{{- range $sink := (get $job "sinks" | default list) -}}
+{{- if and (kindIs "map" $sink) (eq (toString (get $sink "type")) "kubernetes") (empty (get $sink "namespace")) -}}
+{{- $_ := set $sink "namespace" $namespace -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- $_ := set $config "metrics" (dict "enabled" true "bind" .Values.metrics.bind "port" (int .Values.metrics.port)) -}}
+{{- if eq .Values.mode "deployment" -}}
+{{- $election := get $config "leader_election" | default dict -}}
+{{- if or (gt (int .Values.replicaCount) 1) (get $election "enabled") -}}
+{{- $_ := set $election "enabled" true -}}
+{{- if empty (get $election "name") -}}
+{{- $_ := set $election "name" (include "refresher.fullname" .) -}}
+{{- end -}}
+{{- if empty (get $election "namespace") -}}
+{{- $_ := set $election "namespace" $namespace -}}
+{{- end -}}
+{{- $_ := set $config "leader_election" $election -}}
+{{- else -}}
+{{- $_ := unset $config "leader_election" -}}
+{{- end -}}
+{{- else -}}
+{{- $_ := unset $config "leader_election" -}}
+{{- end -}}
+{{- toYaml $config -}}
+{{- end -}}
+
+{{/* ------------------------------------------------------------------ what Kubernetes access the config needs
+
+A YAML map:
+  namespaces:            one entry per namespace the refresher touches
+    <namespace>:
+      secrets: [names]   target Secrets (get, patch)
+      createSecrets: b   a sink there says `create: true` (create on secrets: RBAC cannot limit it by name)
+      leases: [names]    the Lease (get, patch)
+      createLeases: b    the chart does not create the Lease (create on leases)
+  precreate: [{name, namespace, type}]  target Secrets the chart may create
+  lease: {name, namespace} or absent
+*/}}
+{{- define "refresher.kubePlan" -}}
+{{- $config := include "refresher.configData" . | fromYaml -}}
+{{- $namespaces := dict -}}
+{{- $precreate := list -}}
+{{- range $job := ($config.tokens | default list) -}}
+{{- range $sink := ($job.sinks | default list) -}}
+{{- if eq (toString $sink.type) "kubernetes" -}}
+{{- $entry := get $namespaces $sink.namespace | default (dict "secrets" (list) "createSecrets" false "leases" (list) "createLeases" false) -}}
+{{- $_ := set $entry "secrets" (append $entry.secrets $sink.name | uniq) -}}
+{{- if $sink.create -}}
+{{- $_ := set $entry "createSecrets" true -}}
+{{- end -}}
+{{- $_ := set $namespaces $sink.namespace $entry -}}
+{{- $precreate = append $precreate (dict "name" $sink.name "namespace" $sink.namespace "type" (default "Opaque" $sink.secret_type)) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- $plan := dict "namespaces" $namespaces "precreate" $precreate -}}
+{{- $election := $config.leader_election | default dict -}}
+{{- if $election.enabled -}}
+{{- $entry := get $namespaces $election.namespace | default (dict "secrets" (list) "createSecrets" false "leases" (list) "createLeases" false) -}}
+{{- $_ := set $entry "leases" (append $entry.leases $election.name | uniq) -}}
+{{- if not $.Values.leaderElection.createLease -}}
+{{- $_ := set $entry "createLeases" true -}}
+{{- end -}}
+{{- $_ := set $namespaces $election.namespace $entry -}}
+{{- $_ := set $plan "lease" (dict "name" $election.name "namespace" $election.namespace) -}}
+{{- end -}}
+{{- toYaml $plan -}}
+{{- end -}}
+
+{{/* Whether the pod talks to the API server at all: "true" or "". */}}
+{{- define "refresher.usesKubernetes" -}}
+{{- $plan := include "refresher.kubePlan" . | fromYaml -}}
+{{- if $plan.namespaces -}}true{{- end -}}
+{{- end -}}
+
+{{/* ------------------------------------------------------------------ the pod */}}
+
+{{- define "refresher.podTemplate" -}}
+{{- $usesKube := include "refresher.usesKubernetes" . -}}
+metadata:
+  labels:
+    {{- include "refresher.labels" . | nindent 4 }}
+    {{- with .Values.podLabels }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  annotations:
+    checksum/config: {{ include "refresher.configData" . | sha256sum }}
+    {{- with .Values.podAnnotations }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+spec:
+  serviceAccountName: {{ include "refresher.serviceAccountName" . }}
+  automountServiceAccountToken: {{ ternary "true" "false" (eq $usesKube "true") }}
+  enableServiceLinks: false
+  {{- if eq .Values.mode "cronjob" }}
+  restartPolicy: Never
+  {{- end }}
+  terminationGracePeriodSeconds: {{ .Values.terminationGracePeriodSeconds }}
+  {{- with .Values.priorityClassName }}
+  priorityClassName: {{ . }}
+  {{- end }}
+  {{- with .Values.imagePullSecrets }}
+  imagePullSecrets:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  securityContext:
+    {{- toYaml .Values.podSecurityContext | nindent 4 }}
+  containers:
+    - name: refresher
+      image: {{ include "refresher.image" . | quote }}
+      imagePullPolicy: {{ .Values.image.pullPolicy }}
+      args:
+        {{- if eq .Values.mode "cronjob" }}
+        - once
+        {{- else }}
+        - run
+        {{- end }}
+        - --config
+        - /etc/refresher/config.yaml
+        - --log-format
+        - {{ .Values.logFormat }}
+        - --log-level
+        - {{ .Values.logLevel }}
+        {{- if and (eq .Values.mode "cronjob") .Values.cronjob.pushgateway }}
+        - --pushgateway
+        - {{ .Values.cronjob.pushgateway | quote }}
+        {{- end }}
+      env:
+        # The Lease identity (leader election) and the log's pod name.
+        - name: POD_NAME
+          valueFrom:
+            fieldRef:
+              fieldPath: metadata.name
+        {{- with .Values.extraEnv }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+      {{- if eq .Values.mode "deployment" }}
+      ports:
+        - name: metrics
+          containerPort: {{ .Values.metrics.port }}
+          protocol: TCP
+      {{- with .Values.livenessProbe }}
+      livenessProbe:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      {{- with .Values.readinessProbe }}
+      readinessProbe:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      {{- end }}
+      securityContext:
+        {{- toYaml .Values.securityContext | nindent 8 }}
+      {{- with .Values.resources }}
+      resources:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      volumeMounts:
+        - name: config
+          mountPath: /etc/refresher/config.yaml
+          subPath: config.yaml
+          readOnly: true
+        {{- if include "refresher.credentialsSecretName" . }}
+        - name: credentials
+          mountPath: {{ .Values.credentials.mountPath }}
+          readOnly: true
+        {{- end }}
+        - name: tmp
+          mountPath: /tmp
+        {{- with .Values.extraVolumeMounts }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+  volumes:
+    - name: config
+      configMap:
+        name: {{ include "refresher.fullname" . }}
+    {{- with include "refresher.credentialsSecretName" . }}
+    - name: credentials
+      secret:
+        secretName: {{ . }}
+        defaultMode: 0440
+    {{- end }}
+    - name: tmp
+      emptyDir:
+        medium: Memory
+        sizeLimit: {{ .Values.tmp.sizeLimit }}
+    {{- with .Values.extraVolumes }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  {{- with .Values.nodeSelector }}
+  nodeSelector:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with .Values.tolerations }}
+  tolerations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- if .Values.affinity }}
+  affinity:
+    {{- toYaml .Values.affinity | nindent 4 }}
+  {{- else if and (eq .Values.mode "deployment") (gt (int .Values.replicaCount) 1) }}
+  affinity:
+    podAntiAffinity:
+      preferredDuringSchedulingIgnoredDuringExecution:
+        - weight: 100
+          podAffinityTerm:
+            topologyKey: kubernetes.io/hostname
+            labelSelector:
+              matchLabels:
+                {{- include "refresher.selectorLabels" . | nindent 16 }}
+  {{- end }}
+  {{- with .Values.topologySpreadConstraints }}
+  topologySpreadConstraints:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+{{- end -}}

