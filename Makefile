@@ -18,8 +18,8 @@ test: $(BIN)/refresher  ## the test suite
 	$(BIN)/pytest
 
 lint: $(BIN)/refresher  ## ruff and mypy
-	$(BIN)/ruff check refresher tests
-	$(BIN)/ruff format --check refresher tests
+	$(BIN)/ruff check refresher tests bench
+	$(BIN)/ruff format --check refresher tests bench
 	$(BIN)/mypy refresher
 
 check: lint test

@@ -75,6 +75,13 @@ def _parse_mode(value: Any) -> Any:
 
 FileMode = Annotated[int, BeforeValidator(_parse_mode)]
 
+
+def _no_nul(value: Any) -> Any:
+    if isinstance(value, str) and "\x00" in value:
+        raise ValueError("a path cannot contain a NUL character")
+    return value
+
+
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
 
 
@@ -106,7 +113,7 @@ def _literal_to_source(value: Any) -> Any:
 
 class FileSinkConfig(_Strict):
     type: Literal["file"]
-    path: Path
+    path: Annotated[Path, BeforeValidator(_no_nul)]
     # raw: the token alone; json: token with type, expiry, scope; env: KEY=value lines;
     # header: `Authorization: Bearer <token>`.
     format: Literal["raw", "json", "env", "header"] = "raw"
@@ -325,7 +332,11 @@ def _is_loopback(host: str) -> bool:
 
 
 def _url_problem(url: str, allow_insecure_http: bool) -> str | None:
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in range
+    except ValueError:
+        return "not a valid URL"
     if parts.scheme not in ("https", "http") or not parts.hostname:
         return "expected an https:// URL"
     if parts.scheme == "http" and not (allow_insecure_http or _is_loopback(parts.hostname)):
@@ -469,8 +480,17 @@ def validate(data: Any) -> Config:
 _ENV_REF = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
-def _walk(value: Any, path: str) -> Iterator[tuple[str, Any, Any, Any]]:
-    """Yield (path, container, key, value) for every string in a parsed YAML document."""
+def _walk(
+    value: Any, path: str, seen: set[int] | None = None
+) -> Iterator[tuple[str, Any, Any, Any]]:
+    """Yield (path, container, key, value) for every string in a parsed YAML document.
+
+    YAML aliases make containers shared, or even cyclic (`a: &x [*x]`): each container is
+    visited once, so an alias bomb costs its size, not its expansion."""
+    seen = set() if seen is None else seen
+    if id(value) in seen:
+        return
+    seen.add(id(value))
     items = (
         value.items()
         if isinstance(value, dict)
@@ -485,7 +505,7 @@ def _walk(value: Any, path: str) -> Iterator[tuple[str, Any, Any, Any]]:
         if isinstance(item, str):
             yield item_path, value, key, item
         else:
-            yield from _walk(item, item_path)
+            yield from _walk(item, item_path, seen)
 
 
 def expand_env(data: Any, environ: dict[str, str] | None = None) -> tuple[Any, list[str]]:
@@ -529,11 +549,17 @@ def load_config_text(
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(err, "problem", None) or "invalid YAML"
         raise ConfigError([f"{source}: {problem}{where}"]) from None
-    data, problems = expand_env(data, environ)
+    except (RecursionError, ValueError, IndexError, KeyError, AttributeError, TypeError) as err:
+        # PyYAML's constructors raise these for nesting too deep, `!!int` without a value,
+        # impossible timestamps, integers of thousands of digits. Their text may quote input.
+        raise ConfigError([f"{source}: not readable as YAML ({type(err).__name__})"]) from None
     try:
+        data, problems = expand_env(data, environ)
         config = validate(data)
     except ConfigError as err:
         raise ConfigError(problems + err.problems) from None
+    except RecursionError:
+        raise ConfigError([f"{source}: nested too deeply (or an alias refers to itself)"]) from None
     if problems:
         raise ConfigError(problems)
     return config

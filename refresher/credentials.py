@@ -38,7 +38,10 @@ class CredentialRef:
         if self.value is not None:
             return self.value
         if self.env is not None:
-            value = os.environ.get(self.env)
+            try:
+                value = os.environ.get(self.env)
+            except ValueError:  # a name no environment can hold (a lone surrogate)
+                value = None
             if value is None:
                 raise RefreshError(
                     Reason.CREDENTIALS, f"environment variable {self.env} is not set"
@@ -66,14 +69,38 @@ class Credentials:
 
 _warned_readable: set[Path] = set()
 
+# A client secret or a credentials.cfg is a few hundred bytes; a file far larger (or endless,
+# like /dev/zero given by mistake) is not one and is not read into memory.
+MAX_CREDENTIAL_FILE_CHARS = 64 * 1024
+
 
 def _read_text(path: Path) -> str:
-    with open(path, encoding="utf-8") as handle:
-        mode = os.fstat(handle.fileno()).st_mode
-        if mode & stat.S_IROTH and path not in _warned_readable:
-            _warned_readable.add(path)
-            log.warning("credential file is readable by every user", extra={"path": str(path)})
-        return handle.read()
+    """A credential file's text. Raises OSError (unreadable) or RefreshError (not one).
+
+    Warns once per path when every user may read the file. Group-readable files are not
+    warned about: a Kubernetes Secret volume with `fsGroup` (or `defaultMode: 0440`) gives
+    exactly that, on purpose, to share the secret with the pod's group; a warning on every
+    such start would teach operators to ignore the one that matters.
+    """
+    try:
+        with open(path, encoding="utf-8") as handle:
+            mode = os.fstat(handle.fileno()).st_mode
+            if mode & stat.S_IROTH and path not in _warned_readable:
+                _warned_readable.add(path)
+                log.warning("credential file is readable by every user", extra={"path": str(path)})
+            text = handle.read(MAX_CREDENTIAL_FILE_CHARS + 1)
+    except UnicodeDecodeError:
+        raise RefreshError(Reason.CREDENTIALS, f"{path} is not UTF-8 text") from None
+    except ValueError:  # open() refuses a NUL byte or a lone surrogate in the path
+        raise RefreshError(
+            Reason.CREDENTIALS, f"cannot read {str(path)!r}: not a valid path"
+        ) from None
+    if len(text) > MAX_CREDENTIAL_FILE_CHARS:
+        raise RefreshError(
+            Reason.CREDENTIALS,
+            f"{path} is longer than {MAX_CREDENTIAL_FILE_CHARS} characters; not a credential",
+        )
+    return text
 
 
 def read_lucidtech_cfg(path: Path) -> dict[str, str]:

@@ -20,6 +20,7 @@ from typing import Any
 from urllib.parse import quote_plus, urlsplit
 
 import requests
+import urllib3
 from requests.adapters import HTTPAdapter
 
 from refresher import __version__
@@ -115,8 +116,10 @@ def _scrub(text: str, secrets: Iterable[str]) -> str:
 def _printable(value: Any, secrets: Iterable[str]) -> str | None:
     if not isinstance(value, str):
         return None
-    cleaned = "".join(ch if ch.isprintable() else " " for ch in value)[:_DESCRIPTION_LIMIT]
-    return _scrub(cleaned, secrets)
+    # Scrub first: cutting or cleaning first could leave a secret that straddles the limit,
+    # or holds a non-printable character, unmatched and half shown.
+    scrubbed = _scrub(value, secrets)
+    return "".join(ch if ch.isprintable() else " " for ch in scrubbed)[:_DESCRIPTION_LIMIT]
 
 
 def parse_retry_after(value: str | None, now: float) -> float | None:
@@ -158,8 +161,14 @@ def _expires_in(value: Any) -> float | None:
             value = float(value)
         except ValueError:
             raise RefreshError(Reason.INVALID_RESPONSE, "`expires_in` is not a number") from None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, int | float):
         raise RefreshError(Reason.INVALID_RESPONSE, "`expires_in` is not a number")
+    try:
+        value = float(value)
+    except OverflowError:  # a JSON integer of hundreds of digits
+        value = math.inf
+    if not math.isfinite(value):
+        raise RefreshError(Reason.INVALID_RESPONSE, "`expires_in` is not a finite number")
     if value <= 0:
         raise RefreshError(Reason.INVALID_RESPONSE, f"`expires_in` is {value:g}, not positive")
     return float(value)
@@ -239,10 +248,21 @@ def parse_token_response(
 # ----------------------------------------------------------------------------- the client
 
 
-def _read_capped(response: requests.Response) -> bytes:
+def _read_capped(response: requests.Response, deadline: float, host: str) -> bytes:
+    """The (decoded) body, at most `MAX_RESPONSE_BYTES` of it, all of it by `deadline`.
+
+    Never more than the cap (+ one 64 KiB read) is held in memory. The read timeout bounds
+    each wait for data, not the whole body: an IdP that trickles one byte per second would
+    hold the refresh (and a worker thread) for days. `read1` returns after at most one read
+    from the socket, so the deadline (`time.monotonic`) is checked between arrivals. An old
+    urllib3 without `read1` falls back to `read`, which waits for whole 64 KiB blocks: the
+    deadline is then only checked between those.
+    """
+    raw = response.raw
+    read = getattr(raw, "read1", None) or raw.read
     chunks: list[bytes] = []
     size = 0
-    for chunk in response.iter_content(chunk_size=64 * 1024):
+    while chunk := read(64 * 1024, decode_content=True):
         size += len(chunk)
         if size > MAX_RESPONSE_BYTES:
             raise RefreshError(
@@ -251,7 +271,19 @@ def _read_capped(response: requests.Response) -> bytes:
                 status=response.status_code,
             )
         chunks.append(chunk)
+        if time.monotonic() > deadline:
+            raise RefreshError(
+                Reason.TIMEOUT,
+                f"read timeout talking to {host}: the answer was still arriving after "
+                "connect_timeout + read_timeout",
+                status=response.status_code,
+            )
     return b"".join(chunks)
+
+
+def _encoded_forms(secret: str) -> list[str]:
+    """The secret as it is and form-encoded (as it travels), for scrubbing echoes of it."""
+    return [secret, quote_plus(secret)] if secret else []
 
 
 class IdPClient:
@@ -263,8 +295,14 @@ class IdPClient:
 
     def fetch(self, job: TokenJobConfig, credentials: Credentials) -> Token:
         request = build_request(job, credentials)
-        secrets = (credentials.client_secret, *credentials.extras.values())
+        # What an IdP might echo back in an error: the secret, form-encoded or not, and the
+        # Basic credentials it was sent in.
+        authorization = request.headers.get("Authorization", "").removeprefix("Basic ")
+        secrets = [*_encoded_forms(credentials.client_secret), *_encoded_forms(authorization)]
+        for value in credentials.extras.values():
+            secrets += _encoded_forms(value)
         host = urlsplit(request.url).netloc
+        deadline = time.monotonic() + request.connect_timeout + request.read_timeout
         try:
             with self.session.post(
                 request.url,
@@ -277,17 +315,18 @@ class IdPClient:
                 allow_redirects=False,
                 stream=True,
             ) as response:
-                body = _read_capped(response)
+                body = _read_capped(response, deadline, host)
                 status, headers = response.status_code, response.headers
-        except requests.Timeout as err:
+        except (requests.Timeout, urllib3.exceptions.ReadTimeoutError) as err:
             phase = "connect" if isinstance(err, requests.ConnectTimeout) else "read"
             raise RefreshError(Reason.TIMEOUT, f"{phase} timeout talking to {host}") from None
-        except requests.exceptions.SSLError:
+        except (requests.exceptions.SSLError, urllib3.exceptions.SSLError):
             raise RefreshError(
                 Reason.NETWORK, f"TLS verification with {host} failed (set ca_bundle?)"
             ) from None
-        except requests.RequestException as err:
-            # The exception text can quote the URL; the class name says enough.
+        except (requests.RequestException, urllib3.exceptions.HTTPError) as err:
+            # The exception text can quote the URL; the class name says enough. (The body is
+            # read from urllib3 directly, so its exceptions arrive unwrapped.)
             raise RefreshError(Reason.NETWORK, f"{type(err).__name__} talking to {host}") from None
         return parse_token_response(
             status,

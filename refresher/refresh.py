@@ -18,7 +18,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from refresher.config import TokenJobConfig
 from refresher.errors import Reason, RefreshError
@@ -93,6 +93,7 @@ class JobRunner:
         self.last_error: RefreshError | None = None
         self.last_success_at: float | None = None
         self._jitter = self.rng.random()  # one draw per token, so the plan is stable
+        self._answered_at = 0.0  # perf_counter when the IdP answered with `token`
         self.stats = JobStats(sinks=tuple(sink.name for sink in self.sinks))
 
     # ------------------------------------------------------------------------ public API
@@ -193,7 +194,7 @@ class JobRunner:
             log.exception("unexpected error during refresh", extra={"token": self.job.name})
             error = RefreshError(Reason.INTERNAL, type(err).__name__)
             return self._failed(error, now, time.perf_counter() - started, None)
-        answered = time.perf_counter()
+        answered = self._answered_at = time.perf_counter()
         duration = answered - started
         self.stats.record_refresh_duration(duration)
         with self._lock:
@@ -212,10 +213,15 @@ class JobRunner:
         return self._succeeded(token, duration, window)
 
     def _write_pending(self, token: Token, now: float) -> float:
-        error = self._settle(token, self._write(token))
+        results = self._write(token)
+        # The window of this token closes only now, when its last sink holds it.
+        window = time.perf_counter() - self._answered_at if self._answered_at else None
+        error = self._settle(token, results)
         if error is not None:
             return self._failed(error, now, 0.0, None)
-        return self._succeeded(token, 0.0, None)
+        if window is not None:
+            self.stats.record_write_window(window)
+        return self._succeeded(token, 0.0, window)
 
     def _write(self, token: Token) -> list[SinkWrite]:
         """Write `token` to every pending sink (all are tried, whatever fails). Only the writes
@@ -262,8 +268,13 @@ class JobRunner:
             self.last_error = error
         self.stats.record_attempt("failure", error.reason.value)
         expires_at = self.token.expires_at if self.token else None
+        policy = self.policy
+        if self.pending and self.token is not None and self.token.is_valid(now):
+            # A sink lacks a token we already hold: on an invalidate-on-reissue IdP its
+            # readers hold a revoked one now, so retry it at once, not after seconds.
+            policy = replace(policy, backoff_initial=policy.retry_floor)
         delay = retry_delay(
-            self.policy, self.failures, now, expires_at, error.retry_after, self.rng.random()
+            policy, self.failures, now, expires_at, error.retry_after, self.rng.random()
         )
         at = now + delay
         if self.refresh_at is not None and self.pending and now < self.refresh_at:

@@ -3,6 +3,9 @@
 `expires_at` is the earlier of the JWT `exp` claim and receipt time + `expires_in`. The JWT
 is decoded without verifying its signature: the refresher is not the token's audience, it
 only needs to know when the token dies.
+
+A claimed lifetime beyond `MAX_LIFETIME_SECONDS` (a year) is not believed: see
+`compute_expiry`.
 """
 
 from __future__ import annotations
@@ -22,6 +25,11 @@ log = logging.getLogger(__name__)
 
 # Beyond this difference between the IdP's `iat` and our receipt time we say so in the log.
 SKEW_WARNING_SECONDS = 30.0
+
+# No client-credentials access token plausibly lives longer than this. A longer claim is an
+# IdP bug (`exp` in milliseconds, a "never" placeholder) or garbage, and obeying it would
+# mean never refreshing: the token would be served until whatever really ends it.
+MAX_LIFETIME_SECONDS = 366 * 86400.0
 
 
 def fingerprint(secret: str) -> str:
@@ -69,7 +77,11 @@ def _numeric_claim(claims: Mapping[str, Any], name: str) -> float | None:
     # bool is an int subclass; `"exp": true` is nonsense, not the second 1 of 1970.
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
-    return float(value) if math.isfinite(value) else None
+    try:
+        number = float(value)
+    except OverflowError:  # JSON integers have no size limit: `"exp": 1000...0` (400 digits)
+        return None
+    return number if math.isfinite(number) else None
 
 
 def compute_expiry(
@@ -85,6 +97,12 @@ def compute_expiry(
     The JWT's `exp` is on the IdP's clock. When the token also carries `iat`, its lifetime
     `exp - iat` is independent of clock skew, so receipt + that lifetime is a safe bound even
     when our clock is behind the IdP's; we take the earliest of all the bounds we have.
+
+    A lifetime longer than `MAX_LIFETIME_SECONDS` (from `exp` or `expires_in`) is rejected as
+    `invalid_response`, unless the job sets `lifetime`: then receipt + `lifetime` is used,
+    the operator's word standing in for the IdP's implausible one. Clamping silently to a
+    year instead would still mean "practically never refresh" for a token that may well die
+    within the hour (an `exp` in milliseconds); failing makes the fault visible at once.
     """
     bounds: list[float] = []
     if expires_in is not None:
@@ -116,6 +134,15 @@ def compute_expiry(
             Reason.INVALID_RESPONSE,
             f"the IdP issued a token that is already expired ({expires_at - received_at:.0f} s)",
         )
+    if expires_at - received_at > MAX_LIFETIME_SECONDS:
+        if fallback_lifetime is None:
+            raise RefreshError(
+                Reason.INVALID_RESPONSE,
+                f"the token claims to live {(expires_at - received_at) / 86400:.3g} days, "
+                f"more than {MAX_LIFETIME_SECONDS / 86400:.0f}; set `lifetime` on the job "
+                "to refresh it on that schedule instead",
+            )
+        expires_at = min(expires_at, received_at + fallback_lifetime)
     return received_at, expires_at
 
 
@@ -123,13 +150,17 @@ def stored_times(access_token: str, now: float) -> tuple[float, float] | None:
     """`(issued_at, expires_at)` of a token read back from a sink with no metadata, from its JWT.
 
     Without a usable `iat` the token is taken as issued now, which can only make the next
-    refresh later than ideal, never make the refresher keep an expired token.
+    refresh later than ideal, never make the refresher keep an expired token. An `exp` more
+    than `MAX_LIFETIME_SECONDS` away is not believed here either: the expiry is unknown, so
+    the token is refreshed rather than kept for years.
     """
     claims = jwt_claims(access_token)
     if claims is None:
         return None
     exp = _numeric_claim(claims, "exp")
     if exp is None:
+        return None
+    if exp - now > MAX_LIFETIME_SECONDS:
         return None
     iat = _numeric_claim(claims, "iat")
     issued_at = iat if iat is not None and iat <= now else now

@@ -38,6 +38,17 @@ SHAPE_SCOPES: dict[str, list[str]] = {
 
 
 @pytest.fixture(autouse=True)
+def _isolated_logging() -> Iterator[None]:
+    # `refresher.cli.main` configures the root logger with a handler on the (captured) stderr
+    # of the test that ran it; without this, later tests would log into a closed stream.
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+@pytest.fixture(autouse=True)
 def _no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
     # Every test talks to loopback servers only; a proxy from the environment (honoured by
     # requests and by the kubernetes client, even for 127.0.0.1) must not get in between.

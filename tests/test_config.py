@@ -289,3 +289,23 @@ def test_every_example_is_valid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     assert len(examples) >= 6
     for path in examples:
         assert load_config(path).jobs, path
+
+
+def test_a_nul_in_a_sink_path_is_a_config_error() -> None:
+    with pytest.raises(ConfigError) as caught:
+        validate(
+            {
+                "tokens": [
+                    {
+                        "name": "x",
+                        "token_url": "https://i.test/t",
+                        "client_id": "a",
+                        "client_secret": {"env": "HOME"},
+                        "sinks": [{"type": "file", "path": "/tmp/a\x00b"}],
+                    }
+                ]
+            }
+        )
+    assert caught.value.problems == [
+        "tokens[0].sinks[0].path: a path cannot contain a NUL character"
+    ]
