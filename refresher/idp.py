@@ -67,6 +67,8 @@ def build_request(job: TokenJobConfig, credentials: Credentials) -> TokenRequest
 
     headers = {
         "Accept": "application/json",
+        # A cached token answer would be another client's or a revoked one.
+        "Cache-Control": "no-cache",
         "Content-Type": "application/x-www-form-urlencoded",
         "User-Agent": f"refresher/{__version__}",
         **job.headers,

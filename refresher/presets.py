@@ -13,7 +13,6 @@ from typing import Any
 _LUCIDWORKS: dict[str, Any] = {
     "scope_in": "query",
     "auth": "basic",
-    "headers": {"Accept": "application/json", "Cache-Control": "no-cache"},
     "margin": 300,
     "revokes_on_reissue": True,
 }
@@ -53,6 +52,4 @@ def apply_preset(job: dict[str, Any]) -> dict[str, Any]:
     if preset is None:
         return job  # the unknown provider is reported by validation
     merged = {**preset.defaults, **job}
-    if isinstance(job.get("headers"), dict) and "headers" in preset.defaults:
-        merged["headers"] = {**preset.defaults["headers"], **job["headers"]}
     return merged

@@ -327,3 +327,16 @@ def test_retry_after_forms() -> None:
     assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", 1445412470.0) == 10.0
     assert parse_retry_after("garbage", 0.0) is None
     assert parse_retry_after(None, 0.0) is None
+
+
+def test_every_request_asks_for_json_and_no_cache(
+    make_idp: Callable[..., LocalIdP], secret_file: Path, tmp_path: Path
+) -> None:
+    from refresher.idp import build_request
+
+    for provider in SHAPE_SCOPES:
+        job = job_model(make_idp(provider), secret_file, tmp_path)
+        headers = build_request(job, job.credentials()).headers
+        assert headers["Accept"] == "application/json"
+        assert headers["Cache-Control"] == "no-cache"
+        assert headers["Content-Type"] == "application/x-www-form-urlencoded"
