@@ -251,3 +251,51 @@ def test_file_only_setups_never_import_kubernetes(
     )
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "t").exists()
+
+
+def test_a_secret_deleted_under_a_job_fails_it_alone_and_it_recovers(
+    make_idp: Callable[..., LocalIdP],
+    secret_file: Path,
+    tmp_path: Path,
+    kubeconfig: Path,
+    kube_api: FakeKubeAPI,
+    all_logs: Any,
+) -> None:
+    idp = make_idp("lucidworks", lifetime=3)
+    deleted = job_for(idp, secret_file, tmp_path / "unused", name="deleted")
+    deleted["sinks"] = [{"type": "kubernetes", "name": "api-token"}]  # no create
+    other = job_for(
+        idp, secret_file, tmp_path / "other", name="other", scopes=["machinelearning.model"]
+    )
+    kube_api.put_object("secrets", NS, "api-token", {"metadata": {"name": "api-token"}, "data": {}})
+    config = config_of(deleted, other, kubernetes={"kubeconfig": str(kubeconfig)})
+    with running(config) as daemon:
+        runner, other_runner = daemon.runners
+        wait_for(lambda: runner.snapshot().ready and other_runner.snapshot().ready)
+        kube_api.delete_object("secrets", NS, "api-token")
+        wait_for(lambda: runner.failures >= 2, timeout=10)
+        assert runner.last_error is not None and runner.last_error.reason is Reason.SINK
+        assert (
+            "secret 'api-token' in namespace 'tokens' does not exist" in runner.last_error.message
+        )
+        assert runner.stats.failures.get("sink", 0) >= 2
+        assert "does not exist" in all_logs.text
+        # The other job goes on refreshing on its own schedule, undisturbed.
+        issued_other = sum(1 for t in idp.issued if "machinelearning.model" in t.scopes)
+        wait_for(
+            lambda: (
+                sum(1 for t in idp.issued if "machinelearning.model" in t.scopes) > issued_other
+            ),
+            timeout=5,
+        )
+        assert other_runner.failures == 0
+        # Fixed: the Secret is back, and the held token is written without asking the IdP.
+        requests_before = len([t for t in idp.issued if "machinelearning.predict" in t.scopes])
+        kube_api.put_object(
+            "secrets", NS, "api-token", {"metadata": {"name": "api-token"}, "data": {}}
+        )
+        wait_for(lambda: runner.snapshot().ready, timeout=5)
+    assert data_of(kube_api)["token"] == runner.token.access_token  # type: ignore[union-attr]
+    assert (
+        len([t for t in idp.issued if "machinelearning.predict" in t.scopes]) <= requests_before + 1
+    )
