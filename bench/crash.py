@@ -3,8 +3,10 @@
 `python -m bench.crash [--kills 200]` prints a table; tests/test_crash.py runs 20 kills.
 
 Each round starts `refresher run` (a JSON file sink, a raw file sink and a Kubernetes Secret
-on a local API server), waits until the local IdP issues a token, and sends SIGKILL a random
-0-3 ms later: that is inside the write of that token, or just after it. Then it checks:
+on a local API server) and lets it settle (every sink holds the newest token). Every other
+round then waits until the local IdP issues the next token and sends SIGKILL a random 0-1 ms
+later, inside the write of that token; the rounds between kill at a random idle moment
+before the refresh point. Then it checks:
 - every file holds a complete token the IdP issued (old or new), never empty or partial;
 - the Secret's keys are consistent (token, `Bearer` header and fingerprint annotation agree);
 - a restart asks the IdP for nothing while the stored token is still before its refresh point.
@@ -44,6 +46,7 @@ LIFETIME = 2.0
 class CrashResult:
     kills: int = 0
     kills_during_refresh: int = 0  # the IdP had answered and the files did not yet all agree
+    kills_idle: int = 0  # between refreshes: the restart must reuse the stored token
     torn_or_empty_files: int = 0
     unknown_tokens: int = 0  # a token the IdP never issued
     inconsistent_secrets: int = 0
@@ -140,17 +143,30 @@ def _check_secret(kube: FakeKubeAPI, issued: set[str], result: CrashResult) -> N
         result.problems.append("secret keys disagree")
 
 
+def _caught_up(folder: Path, idp: LocalIdP) -> bool:
+    issued = idp.issued
+    if not issued:
+        return False
+    newest = issued[-1].access_token
+    try:
+        raw = (folder / "token").read_text()
+        from_json = json.loads((folder / "token.json").read_text())["access_token"]
+    except (OSError, ValueError, KeyError):
+        return False
+    return raw == newest and from_json == newest
+
+
 def _kill_during_next_issue(
     process: subprocess.Popen[bytes], idp: LocalIdP, rng: random.Random, timeout: float
 ) -> bool:
-    """SIGKILL a random 0-3 ms after the IdP's next issuance. False if none came in time."""
+    """SIGKILL a random 0-1 ms after the IdP's next issuance. False if none came in time."""
     before = len(idp.issued)
     deadline = time.monotonic() + timeout
     while len(idp.issued) == before:
         if time.monotonic() > deadline or process.poll() is not None:
             return False
         time.sleep(0.0002)
-    time.sleep(rng.uniform(0, 0.003))
+    time.sleep(rng.uniform(0, 0.001))
     process.send_signal(signal.SIGKILL)
     process.wait()
     return True
@@ -171,7 +187,22 @@ def run(kills: int, seed: int = 1) -> CrashResult:
         process = _start(config, log)
         try:
             while result.kills < kills:
-                if not _kill_during_next_issue(process, idp, rng, timeout=15):
+                # Let the (re)started process settle: every file holds the newest token. Then
+                # the kill lands in a refresh that replaces a written token, not in a first one.
+                settle_by = time.monotonic() + 15
+                while not _caught_up(folder, idp):
+                    if time.monotonic() > settle_by:
+                        raise RuntimeError(
+                            f"sinks never caught up; log tail:\n{log.read_text()[-2000:]}"
+                        )
+                    time.sleep(0.005)
+                if result.kills % 2:
+                    # An idle moment, before the refresh point: the restart must reuse.
+                    time.sleep(rng.uniform(0.0, 0.8))
+                    process.send_signal(signal.SIGKILL)
+                    process.wait()
+                    result.kills_idle += 1
+                elif not _kill_during_next_issue(process, idp, rng, timeout=15):
                     raise RuntimeError(
                         f"no refresh within 15 s; log tail:\n{log.read_text()[-2000:]}"
                     )
@@ -223,6 +254,7 @@ def main() -> None:
             "  of which mid-refresh (sinks disagreed or held the old token)",
             result.kills_during_refresh,
         ),
+        ("  of which between refreshes (restart must reuse the token)", result.kills_idle),
         ("torn or empty files", result.torn_or_empty_files),
         ("tokens the IdP never issued", result.unknown_tokens),
         ("inconsistent Secrets", result.inconsistent_secrets),
