@@ -8,6 +8,10 @@ the time the runner asks for. APScheduler traps avoided on purpose:
 - a job that raises is not retried by the scheduler, so `_run` never lets one escape.
 The thread pool is bounded (`max_concurrent_refreshes`): a slow IdP holds at most that many
 threads and other jobs still run when a thread frees up.
+
+Runners plan in Unix time (token expiries are Unix times); the scheduler is handed the *delay*
+until then, and `ClockGuard` keeps the same delay on the monotonic clock, so a wall-clock jump
+neither holds a refresh back nor fires it in a loop (see `clockguard.py`).
 """
 
 from __future__ import annotations
@@ -18,15 +22,17 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import requests
 from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.date import DateTrigger
 
+from refresher.clockguard import ClockGuard
 from refresher.config import Config
 from refresher.idp import IdPClient, new_session
 from refresher.metrics import JobSnapshot, Metrics
@@ -78,6 +84,7 @@ class Daemon:
         config: Config,
         *,
         clock: Clock = time.time,
+        monotonic: Clock = time.monotonic,
         session: requests.Session | None = None,
         metrics: Metrics | None = None,
         listeners: Sequence[Listener] = (),
@@ -85,6 +92,9 @@ class Daemon:
     ) -> None:
         self.config = config
         self.clock = clock
+        self.guard = ClockGuard(
+            self._run_overdue, self._clock_jumped, wall=clock, monotonic=monotonic
+        )
         self.metrics = metrics or Metrics(clock=clock)
         self.sinks = SinkFactory(config.settings.kubernetes)
         self._leading = threading.Event()
@@ -128,6 +138,7 @@ class Daemon:
 
     def start(self) -> Daemon:
         self.scheduler.start()
+        self.guard.start()
         if self.http is not None:
             self.http.start()
             log.info("serving metrics", extra={"port": self.http.port})
@@ -148,6 +159,7 @@ class Daemon:
             return
         self._stopping.set()
         self.scheduler.shutdown(wait=True)
+        self.guard.stop()
         if self.elector is not None:
             self.elector.stop()
         if self.http is not None:
@@ -171,6 +183,7 @@ class Daemon:
         self._leading.clear()
         self.metrics.leader.set(0)
         self.scheduler.remove_all_jobs()
+        self.guard.clear()
 
     @property
     def is_leader(self) -> bool:
@@ -196,17 +209,44 @@ class Daemon:
     # --------------------------------------------------------------------------- scheduling
 
     def _schedule(self, runner: JobRunner, at: float) -> None:
+        delay = max(at - self.clock(), 0.0)
+        self.guard.arm(runner.job.name, delay)
+        # APScheduler compares run dates with its own reading of the wall clock.
+        run_date = datetime.now(UTC) + timedelta(seconds=delay)
         self.scheduler.add_job(
             self._run,
-            trigger=DateTrigger(run_date=datetime.fromtimestamp(at, UTC)),
+            trigger=DateTrigger(run_date=run_date),
             args=[runner],
             id=runner.job.name,
             replace_existing=True,
         )
 
+    def _run_overdue(self, name: str) -> None:
+        """The guard saw `name`'s monotonic deadline pass while the scheduler still holds it
+        back (the wall clock went back)."""
+        self._run_now(name, "running a job the wall clock held back")
+
+    def _clock_jumped(self, seconds: float) -> None:
+        for runner in self.runners:
+            runner.clock_moved(seconds)
+            # After a forward jump, a job whose refresh point the clock passed runs now, once
+            # (its next run is planned from the new time), whichever clock the scheduler saw.
+            if seconds > 0 and self._leading.is_set() and runner.is_due():
+                self._run_now(runner.job.name, "refreshing now: the wall clock jumped past it")
+
+    def _run_now(self, name: str, why: str) -> None:
+        try:
+            self.scheduler.modify_job(name, next_run_time=datetime.now(UTC))
+        except JobLookupError:
+            pass  # it is running or about to, or the daemon stopped leading
+        else:
+            log.info(why, extra={"token": name})
+
     def _run(self, runner: JobRunner) -> None:
+        self.guard.disarm(runner.job.name)
         if self._stopping.is_set() or not self._leading.is_set():
             return
+        self.guard.check_clock()
         try:
             at = runner.step()
         except Exception:  # step() classifies its own failures; this is a last resort
@@ -218,6 +258,7 @@ class Daemon:
     # ------------------------------------------------------------------------------ health
 
     def snapshots(self) -> list[JobSnapshot]:
+        self.guard.check_clock()  # a scrape sees expiries moved with a jump, not stale ones
         return [runner.snapshot() for runner in self.runners]
 
     def healthy(self) -> tuple[bool, str]:

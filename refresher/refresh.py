@@ -147,6 +147,30 @@ class JobRunner:
             return self._write_pending(self.token, now)
         return self._fetch_and_write(now)
 
+    def clock_moved(self, seconds: float) -> None:
+        """The wall clock jumped by `seconds`. Our times are Unix times read before the jump.
+
+        A backward jump moves them back with the clock: the token dies after as many real
+        seconds as before, so its expiry (and the TTL metric) stays true. A forward jump leaves
+        them: it may be a correction toward the IdP's clock, after which the token really is
+        that much closer to its `exp`; keeping them can only make the next refresh earlier.
+        """
+        if seconds >= 0:
+            return
+        with self._lock:
+            if self.token is not None:
+                self.token = replace(
+                    self.token,
+                    issued_at=self.token.issued_at + seconds,
+                    expires_at=self.token.expires_at + seconds,
+                )
+            if self.refresh_at is not None:
+                self.refresh_at += seconds
+            if self.next_attempt_at is not None:
+                self.next_attempt_at += seconds
+            if self.last_success_at is not None:
+                self.last_success_at += seconds
+
     def is_due(self) -> bool:
         now = self.clock()
         return self._refresh_due(now) or bool(self.pending)

@@ -21,7 +21,7 @@ import yaml
 from refresher.config import KubernetesSettings, LeaderElectionConfig
 from refresher.kube import connect
 from refresher.leader import LeaseElector
-from refresher.localidp import LocalIdP
+from refresher.localidp import Fault, LocalIdP
 from tests.conftest import job_for, wait_for
 from tests.kubeapi import FakeKubeAPI
 
@@ -129,14 +129,9 @@ def refreshed(log: Path) -> list[dict[str, Any]]:
     return [line for line in lines if line.get("message") == "token refreshed"]
 
 
-def test_two_processes_one_leader_kill_9_and_takeover(
-    make_idp: Callable[..., LocalIdP], secret_file: Path, tmp_path: Path, kube_api: FakeKubeAPI
-) -> None:
-    idp = make_idp("lucidworks", lifetime=12)
-    kubeconfig = kube_api.write_kubeconfig(tmp_path / "kubeconfig", namespace=NS)
-    job = job_for(idp, secret_file, tmp_path / "unused")
-    job["sinks"] = [{"type": "kubernetes", "name": "api-token", "create": True}]
-    config = tmp_path / "config.yaml"
+def leader_config(folder: Path, job: dict[str, Any], kubeconfig: Path) -> Path:
+    """A config file for one job with fast leader election against the local API server."""
+    config = folder / "config.yaml"
     config.write_text(
         yaml.safe_dump(
             {
@@ -147,6 +142,17 @@ def test_two_processes_one_leader_kill_9_and_takeover(
             }
         )
     )
+    return config
+
+
+def test_two_processes_one_leader_kill_9_and_takeover(
+    make_idp: Callable[..., LocalIdP], secret_file: Path, tmp_path: Path, kube_api: FakeKubeAPI
+) -> None:
+    idp = make_idp("lucidworks", lifetime=12)
+    kubeconfig = kube_api.write_kubeconfig(tmp_path / "kubeconfig", namespace=NS)
+    job = job_for(idp, secret_file, tmp_path / "unused")
+    job["sinks"] = [{"type": "kubernetes", "name": "api-token", "create": True}]
+    config = leader_config(tmp_path, job, kubeconfig)
 
     # A consumer reads the Secret (as a pod reading it through the API would) and calls the API.
     rejected: list[tuple[float, str]] = []
@@ -238,3 +244,43 @@ def test_two_processes_one_leader_kill_9_and_takeover(
         f"issuers {''.join(issuers)}"
     )
     assert calls > 200 and outside == []
+
+
+def test_sigterm_during_a_refresh_lets_it_finish_then_releases_the_lease(
+    make_idp: Callable[..., LocalIdP], secret_file: Path, tmp_path: Path, kube_api: FakeKubeAPI
+) -> None:
+    # Revoke-on-reissue: a refresh cut off after the IdP answered would leave every sink
+    # holding a revoked token, so a SIGTERM must let the write finish.
+    idp = make_idp("lucidworks", lifetime=6)
+    kubeconfig = kube_api.write_kubeconfig(tmp_path / "kubeconfig", namespace=NS)
+    token_file = tmp_path / "token"
+    job = job_for(idp, secret_file, token_file, margin=3)
+    job["sinks"].append({"type": "kubernetes", "name": "api-token", "create": True})
+    config = leader_config(tmp_path, job, kubeconfig)
+    log = tmp_path / "refresher.log"
+    process = start_refresher(config, log, "pod-a")
+    try:
+        wait_for(lambda: len(refreshed(log)) == 1, timeout=20)
+        # The next refresh (~3 s on) waits 2 s for its answer; SIGTERM lands in that wait.
+        idp.fail_next(Fault.SLOW, slow_seconds=2.0)
+        requests_before = idp.token_requests
+        wait_for(lambda: idp.token_requests > requests_before, timeout=10, interval=0.005)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=15) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+    lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    messages = [line["message"] for line in lines]
+    # The refresh in flight finished after the signal, and nothing started after it.
+    signalled = messages.index("signal received, stopping")
+    assert "token refreshed" in messages[signalled:]
+    assert len(refreshed(log)) == 2 and len(idp.issued) == 2
+    newest = idp.issued[-1].access_token
+    assert token_file.read_text() == newest
+    secret = kube_api.get_object("secrets", NS, "api-token")
+    assert secret is not None
+    assert base64.b64decode(secret["data"]["token"]).decode() == newest
+    assert idp.token_status(newest) == "valid"
+    assert holder(kube_api) is None  # the lease was given back
+    assert messages[-1] == "stopped"
