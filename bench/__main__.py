@@ -137,6 +137,8 @@ def scale(sizes: list[int], idle: float) -> None:
                 n,
                 f"{r['startup']:.2f} s",
                 f"{r['startup'] / ideal:.2f}" if ideal > 0 else "-",
+                f"{r['bare_startup']:.2f} s",
+                f"{r['startup'] / r['bare_startup']:.2f}",
                 f"{r['peak_rss_mb']:.1f} MB",
                 # Below ~100 jobs the difference drowns in allocator noise.
                 f"{(r['peak_rss_mb'] - r['base_rss_mb']) * 1024 / n:.1f} KB" if n >= 100 else "-",
@@ -150,6 +152,8 @@ def scale(sizes: list[int], idle: float) -> None:
             "jobs",
             "start-up (all written)",
             "/ (N x RTT / concurrency)",
+            "bare clients, same concurrency",
+            "/ bare",
             "peak RSS",
             "RSS per job",
             "idle CPU (one core)",
@@ -157,7 +161,11 @@ def scale(sizes: list[int], idle: float) -> None:
         ],
         rows,
     )
-    print("\ntargets: 10,000 jobs < 250 MB RSS; idle CPU < 0.5 %; start-up limited by the IdP")
+    print(
+        "\ntargets: 10,000 jobs < 250 MB RSS; idle CPU < 0.5 %; start-up limited by the IdP"
+        "\n(bare clients: as many threads as refreshes run at once, each a bare requests.post"
+        " plus an fsynced write, on one process: what this IdP and machine allow)"
+    )
 
 
 def startup(repeats: int) -> None:

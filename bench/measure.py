@@ -178,6 +178,37 @@ class Written:
                     self.done.set()
 
 
+def bare_concurrent(
+    url: str, headers: dict[str, str], n: int, folder: Path, concurrency: int
+) -> float:
+    """Seconds for `concurrency` threads of bare `requests` calls plus fsynced writes to
+    fetch and write `n` tokens: what this machine and this IdP allow at that concurrency."""
+    folder.mkdir()
+    remaining = iter(range(n))
+    lock = threading.Lock()
+
+    def worker() -> None:
+        session = requests.Session()
+        while True:
+            with lock:
+                i = next(remaining, None)
+            if i is None:
+                return
+            answer = session.post(
+                url, data={"grant_type": "client_credentials", "scope": f"job-{i}"}, headers=headers
+            )
+            atomic_write(folder / f"token-{i}", answer.json()["access_token"].encode(), 0o600)
+            sync_dir(folder)
+
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    begun = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return time.perf_counter() - begun
+
+
 def scale(n: int, idle: float) -> dict[str, Any]:
     quiet_logs()
     with idp_process("generic", lifetime=3600) as url, tempfile.TemporaryDirectory() as tmp:
@@ -193,6 +224,8 @@ def scale(n: int, idle: float) -> dict[str, Any]:
             )
             rtts.append(time.perf_counter() - begun)
         config = _config(n, url, secret, folder)
+        concurrency = config.settings.max_concurrent_refreshes
+        bare_startup = bare_concurrent(url, headers, n, folder / "bare", concurrency)
         base_rss = rss_mb()
         written = Written(n)
         begun = time.perf_counter()
@@ -225,6 +258,7 @@ def scale(n: int, idle: float) -> dict[str, Any]:
         daemon.stop()
     return {
         "startup": startup,
+        "bare_startup": bare_startup,
         "rtt": statistics.median(rtts),
         "concurrency": config.settings.max_concurrent_refreshes,
         "base_rss_mb": base_rss,

@@ -9,7 +9,8 @@ a job runs at whichever comes first:
   early; running early only refreshes early, which is safe, and each job runs once, not in a
   loop, because its next run is planned from the new time;
 - its monotonic deadline passing (`ClockGuard`'s work): after a backward jump the wall clock
-  would hold the job back, so the guard has the scheduler run it at once.
+  would hold the job back, so the guard has the scheduler run it at once. A job late by both
+  clocks (waiting for a busy pool) is the scheduler's business and left alone.
 
 The guard is a thread that sleeps until the earliest deadline: no polling, no wake-up while
 nothing is due. It also measures jumps (the change of wall minus monotonic time) so the daemon
@@ -45,8 +46,10 @@ class ClockGuard:
         monotonic: Clock = time.monotonic,
         grace: float = 0.25,
     ) -> None:
-        # `on_overdue(name)`: the job's monotonic deadline passed `grace` ago and it has not
-        # started; `on_jump(seconds)`: the wall clock moved by `seconds` against the monotonic one.
+        # `on_overdue(name)`: the job's monotonic deadline passed `grace` ago, it has not
+        # started, and the wall clock is still short of its run date by more than slew
+        # explains (a job that is merely waiting for a busy pool is the scheduler's business);
+        # `on_jump(seconds)`: the wall clock moved by `seconds` against the monotonic one.
         self._on_overdue = on_overdue
         self._on_jump = on_jump
         self._wall = wall
@@ -54,7 +57,8 @@ class ClockGuard:
         self._grace = grace
         self._lock = threading.Lock()
         self._heap: list[tuple[float, int, str]] = []  # (deadline, sequence, job name)
-        self._live: dict[str, int] = {}  # job name -> sequence of its one live deadline
+        # job name -> (sequence, wall-clock run date, delay) of its one live deadline
+        self._live: dict[str, tuple[int, float, float]] = {}
         self._sequence = itertools.count()
         self._offset = wall() - monotonic()
         self._offset_seen_at = monotonic()
@@ -66,10 +70,12 @@ class ClockGuard:
 
     def arm(self, name: str, delay: float) -> None:
         """`name` should run `delay` seconds from now; replaces its previous deadline."""
-        deadline = self._monotonic() + max(delay, 0.0)
+        delay = max(delay, 0.0)
+        deadline = self._monotonic() + delay
+        run_date = self._wall() + delay
         with self._lock:
             sequence = next(self._sequence)
-            self._live[name] = sequence
+            self._live[name] = (sequence, run_date, delay)
             earliest = not self._heap or deadline < self._heap[0][0]
             heapq.heappush(self._heap, (deadline, sequence, name))
         if earliest:
@@ -84,6 +90,10 @@ class ClockGuard:
         with self._lock:
             self._live.clear()
             self._heap.clear()
+
+    def is_armed(self, name: str) -> bool:
+        with self._lock:
+            return name in self._live
 
     def pending(self) -> int:
         with self._lock:
@@ -134,19 +144,27 @@ class ClockGuard:
 
     def _sleep_seconds(self) -> float | None:
         with self._lock:
-            while self._heap and self._live.get(self._heap[0][2]) != self._heap[0][1]:
+            while self._heap and self._sequence_of(self._heap[0][2]) != self._heap[0][1]:
                 heapq.heappop(self._heap)  # superseded or disarmed
             if not self._heap:
                 return None  # nothing scheduled: sleep until arm() or stop()
             return max(self._heap[0][0] + self._grace - self._monotonic(), 0.0)
 
+    def _sequence_of(self, name: str) -> int | None:
+        live = self._live.get(name)
+        return live[0] if live else None
+
     def _take_overdue(self) -> list[str]:
-        now = self._monotonic()
+        now, wall = self._monotonic(), self._wall()
         overdue: list[str] = []
         with self._lock:
             while self._heap and self._heap[0][0] + self._grace <= now:
                 _, sequence, name = heapq.heappop(self._heap)
-                if self._live.get(name) == sequence:
-                    del self._live[name]
+                live = self._live.get(name)
+                if live is None or live[0] != sequence:
+                    continue  # superseded or disarmed
+                del self._live[name]
+                _, run_date, delay = live
+                if run_date - wall > max(JUMP_THRESHOLD_SECONDS, SLEW_RATE * delay):
                     overdue.append(name)
         return overdue

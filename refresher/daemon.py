@@ -1,10 +1,12 @@
 """The daemon: wires config, IdP client, sinks, runners, scheduler, metrics and HTTP together.
 
-Each token job is one APScheduler date job that runs `JobRunner.step()` and is re-added for
-the time the runner asks for. APScheduler traps avoided on purpose:
+Each token job is one APScheduler job that runs `JobRunner.step()`; after each run its next
+run time is set to the time the runner asks for. APScheduler traps avoided on purpose:
 - `misfire_grace_time=None`: the default of 1 s silently drops a job that is already late
   (a busy pool, a suspended VM), which here would mean a token that is never refreshed;
-- a date job is gone once it has run, so it is re-added with `replace_existing=True`;
+- a date job is gone once it has run, and adding one costs a signature check and a new Job:
+  a third of a refresh's own CPU. So the trigger (`_Backstop`) keeps the job, and the next
+  run is set with the cheap `modify_job`;
 - a job that raises is not retried by the scheduler, so `_run` never lets one escape.
 The thread pool is bounded (`max_concurrent_refreshes`): a slow IdP holds at most that many
 threads and other jobs still run when a thread frees up.
@@ -27,10 +29,11 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import requests
+from apscheduler.events import EVENT_JOB_SUBMITTED, JobSubmissionEvent
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
-from apscheduler.triggers.date import DateTrigger
+from apscheduler.triggers.base import BaseTrigger
 
 from refresher.clockguard import ClockGuard
 from refresher.config import Config
@@ -78,6 +81,21 @@ def build_runners(
     ]
 
 
+class _Backstop(BaseTrigger):  # type: ignore[misc]  # apscheduler ships no types
+    """Proposes a run a day after the last one. `Daemon._run` replaces that with the time the
+    runner asks for as soon as a run ends; the proposal only keeps the job alive meanwhile (a
+    trigger that proposes nothing has its job removed), and would retry a job whose run
+    somehow never rescheduled it."""
+
+    __slots__ = ()
+    INTERVAL = timedelta(days=1)
+
+    def get_next_fire_time(
+        self, previous_fire_time: datetime | None, now: datetime
+    ) -> datetime | None:
+        return (previous_fire_time or now) + self.INTERVAL
+
+
 class Daemon:
     def __init__(
         self,
@@ -112,6 +130,8 @@ class Daemon:
             executors={"default": ThreadPoolExecutor(config.settings.max_concurrent_refreshes)},
             job_defaults={"misfire_grace_time": None, "coalesce": True, "max_instances": 1},
         )
+        # Handed to the pool is no longer held back, even if it waits there for a thread.
+        self.scheduler.add_listener(self._submitted, EVENT_JOB_SUBMITTED)
         self._stopping = threading.Event()
         self._stopped = threading.Event()
         self.elector: LeaseElector | None = None
@@ -213,13 +233,17 @@ class Daemon:
         self.guard.arm(runner.job.name, delay)
         # APScheduler compares run dates with its own reading of the wall clock.
         run_date = datetime.now(UTC) + timedelta(seconds=delay)
-        self.scheduler.add_job(
-            self._run,
-            trigger=DateTrigger(run_date=run_date),
-            args=[runner],
-            id=runner.job.name,
-            replace_existing=True,
-        )
+        try:
+            self.scheduler.modify_job(runner.job.name, next_run_time=run_date)
+        except JobLookupError:  # the first run since this replica started leading
+            self.scheduler.add_job(
+                self._run,
+                trigger=_Backstop(),
+                next_run_time=run_date,
+                args=[runner],
+                id=runner.job.name,
+                replace_existing=True,  # two threads may both have found it missing
+            )
 
     def _run_overdue(self, name: str) -> None:
         """The guard saw `name`'s monotonic deadline pass while the scheduler still holds it
@@ -231,19 +255,26 @@ class Daemon:
             runner.clock_moved(seconds)
             # After a forward jump, a job whose refresh point the clock passed runs now, once
             # (its next run is planned from the new time), whichever clock the scheduler saw.
-            if seconds > 0 and self._leading.is_set() and runner.is_due():
-                self._run_now(runner.job.name, "refreshing now: the wall clock jumped past it")
+            # A job the guard holds no deadline for is running (it plans its next run when
+            # it ends) or the daemon is not leading. Should a run end between this check and
+            # the change, the scheduler skips the second instance and proposes the backstop;
+            # the guard still holds the planned deadline, so the job runs then, late by the
+            # guard's grace.
+            name = runner.job.name
+            if seconds > 0 and self.guard.is_armed(name) and runner.is_due():
+                self._run_now(name, "refreshing now: the wall clock jumped past it")
 
     def _run_now(self, name: str, why: str) -> None:
         try:
             self.scheduler.modify_job(name, next_run_time=datetime.now(UTC))
         except JobLookupError:
-            pass  # it is running or about to, or the daemon stopped leading
-        else:
-            log.info(why, extra={"token": name})
+            return  # the daemon stopped leading meanwhile
+        log.info(why, extra={"token": name})
+
+    def _submitted(self, event: JobSubmissionEvent) -> None:
+        self.guard.disarm(event.job_id)
 
     def _run(self, runner: JobRunner) -> None:
-        self.guard.disarm(runner.job.name)
         if self._stopping.is_set() or not self._leading.is_set():
             return
         self.guard.check_clock()

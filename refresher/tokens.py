@@ -10,11 +10,13 @@ A claimed lifetime beyond `MAX_LIFETIME_SECONDS` (a year) is not believed: see
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 import jwt
@@ -61,15 +63,31 @@ class Token:
         return now < self.expires_at
 
 
-def jwt_claims(access_token: str) -> dict[str, Any] | None:
+def jwt_claims(access_token: str) -> Mapping[str, Any] | None:
     """The claims of a JWT, or None when the token is opaque (or not a well-formed JWT)."""
     if access_token.count(".") != 2:
         return None
+    if len(access_token) > _CACHED_TOKEN_CHARS:  # no real token; not worth memory
+        return _decode(access_token)
+    return _decode_cached(access_token)
+
+
+# A refresh decodes its new token twice (its expiry, then whether the file sink needs a
+# metadata file beside it), and decoding is a tenth of a refresh's own CPU, so the last few
+# decodes are remembered. Those tokens are held in memory by their jobs anyway.
+_CACHED_TOKEN_CHARS = 16 * 1024
+
+
+def _decode(access_token: str) -> Mapping[str, Any] | None:
     try:
         claims = jwt.decode(access_token, options={"verify_signature": False})
     except jwt.PyJWTError:
         return None
-    return claims if isinstance(claims, dict) else None
+    # Read-only: a cached mapping is shared by every caller.
+    return MappingProxyType(claims) if isinstance(claims, dict) else None
+
+
+_decode_cached = functools.lru_cache(maxsize=64)(_decode)
 
 
 def _numeric_claim(claims: Mapping[str, Any], name: str) -> float | None:

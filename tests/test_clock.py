@@ -22,8 +22,8 @@ import yaml
 
 from refresher.clockguard import ClockGuard
 from refresher.daemon import Daemon
-from refresher.localidp import LocalIdP
-from tests.conftest import config_of, job_for, running, wait_for
+from refresher.localidp import Fault, LocalIdP
+from tests.conftest import LogCapture, config_of, job_for, running, wait_for
 
 
 class JumpingClock:
@@ -82,9 +82,10 @@ def test_a_jump_is_the_change_of_wall_minus_monotonic_beyond_slew() -> None:
     assert jumps == [pytest.approx(-3600.0), pytest.approx(60.0)]
 
 
-def test_the_guard_reports_each_deadline_once_and_only_live_ones() -> None:
+def test_the_guard_reports_each_held_back_deadline_once_and_only_live_ones() -> None:
     overdue: list[str] = []
-    guard = ClockGuard(overdue.append, lambda seconds: None, grace=0.0).start()
+    clock = JumpingClock()
+    guard = ClockGuard(overdue.append, lambda seconds: None, wall=clock, grace=0.0).start()
     try:
         guard.arm("late", 0.3)
         guard.arm("early", 0.05)
@@ -92,10 +93,24 @@ def test_the_guard_reports_each_deadline_once_and_only_live_ones() -> None:
         guard.arm("replaced", 0.2)  # the later deadline replaces the earlier one
         guard.arm("started", 0.1)
         guard.disarm("started")  # the job started before its deadline: nothing to do
+        clock.offset = -3600.0  # every run date is an hour away on the wall clock now
         wait_for(lambda: len(overdue) == 3, timeout=5)
         time.sleep(0.2)
         assert overdue == ["early", "replaced", "late"]
         assert guard.pending() == 0
+    finally:
+        guard.stop()
+
+
+def test_a_deadline_the_wall_clock_passed_too_is_left_to_the_scheduler() -> None:
+    # Late by both clocks means a busy pool (or a slewed clock), not a held-back job: the
+    # scheduler runs it as soon as it can, and "running it now" would only say so wrongly.
+    overdue: list[str] = []
+    guard = ClockGuard(overdue.append, lambda seconds: None, grace=0.0).start()
+    try:
+        guard.arm("busy", 0.05)
+        wait_for(lambda: guard.pending() == 0, timeout=5)
+        assert overdue == []
     finally:
         guard.stop()
 
@@ -162,6 +177,26 @@ def test_a_forward_jump_refreshes_once_at_once_then_keeps_the_cadence(
     assert behind <= 2, behind
     assert during in CADENCE, during
     assert set(sampler.verdicts) == {"valid"}, sampler.verdicts
+
+
+def test_a_job_waiting_for_a_pool_thread_is_not_taken_for_one_held_back(
+    make_idp: Callable[..., LocalIdP], secret_file: Path, tmp_path: Path, all_logs: LogCapture
+) -> None:
+    # One thread, two jobs due at once, the first answer slow: the second job waits in the
+    # pool past its deadline. That is a busy pool, not a clock jump: running it "again" would
+    # only make the scheduler skip a second instance (and say so).
+    idp = make_idp("generic", lifetime=3600)
+    idp.fail_next(Fault.SLOW, slow_seconds=1.5)
+    jobs = [
+        job_for(idp, secret_file, tmp_path / name, name=name, scopes=[name])
+        for name in ("first", "second")
+    ]
+    with running(config_of(*jobs, max_concurrent_refreshes=1)):
+        wait_for(lambda: (tmp_path / "first").exists() and (tmp_path / "second").exists())
+        time.sleep(0.5)
+    assert idp.token_requests == 2
+    assert "held back" not in all_logs.text
+    assert "skipped" not in all_logs.text
 
 
 # ------------------------------------------------------------- the whole process, libfaketime
