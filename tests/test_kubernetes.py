@@ -253,7 +253,37 @@ def test_file_only_setups_never_import_kubernetes(
     assert (tmp_path / "t").exists()
 
 
-def test_a_secret_deleted_under_a_job_fails_it_alone_and_it_recovers(
+def _empty_secret(kube_api: FakeKubeAPI) -> None:
+    kube_api.put_object("secrets", NS, "api-token", {"metadata": {"name": "api-token"}, "data": {}})
+
+
+def _revoke_rbac_in_namespace(kube_api: FakeKubeAPI) -> None:
+    everything = frozenset({"get", "list", "create", "update", "patch", "delete"})
+    kube_api.rbac = RBAC([Rule(everything, "*", "elsewhere")])
+
+
+def _restore_rbac(kube_api: FakeKubeAPI) -> None:
+    kube_api.rbac = None
+
+
+# (break the Secret sink, what its error says, fix it)
+SECRET_TROUBLE = {
+    "deleted": (
+        lambda api: api.delete_object("secrets", NS, "api-token"),
+        "secret 'api-token' in namespace 'tokens' does not exist",
+        _empty_secret,
+    ),
+    "rbac-revoked": (
+        _revoke_rbac_in_namespace,
+        "RBAC does not allow `patch` on secret 'api-token' in namespace 'tokens'",
+        _restore_rbac,
+    ),
+}
+
+
+@pytest.mark.parametrize("trouble", list(SECRET_TROUBLE))
+def test_a_broken_secret_fails_its_job_alone_and_it_recovers(
+    trouble: str,
     make_idp: Callable[..., LocalIdP],
     secret_file: Path,
     tmp_path: Path,
@@ -261,25 +291,27 @@ def test_a_secret_deleted_under_a_job_fails_it_alone_and_it_recovers(
     kube_api: FakeKubeAPI,
     all_logs: Any,
 ) -> None:
+    break_it, says, fix_it = SECRET_TROUBLE[trouble]
     idp = make_idp("lucidworks", lifetime=3)
-    deleted = job_for(idp, secret_file, tmp_path / "unused", name="deleted")
-    deleted["sinks"] = [{"type": "kubernetes", "name": "api-token"}]  # no create
+    broken = job_for(idp, secret_file, tmp_path / "unused", name="broken")
+    broken["sinks"] = [{"type": "kubernetes", "name": "api-token"}]  # no create
     other = job_for(
         idp, secret_file, tmp_path / "other", name="other", scopes=["machinelearning.model"]
     )
-    kube_api.put_object("secrets", NS, "api-token", {"metadata": {"name": "api-token"}, "data": {}})
-    config = config_of(deleted, other, kubernetes={"kubeconfig": str(kubeconfig)})
+    _empty_secret(kube_api)
+    config = config_of(broken, other, kubernetes={"kubeconfig": str(kubeconfig)})
     with running(config) as daemon:
         runner, other_runner = daemon.runners
         wait_for(lambda: runner.snapshot().ready and other_runner.snapshot().ready)
-        kube_api.delete_object("secrets", NS, "api-token")
+        break_it(kube_api)
         wait_for(lambda: runner.failures >= 2, timeout=10)
         assert runner.last_error is not None and runner.last_error.reason is Reason.SINK
-        assert (
-            "secret 'api-token' in namespace 'tokens' does not exist" in runner.last_error.message
+        assert says in runner.last_error.message
+        assert says in all_logs.text
+        failures = daemon.metrics.registry.get_sample_value(
+            "refresher_refresh_failures_total", {"token": "broken", "reason": "sink"}
         )
-        assert runner.stats.failures.get("sink", 0) >= 2
-        assert "does not exist" in all_logs.text
+        assert failures is not None and failures >= 2
         # The other job goes on refreshing on its own schedule, undisturbed.
         issued_other = sum(1 for t in idp.issued if "machinelearning.model" in t.scopes)
         wait_for(
@@ -289,11 +321,10 @@ def test_a_secret_deleted_under_a_job_fails_it_alone_and_it_recovers(
             timeout=5,
         )
         assert other_runner.failures == 0
-        # Fixed: the Secret is back, and the held token is written without asking the IdP.
+        # Fixed: the held token is written without asking the IdP again (one more request at
+        # most: the held token may have reached its refresh point meanwhile).
         requests_before = len([t for t in idp.issued if "machinelearning.predict" in t.scopes])
-        kube_api.put_object(
-            "secrets", NS, "api-token", {"metadata": {"name": "api-token"}, "data": {}}
-        )
+        fix_it(kube_api)
         wait_for(lambda: runner.snapshot().ready, timeout=5)
     assert data_of(kube_api)["token"] == runner.token.access_token  # type: ignore[union-attr]
     assert (
