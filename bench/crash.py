@@ -258,11 +258,12 @@ def main() -> None:
     result = run(args.kills, args.seed)
     rows: list[tuple[str, Any]] = [
         ("kill -9 rounds", result.kills),
+        ("  aimed inside a write (0-1 ms after the IdP issued)", result.kills - result.kills_idle),
+        ("  aimed at an idle moment (restart must reuse the token)", result.kills_idle),
         (
-            "  of which mid-refresh (sinks disagreed or held the old token)",
+            "  found mid-refresh (sinks disagreed or held the old token)",
             result.kills_during_refresh,
         ),
-        ("  of which between refreshes (restart must reuse the token)", result.kills_idle),
         ("torn or empty files", result.torn_or_empty_files),
         ("tokens the IdP never issued", result.unknown_tokens),
         ("inconsistent Secrets", result.inconsistent_secrets),
