@@ -13,6 +13,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -84,25 +85,34 @@ def window(sink: str, refreshes: int) -> dict[str, Any]:
     return {"windows": windows, "api_requests_per_refresh": per_refresh}
 
 
+def one_job_daemon(url: str, folder: Path) -> tuple[Daemon, Callable[[], None]]:
+    """A daemon with one file job that has its first token, and one full refresh cycle
+    (fetch, validate, write, metrics, log, reschedule) to call as often as wanted."""
+    sinks = [{"type": "file", "path": str(folder / "token")}]
+    config = validate(
+        {
+            "tokens": [job("o", url, secret_file(folder), sinks)],
+            "metrics": {"enabled": False},
+            **UNLIMITED,
+        }
+    )
+    daemon = Daemon(config)
+    daemon.scheduler.start(paused=True)  # rescheduling is measured; nothing runs by itself
+    daemon._leading.set()
+    (runner,) = daemon.runners
+    runner.step()
+
+    def cycle() -> None:
+        daemon._schedule(runner, runner.attempt())
+
+    return daemon, cycle
+
+
 def overhead(cycles: int) -> dict[str, Any]:
     quiet_logs()
     with idp_process("generic") as url, tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        secret = secret_file(folder)
-        config = validate(
-            {
-                "tokens": [
-                    job("o", url, secret, [{"type": "file", "path": str(folder / "token")}])
-                ],
-                "metrics": {"enabled": False},
-                **UNLIMITED,
-            }
-        )
-        daemon = Daemon(config)
-        daemon.scheduler.start(paused=True)  # rescheduling is measured; nothing runs by itself
-        daemon._leading.set()
-        (runner,) = daemon.runners
-        runner.step()
+        daemon, cycle = one_job_daemon(url, folder)
 
         session = requests.Session()
         headers = {
@@ -120,9 +130,6 @@ def overhead(cycles: int) -> dict[str, Any]:
             )
             atomic_write(bare_file, answer.json()["access_token"].encode(), 0o600)
             sync_dir(folder)
-
-        def cycle() -> None:
-            daemon._schedule(runner, runner.attempt())
 
         samples: dict[str, list[tuple[float, float]]] = {"bare": [], "cycle": []}
         for _ in range(10):  # warm both paths (connections, caches)
