@@ -71,7 +71,7 @@ _warned_readable: set[Path] = set()
 
 # A client secret or a credentials.cfg is a few hundred bytes; a file far larger (or endless,
 # like /dev/zero given by mistake) is not one and is not read into memory.
-MAX_CREDENTIAL_FILE_CHARS = 64 * 1024
+MAX_CREDENTIAL_FILE_BYTES = 64 * 1024
 
 
 def _read_text(path: Path) -> str:
@@ -83,24 +83,33 @@ def _read_text(path: Path) -> str:
     such start would teach operators to ignore the one that matters.
     """
     try:
-        with open(path, encoding="utf-8") as handle:
-            mode = os.fstat(handle.fileno()).st_mode
-            if mode & stat.S_IROTH and path not in _warned_readable:
-                _warned_readable.add(path)
-                log.warning("credential file is readable by every user", extra={"path": str(path)})
-            text = handle.read(MAX_CREDENTIAL_FILE_CHARS + 1)
-    except UnicodeDecodeError:
-        raise RefreshError(Reason.CREDENTIALS, f"{path} is not UTF-8 text") from None
-    except ValueError:  # open() refuses a NUL byte or a lone surrogate in the path
+        # os.open rather than a text-mode open(): read on every attempt, and a text wrapper
+        # costs more than the read itself.
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except ValueError:  # a NUL byte or a lone surrogate in the path
         raise RefreshError(
             Reason.CREDENTIALS, f"cannot read {str(path)!r}: not a valid path"
         ) from None
-    if len(text) > MAX_CREDENTIAL_FILE_CHARS:
+    try:
+        if os.fstat(fd).st_mode & stat.S_IROTH and path not in _warned_readable:
+            _warned_readable.add(path)
+            log.warning("credential file is readable by every user", extra={"path": str(path)})
+        chunks: list[bytes] = []
+        size = 0
+        while size <= MAX_CREDENTIAL_FILE_BYTES and (chunk := os.read(fd, 64 * 1024)):
+            chunks.append(chunk)
+            size += len(chunk)
+    finally:
+        os.close(fd)
+    if size > MAX_CREDENTIAL_FILE_BYTES:
         raise RefreshError(
             Reason.CREDENTIALS,
-            f"{path} is longer than {MAX_CREDENTIAL_FILE_CHARS} characters; not a credential",
+            f"{path} is longer than {MAX_CREDENTIAL_FILE_BYTES} bytes; not a credential",
         )
-    return text
+    try:
+        return b"".join(chunks).decode("utf-8")
+    except UnicodeDecodeError:
+        raise RefreshError(Reason.CREDENTIALS, f"{path} is not UTF-8 text") from None
 
 
 def read_lucidtech_cfg(path: Path) -> dict[str, str]:

@@ -67,6 +67,7 @@ def build_request(job: TokenJobConfig, credentials: Credentials) -> TokenRequest
 
     headers = {
         "Accept": "application/json",
+        "Accept-Encoding": "gzip, deflate",
         # A cached token answer would be another client's or a revoked one.
         "Cache-Control": "no-cache",
         "Content-Type": "application/x-www-form-urlencoded",
@@ -97,12 +98,6 @@ def new_session(pool_size: int = 10) -> requests.Session:
     for prefix in ("https://", "http://"):
         session.mount(prefix, HTTPAdapter(max_retries=0, pool_maxsize=pool_size))
     return session
-
-
-def _keep_headers(request: requests.PreparedRequest) -> requests.PreparedRequest:
-    # Passed as `auth` so that requests never substitutes .netrc credentials for ours
-    # (proxy settings from the environment still apply).
-    return request
 
 
 # ----------------------------------------------------------------------- answer judgement
@@ -294,6 +289,19 @@ class IdPClient:
     def __init__(self, session: requests.Session, clock: Clock = time.time) -> None:
         self.session = session
         self.clock = clock
+        self._environment: dict[tuple[str, bool | str], dict[str, Any]] = {}
+
+    def _environment_settings(self, url: str, verify: bool | str) -> dict[str, Any]:
+        """Proxies and CA bundle from the environment (`HTTPS_PROXY`, `NO_PROXY`,
+        `REQUESTS_CA_BUNDLE`), as `requests` would apply them, worked out once per URL:
+        `requests` re-reads the whole environment on every request, a tenth of a millisecond,
+        and a daemon's environment does not change under it."""
+        key = (url, verify)
+        settings = self._environment.get(key)
+        if settings is None:
+            settings = dict(self.session.merge_environment_settings(url, {}, True, verify, None))
+            self._environment[key] = settings
+        return settings
 
     def fetch(self, job: TokenJobConfig, credentials: Credentials) -> Token:
         request = build_request(job, credentials)
@@ -306,16 +314,22 @@ class IdPClient:
         host = urlsplit(request.url).netloc
         deadline = time.monotonic() + request.connect_timeout + request.read_timeout
         try:
-            with self.session.post(
+            # Prepared alone, not by the session: the session would merge its cookie jar,
+            # default headers and .netrc credentials into every request, which costs as much
+            # as the rest of the refresh's own work. A token request needs none of them: its
+            # headers are all set in `build_request`.
+            prepared = requests.Request(
+                "POST",
                 request.url,
                 params=request.query,
                 data=request.form,
                 headers=request.headers,
+            ).prepare()
+            with self.session.send(
+                prepared,
                 timeout=(request.connect_timeout, request.read_timeout),
-                verify=request.verify,
-                auth=_keep_headers,
                 allow_redirects=False,
-                stream=True,
+                **self._environment_settings(request.url, request.verify),
             ) as response:
                 body = _read_capped(response, deadline, host)
                 status, headers = response.status_code, response.headers

@@ -627,7 +627,7 @@ def test_a_world_readable_lucidtech_file_warns_too(
     ("content", "message"),
     [
         (b"\xff\xfe" + CLIENT_SECRET.encode("utf-16-le"), "not UTF-8 text"),
-        (CLIENT_SECRET.encode() * 5000, "longer than 65536 characters"),
+        (CLIENT_SECRET.encode() * 5000, "longer than 65536 bytes"),
     ],
     ids=["binary", "huge"],
 )

@@ -51,6 +51,49 @@ def test_each_preset_speaks_its_providers_dialect(
     assert issued.scopes == frozenset(SHAPE_SCOPES[provider])
 
 
+def test_proxy_settings_from_the_environment_apply(
+    make_idp: Callable[..., LocalIdP],
+    secret_file: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The LocalIdP answers a proxy-form request (`POST http://host:port/path`) as if it were
+    # that host, so it stands in for a forward proxy. The token URL names a loopback address
+    # where nothing listens: only through the proxy is there an answer.
+    idp = make_idp("generic", lifetime=3600)
+    nowhere = f"http://127.0.0.2:9/{idp.token_url.split('/', 3)[3]}"
+    job = job_model(idp, secret_file, tmp_path, token_url=nowhere)
+    monkeypatch.setenv("HTTP_PROXY", idp.base_url)
+    token = IdPClient(new_session()).fetch(job, job.credentials())
+    assert idp.token_status(token.access_token) == "valid"
+    # NO_PROXY names the host: straight to it, and nothing answers there.
+    monkeypatch.setenv("NO_PROXY", "127.0.0.2")
+    with pytest.raises(RefreshError) as caught:
+        IdPClient(new_session()).fetch(job, job.credentials())
+    assert caught.value.reason is Reason.NETWORK
+
+
+def test_a_netrc_never_replaces_the_jobs_credentials(
+    make_idp: Callable[..., LocalIdP],
+    secret_file: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # requests' convenience path fills in Basic credentials from ~/.netrc for a matching host.
+    idp = make_idp("generic", lifetime=3600)
+    home = tmp_path / "home"
+    home.mkdir()
+    netrc = home / ".netrc"
+    netrc.write_text("machine 127.0.0.1 login someone-else password not-ours\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("NETRC", str(netrc))
+    job = job_model(idp, secret_file, tmp_path)
+    token = IdPClient(new_session()).fetch(job, job.credentials())
+    assert idp.token_status(token.access_token) == "valid"
+    assert idp.issued[-1].client_id == job.credentials().client_id
+
+
 def test_fusion_combines_two_scopes_in_one_token(
     make_idp: Callable[..., LocalIdP], secret_file: Path, tmp_path: Path, client: IdPClient
 ) -> None:
