@@ -51,18 +51,25 @@ def test_each_preset_speaks_its_providers_dialect(
     assert issued.scopes == frozenset(SHAPE_SCOPES[provider])
 
 
+@pytest.fixture
+def generic_idp(make_idp: Callable[..., LocalIdP]) -> LocalIdP:
+    return make_idp("generic", lifetime=3600)
+
+
+@pytest.fixture
+def job_of(secret_file: Path, tmp_path: Path) -> Callable[..., TokenJobConfig]:
+    return lambda idp, **overrides: job_model(idp, secret_file, tmp_path, **overrides)
+
+
 def test_proxy_settings_from_the_environment_apply(
-    make_idp: Callable[..., LocalIdP],
-    secret_file: Path,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    generic_idp: LocalIdP, job_of: Callable[..., TokenJobConfig], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The LocalIdP answers a proxy-form request (`POST http://host:port/path`) as if it were
     # that host, so it stands in for a forward proxy. The token URL names a loopback address
     # where nothing listens: only through the proxy is there an answer.
-    idp = make_idp("generic", lifetime=3600)
+    idp = generic_idp
     nowhere = f"http://127.0.0.2:9/{idp.token_url.split('/', 3)[3]}"
-    job = job_model(idp, secret_file, tmp_path, token_url=nowhere)
+    job = job_of(idp, token_url=nowhere)
     monkeypatch.setenv("HTTP_PROXY", idp.base_url)
     token = IdPClient(new_session()).fetch(job, job.credentials())
     assert idp.token_status(token.access_token) == "valid"
@@ -74,13 +81,13 @@ def test_proxy_settings_from_the_environment_apply(
 
 
 def test_a_netrc_never_replaces_the_jobs_credentials(
-    make_idp: Callable[..., LocalIdP],
-    secret_file: Path,
+    generic_idp: LocalIdP,
+    job_of: Callable[..., TokenJobConfig],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # requests' convenience path fills in Basic credentials from ~/.netrc for a matching host.
-    idp = make_idp("generic", lifetime=3600)
+    idp = generic_idp
     home = tmp_path / "home"
     home.mkdir()
     netrc = home / ".netrc"
@@ -88,7 +95,7 @@ def test_a_netrc_never_replaces_the_jobs_credentials(
     netrc.chmod(0o600)
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.setenv("NETRC", str(netrc))
-    job = job_model(idp, secret_file, tmp_path)
+    job = job_of(idp)
     token = IdPClient(new_session()).fetch(job, job.credentials())
     assert idp.token_status(token.access_token) == "valid"
     assert idp.issued[-1].client_id == job.credentials().client_id
