@@ -85,6 +85,22 @@ def window(sink: str, refreshes: int) -> dict[str, Any]:
     return {"windows": windows, "api_requests_per_refresh": per_refresh}
 
 
+# The physical limit every figure is held against: one bare `requests` POST for a token and
+# one fsynced file write of it, nothing else.
+BARE_HEADERS = {"Authorization": basic_authorization(CLIENT_ID, CLIENT_SECRET, form_encode=True)}
+
+
+def bare_refresh(session: requests.Session, url: str, scope: str, path: Path) -> None:
+    answer = session.post(
+        url,
+        data={"grant_type": "client_credentials", "scope": scope},
+        headers=BARE_HEADERS,
+        timeout=10,
+    )
+    atomic_write(path, answer.json()["access_token"].encode(), 0o600)
+    sync_dir(path.parent)
+
+
 def one_job_daemon(url: str, folder: Path) -> tuple[Daemon, Callable[[], None]]:
     """A daemon with one file job that has its first token, and one full refresh cycle
     (fetch, validate, write, metrics, log, reschedule) to call as often as wanted."""
@@ -115,21 +131,9 @@ def overhead(cycles: int) -> dict[str, Any]:
         daemon, cycle = one_job_daemon(url, folder)
 
         session = requests.Session()
-        headers = {
-            "Authorization": basic_authorization(CLIENT_ID, CLIENT_SECRET, form_encode=True),
-            "Content-Type": "application/x-www-form-urlencoded",
-        }
-        bare_file = folder / "bare"
 
         def bare() -> None:
-            answer = session.post(
-                url,
-                data={"grant_type": "client_credentials", "scope": "o"},
-                headers=headers,
-                timeout=10,
-            )
-            atomic_write(bare_file, answer.json()["access_token"].encode(), 0o600)
-            sync_dir(folder)
+            bare_refresh(session, url, "o", folder / "bare")
 
         samples: dict[str, list[tuple[float, float]]] = {"bare": [], "cycle": []}
         for _ in range(10):  # warm both paths (connections, caches)
@@ -185,9 +189,7 @@ class Written:
                     self.done.set()
 
 
-def bare_concurrent(
-    url: str, headers: dict[str, str], n: int, folder: Path, concurrency: int
-) -> float:
+def bare_concurrent(url: str, n: int, folder: Path, concurrency: int) -> float:
     """Seconds for `concurrency` threads of bare `requests` calls plus fsynced writes to
     fetch and write `n` tokens: what this machine and this IdP allow at that concurrency."""
     folder.mkdir()
@@ -201,11 +203,7 @@ def bare_concurrent(
                 i = next(remaining, None)
             if i is None:
                 return
-            answer = session.post(
-                url, data={"grant_type": "client_credentials", "scope": f"job-{i}"}, headers=headers
-            )
-            atomic_write(folder / f"token-{i}", answer.json()["access_token"].encode(), 0o600)
-            sync_dir(folder)
+            bare_refresh(session, url, f"job-{i}", folder / f"token-{i}")
 
     threads = [threading.Thread(target=worker) for _ in range(concurrency)]
     begun = time.perf_counter()
@@ -222,17 +220,16 @@ def scale(n: int, idle: float) -> dict[str, Any]:
         folder = Path(tmp)
         secret = secret_file(folder)
         session = requests.Session()
-        headers = {"Authorization": basic_authorization(CLIENT_ID, CLIENT_SECRET, form_encode=True)}
         rtts = []
         for _ in range(30):
             begun = time.perf_counter()
             session.post(
-                url, data={"grant_type": "client_credentials", "scope": "x"}, headers=headers
+                url, data={"grant_type": "client_credentials", "scope": "x"}, headers=BARE_HEADERS
             )
             rtts.append(time.perf_counter() - begun)
         config = _config(n, url, secret, folder)
         concurrency = config.settings.max_concurrent_refreshes
-        bare_startup = bare_concurrent(url, headers, n, folder / "bare", concurrency)
+        bare_startup = bare_concurrent(url, n, folder / "bare", concurrency)
         base_rss = rss_mb()
         written = Written(n)
         begun = time.perf_counter()
@@ -267,7 +264,7 @@ def scale(n: int, idle: float) -> dict[str, Any]:
         "startup": startup,
         "bare_startup": bare_startup,
         "rtt": statistics.median(rtts),
-        "concurrency": config.settings.max_concurrent_refreshes,
+        "concurrency": concurrency,
         "base_rss_mb": base_rss,
         "peak_rss_mb": peak,
         "idle_cpu_percent": idle_cpu,

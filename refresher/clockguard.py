@@ -36,6 +36,12 @@ JUMP_THRESHOLD_SECONDS = 1.0
 SLEW_RATE = 0.001
 
 
+def slew_allowance(seconds: float) -> float:
+    """How far the wall clock may drift from the monotonic one over `seconds` without having
+    jumped."""
+    return max(JUMP_THRESHOLD_SECONDS, SLEW_RATE * seconds)
+
+
 class ClockGuard:
     def __init__(
         self,
@@ -108,7 +114,7 @@ class ClockGuard:
         with self._lock:
             offset = wall - monotonic
             jump = offset - self._offset
-            allowed = max(JUMP_THRESHOLD_SECONDS, SLEW_RATE * (monotonic - self._offset_seen_at))
+            allowed = slew_allowance(monotonic - self._offset_seen_at)
             self._offset, self._offset_seen_at = offset, monotonic
         if abs(jump) <= allowed:
             return 0.0
@@ -165,6 +171,6 @@ class ClockGuard:
                     continue  # superseded or disarmed
                 del self._live[name]
                 _, run_date, delay = live
-                if run_date - wall > max(JUMP_THRESHOLD_SECONDS, SLEW_RATE * delay):
+                if run_date - wall > slew_allowance(delay):
                     overdue.append(name)
         return overdue

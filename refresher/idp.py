@@ -299,7 +299,8 @@ class IdPClient:
         key = (url, verify)
         settings = self._environment.get(key)
         if settings is None:
-            settings = dict(self.session.merge_environment_settings(url, {}, True, verify, None))
+            merged = self.session.merge_environment_settings(url, {}, None, verify, None)
+            settings = {"proxies": merged["proxies"], "verify": merged["verify"]}
             self._environment[key] = settings
         return settings
 
@@ -329,6 +330,7 @@ class IdPClient:
                 prepared,
                 timeout=(request.connect_timeout, request.read_timeout),
                 allow_redirects=False,
+                stream=True,  # read by `_read_capped`, never whole into memory
                 **self._environment_settings(request.url, request.verify),
             ) as response:
                 body = _read_capped(response, deadline, host)
