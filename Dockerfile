@@ -7,9 +7,11 @@
 #       -p 9464:9464 refresher:0.1.0
 #
 # Two stages on the same pinned base, so the virtualenv built in the first runs unchanged in
-# the second: `build` makes the wheel (the only place build tools and downloads exist) and
-# installs it with its dependencies into /opt/refresher; the final stage copies that
-# virtualenv alone, with no pip, wheel, build tree or cache.
+# the second: `build` installs the runtime dependencies from requirements.lock (exact
+# versions, each file checked against its sha256 from PyPI) into /opt/refresher, then makes
+# the wheel (the only place build tools and downloads exist) and installs it without
+# dependencies; the final stage copies that virtualenv alone, with no pip, wheel, build tree
+# or cache. requirements.lock is written by `make lock` and covers Python 3.11 and 3.12.
 #
 # The final image runs as the numeric non-root user 65532 and writes nothing outside mounted
 # volumes: bytecode is compiled at build time, PYTHONDONTWRITEBYTECODE stops any write at run
@@ -19,20 +21,32 @@
 
 FROM python:3.12.10-slim-bookworm AS build
 
+# No pip configuration file applies (PIP_CONFIG_FILE=/dev/null skips them all): the lock holds
+# the hashes of PyPI's files, and a pip.conf in a base image could point pip elsewhere.
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_ROOT_USER_ACTION=ignore \
+    PIP_CONFIG_FILE=/dev/null \
     PYTHONDONTWRITEBYTECODE=1
 
 WORKDIR /src
+
+# A virtualenv without pip, into which the build stage's pip installs the locked runtime
+# dependencies (byte-compiled). Its own layer: it is rebuilt only when the lock changes.
+COPY requirements.lock ./
+RUN python -m venv --without-pip /opt/refresher \
+    && python -m pip --python /opt/refresher/bin/python install --no-cache-dir \
+        --require-hashes -r requirements.lock
+
 COPY pyproject.toml README.md ./
 COPY refresher/ refresher/
 
-# The wheel, then a virtualenv without pip into which the build stage's pip installs it
-# (with its dependencies, byte-compiled).
+# The wheel, installed without dependencies; `pip check` fails the build if pyproject.toml
+# asks for something the lock does not provide (run `make lock`).
 RUN python -m pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . \
-    && python -m venv --without-pip /opt/refresher \
-    && python -m pip --python /opt/refresher/bin/python install --no-cache-dir /wheels/refresher-*.whl \
+    && python -m pip --python /opt/refresher/bin/python install --no-cache-dir --no-deps \
+        /wheels/refresher-*.whl \
+    && python -m pip --python /opt/refresher/bin/python check \
     && /opt/refresher/bin/refresher --version
 
 

@@ -2,11 +2,18 @@
 
 No engine is reachable here, so the image's build stage is performed on this machine: its
 COPY, ENV and RUN instructions are read from the Dockerfile itself and run with the image's
-absolute paths moved into a temporary folder. The wheel is built and installed into a fresh
-virtualenv exactly as the image does it, and the result is run the way the image's
+absolute paths moved into a temporary folder. The locked runtime dependencies
+(requirements.lock, hash-checked, from PyPI) and the wheel (without dependencies) are installed
+into a fresh virtualenv exactly as the image does it, and the result is run the way the image's
 ENTRYPOINT and environment run it: `refresher --version`, `refresher check` on the examples.
 A change that breaks the recipe (a file the build needs but does not copy, a dependency that
-no longer installs, an entry point that moved) fails here, not in someone's registry.
+no longer installs, a hash that is not PyPI's, an entry point that moved) fails here, not in
+someone's registry.
+
+The locks (requirements.lock for the image, requirements-dev.lock for the virtualenv and CI,
+both written by `make lock`) are also checked against pyproject.toml without the network:
+every dependency pinned within its range and hashed, nothing left over from a dropped one,
+the image's pins the same as the tested ones, one pin per package on Python 3.11 and 3.12.
 
 The Dockerfile is also parsed for the properties the image promises (multi-stage, numeric
 non-root user, exact ENTRYPOINT and CMD, no pip cache, nothing built in the final stage) and
@@ -23,22 +30,33 @@ import shutil
 import stat
 import subprocess
 import sys
+import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from packaging.markers import Marker
+from packaging.requirements import Requirement
+from packaging.utils import NormalizedName, canonicalize_name
 
 from refresher import __version__
 
 ROOT = Path(__file__).parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
+PYPROJECT = ROOT / "pyproject.toml"
+LOCK = ROOT / "requirements.lock"
+DEV_LOCK = ROOT / "requirements-dev.lock"
 UID = "65532"
 # Captured before any fixture edits the environment: pip may need a proxy to reach PyPI.
 ORIGINAL_ENV = dict(os.environ)
 # Absolute paths in the recipe that are the image's system, not the recipe's own folders.
 SYSTEM_ROOTS = {"usr", "bin", "sbin", "etc", "dev", "proc", "sys", "lib", "lib64", "var", "tmp"}
+# The host's pip settings a `docker build` would still need to reach PyPI (through a proxy or a
+# TLS-inspecting gateway); every other PIP_* variable (find-links, extra indexes, constraints)
+# stays out of the performed build, as it stays out of a real one.
+PIP_NETWORK_ENV = {"PIP_CERT", "PIP_CLIENT_CERT", "PIP_PROXY", "PIP_DEFAULT_TIMEOUT", "PIP_RETRIES"}
 
 
 # --------------------------------------------------------------------- Dockerfile parsing
@@ -184,7 +202,29 @@ def test_dockerignore_sends_only_the_sources() -> None:
     ]
     assert patterns[0] == "*", "ignore everything, then allow what the build copies"
     allowed = {p[1:].rstrip("/") for p in patterns if p.startswith("!")}
-    assert allowed == {"pyproject.toml", "README.md", "refresher"}
+    assert allowed == {"pyproject.toml", "requirements.lock", "README.md", "refresher"}
+
+
+def test_build_installs_the_lock_with_hashes_then_the_wheel_alone(
+    dockerfile: list[Stage],
+) -> None:
+    build = dockerfile[0]
+    installs = [
+        command.strip()
+        for run in build.all("RUN")
+        for command in run.arguments.split("&&")
+        if re.search(r"\bpip\b.*\binstall\b", command)
+    ]
+    assert len(installs) == 2, installs
+    locked, wheel = installs
+    assert "--require-hashes" in locked.split() and "-r requirements.lock" in locked, locked
+    assert "--no-deps" in wheel.split() and "refresher-*.whl" in wheel, wheel
+    # The lock reaches the build stage before the install that reads it, the sources after it
+    # (so the dependencies' layer survives a change to the code).
+    copied = [i.arguments.split()[:-1] for i in build.all("COPY")]
+    assert copied[0] == ["requirements.lock"], copied
+    # No pip.conf of the builder or base image can send pip to files whose hashes differ.
+    assert build.env()["PIP_CONFIG_FILE"] == "/dev/null"
 
 
 def test_hadolint_passes() -> None:
@@ -247,6 +287,7 @@ def host_env(root: Path) -> dict[str, str]:
         k: v
         for k, v in ORIGINAL_ENV.items()
         if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")
+        and (not k.startswith("PIP_") or k in PIP_NETWORK_ENV)
     }
     venv_bin = str(Path(sys.executable).parent)
     paths = [p for p in env.get("PATH", "/usr/bin:/bin").split(":") if p and p != venv_bin]
@@ -321,6 +362,30 @@ def test_recipe_builds_a_wheel_and_a_virtualenv_without_pip(built: Built) -> Non
     assert list(built.venv.rglob("refresher/__pycache__/cli.*.pyc"))
 
 
+def test_image_holds_exactly_the_runtime_lock(built: Built) -> None:
+    listing = subprocess.run(
+        [
+            str(built.venv / "bin" / "python"),
+            "-c",
+            "import importlib.metadata as m\n"
+            "for d in m.distributions(): print(d.metadata['Name'], d.version)",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    installed = {
+        canonicalize_name(name): version
+        for name, version in (line.split() for line in listing.stdout.splitlines())
+    }
+    expected = {
+        pin.name: pin.version
+        for pin in read_lock(LOCK)
+        if pin.marker is None or pin.marker.evaluate()  # on this interpreter and platform
+    }
+    assert installed == {**expected, canonicalize_name("refresher"): __version__}
+
+
 def test_installed_image_runs_the_cli_and_writes_nothing(built: Built, tmp_path: Path) -> None:
     before = snapshot(built.venv)
 
@@ -347,3 +412,116 @@ def test_installed_image_runs_the_cli_and_writes_nothing(built: Built, tmp_path:
 
     # A read-only root: running the CLI wrote nothing into the installed tree.
     assert snapshot(built.venv) == before
+
+
+# --------------------------------------------------------------------------------- the locks
+
+
+@dataclass
+class Pin:
+    name: NormalizedName
+    version: str
+    marker: Marker | None
+    hashes: list[str] = field(default_factory=list)
+    via: list[str] = field(default_factory=list)  # uv's annotations: what asked for it
+
+
+def read_lock(path: Path) -> list[Pin]:
+    """The entries of a `uv pip compile --generate-hashes` output."""
+    pins: list[Pin] = []
+    for line in path.read_text().splitlines():
+        stripped = line.strip()
+        if not stripped or line.startswith("#"):
+            continue
+        if not line[0].isspace():
+            requirement = Requirement(stripped.rstrip("\\").strip())
+            (specifier,) = requirement.specifier
+            assert specifier.operator == "==", line
+            name = canonicalize_name(requirement.name)
+            pins.append(Pin(name, specifier.version, requirement.marker))
+        elif stripped.startswith("--hash="):
+            pins[-1].hashes.append(stripped.removeprefix("--hash=").rstrip("\\").strip())
+        elif stripped.startswith("#"):
+            source = stripped.lstrip("#").strip().removeprefix("via").strip()
+            if source:
+                pins[-1].via.append(source)
+    return pins
+
+
+def project_requirements() -> tuple[list[Requirement], list[Requirement]]:
+    project = tomllib.loads(PYPROJECT.read_text())["project"]
+    runtime = [Requirement(r) for r in project["dependencies"]]
+    test = [Requirement(r) for r in project["optional-dependencies"]["test"]]
+    return runtime, test
+
+
+# CPython on the platforms people run: the image's and CI's Pythons, on Linux, macOS, Windows
+# (marker values over this interpreter's).
+PLATFORMS = {
+    "linux": {"sys_platform": "linux", "platform_system": "Linux", "os_name": "posix"},
+    "darwin": {"sys_platform": "darwin", "platform_system": "Darwin", "os_name": "posix"},
+    "win32": {"sys_platform": "win32", "platform_system": "Windows", "os_name": "nt"},
+}
+TARGETS: list[dict[str, str]] = [
+    {
+        **platform,
+        "python_version": python,
+        "python_full_version": f"{python}.0",
+        "implementation_name": "cpython",
+        "platform_python_implementation": "CPython",
+    }
+    for python in ("3.11", "3.12")
+    for platform in PLATFORMS.values()
+]
+
+
+@pytest.mark.parametrize("path", [LOCK, DEV_LOCK], ids=lambda p: p.name)
+def test_lock_pins_every_package_once_with_hashes_on_each_target(path: Path) -> None:
+    pins = read_lock(path)
+    assert pins, f"{path.name} is empty: run `make lock`"
+    for pin in pins:
+        assert pin.hashes and all(h.startswith("sha256:") for h in pin.hashes), pin.name
+    for target in TARGETS:
+        applicable = [p.name for p in pins if p.marker is None or p.marker.evaluate(target)]
+        duplicates = sorted({n for n in applicable if applicable.count(n) > 1})
+        assert not duplicates, f"{path.name}: two pins apply on {target['python_version']}"
+
+
+def test_locks_are_in_sync_with_pyproject() -> None:
+    """`make lock` was run after pyproject.toml's dependencies last changed."""
+    runtime, test = project_requirements()
+    locks = {LOCK: runtime, DEV_LOCK: runtime + test}
+    hint = "; run `make lock`"
+    for path, requirements in locks.items():
+        pins = read_lock(path)
+        by_name: dict[str, list[Pin]] = {}
+        for pin in pins:
+            by_name.setdefault(pin.name, []).append(pin)
+        for requirement in requirements:
+            name = canonicalize_name(requirement.name)
+            assert name in by_name, f"{requirement} is not in {path.name}{hint}"
+            for pin in by_name[name]:
+                assert requirement.specifier.contains(pin.version, prereleases=True), (
+                    f"{path.name} pins {name}=={pin.version}, outside {requirement}{hint}"
+                )
+        # Nothing the project no longer asks for, directly or through a locked package.
+        direct = {canonicalize_name(r.name) for r in requirements}
+        for pin in pins:
+            sources = [v for v in pin.via if not v.startswith("-c ")]
+            assert sources, f"{path.name}: nothing asks for {pin.name}{hint}"
+            for source in sources:
+                if source.startswith("refresher ("):
+                    assert pin.name in direct, f"{path.name}: {pin.name} is not in pyproject{hint}"
+                else:
+                    assert canonicalize_name(source) in by_name, (
+                        f"{path.name}: {pin.name} is there for {source}, which is not{hint}"
+                    )
+
+
+def test_image_runs_the_versions_ci_tests() -> None:
+    dev = {(p.name, p.version, str(p.marker)) for p in read_lock(DEV_LOCK)}
+    runtime = {(p.name, p.version, str(p.marker)) for p in read_lock(LOCK)}
+    assert runtime <= dev, sorted(runtime - dev)
+    _, test = project_requirements()
+    test_only = {canonicalize_name(r.name) for r in test}
+    assert not test_only & {name for name, _, _ in runtime}
