@@ -26,8 +26,6 @@ import yaml
 
 from bench.idp_process import CLIENT_ID, CLIENT_SECRET, idp_process
 
-ROOT = Path(__file__).resolve().parent.parent
-
 
 def table(title: str, header: list[str], rows: list[list[Any]]) -> None:
     cells = [header, *[[str(c) for c in row] for row in rows]]
@@ -77,7 +75,6 @@ def run_child(section: str, *args: str) -> dict[str, Any]:
         capture_output=True,
         text=True,
         check=False,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     if out.returncode != 0:
         raise SystemExit(f"bench.measure {section} failed:\n{out.stderr[-3000:]}")
@@ -176,7 +173,6 @@ def startup(repeats: int) -> None:
             [sys.executable, "-m", "refresher", "--version"],
             capture_output=True,
             check=True,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
         )
         version.append(time.perf_counter() - begun)
     first = []
@@ -197,14 +193,11 @@ def startup(repeats: int) -> None:
                     }
                 )
             )
-            env = {**os.environ, "PYTHONPATH": str(ROOT)}
             command = [sys.executable, "-m", "refresher", "run", "-c", str(config)]
             if i == 0:  # once with the import log, to see what a file-only start imports
                 command = [sys.executable, "-X", "importtime", *command[1:]]
             begun = time.perf_counter()
-            process = subprocess.Popen(
-                command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env
-            )
+            process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             while not token_file.exists():
                 if time.perf_counter() - begun > 30:
                     process.kill()

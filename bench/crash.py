@@ -1,6 +1,7 @@
 """kill -9 the daemon while it writes; check what the sinks hold and what a restart does.
 
-`python -m bench.crash [--kills 200]` prints a table; tests/test_crash.py runs 20 kills.
+`python -m bench.crash [--kills 200] [--json]` prints a table (or the figures as JSON);
+tests/test_crash.py runs `python -m bench.crash --kills 20 --json` and checks the figures.
 
 Each round starts `refresher run` (a JSON file sink, a raw file sink and a Kubernetes Secret
 on a local API server) and lets it settle (every sink holds the newest token). Every other
@@ -16,27 +17,25 @@ from __future__ import annotations
 
 import argparse
 import base64
+import dataclasses
 import json
-import os
 import random
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from refresher.localidp import LocalIdP  # noqa: E402
-from refresher.schedule import SchedulePolicy, refresh_at  # noqa: E402
-from refresher.tokens import fingerprint  # noqa: E402
-from tests.kubeapi import FakeKubeAPI  # noqa: E402
+from refresher.localidp import LocalIdP
+from refresher.schedule import SchedulePolicy, refresh_at
+from refresher.tokens import fingerprint
+from testdoubles.kubeapi import FakeKubeAPI
 
 CLIENT_ID, CLIENT_SECRET = "crash-client", "crash-secret-5e4d"
 LIFETIME = 2.0
@@ -97,16 +96,16 @@ def _start(config: Path, log: Path) -> subprocess.Popen[bytes]:
             [sys.executable, "-m", "refresher", "run", "-c", str(config), "--log-format", "json"],
             stdout=out,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
         )
 
 
 def _file_tokens(folder: Path, issued: set[str], result: CrashResult) -> list[str]:
     found = []
-    for name, parse in (
+    parsers: tuple[tuple[str, Callable[[str], str]], ...] = (
         ("token", lambda text: text),
-        ("token.json", lambda text: json.loads(text)["access_token"]),
-    ):
+        ("token.json", lambda text: str(json.loads(text)["access_token"])),
+    )
+    for name, parse in parsers:
         path = folder / name
         if not path.exists():
             continue
@@ -253,9 +252,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.crash")
     parser.add_argument("--kills", type=int, default=200)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args()
     begun = time.monotonic()
     result = run(args.kills, args.seed)
+    if args.json:
+        print(json.dumps(dataclasses.asdict(result)))
+        return
     rows: list[tuple[str, Any]] = [
         ("kill -9 rounds", result.kills),
         ("  aimed inside a write (0-1 ms after the IdP issued)", result.kills - result.kills_idle),

@@ -61,8 +61,7 @@ def window(sink: str, refreshes: int) -> dict[str, Any]:
         if sink == "file":
             sinks: list[dict[str, Any]] = [{"type": "file", "path": str(folder / "token")}]
         else:
-            sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-            from tests.kubeapi import FakeKubeAPI
+            from testdoubles.kubeapi import FakeKubeAPI  # only here: file runs import less
 
             kube_api = FakeKubeAPI().start()
             settings["kubernetes"] = {

@@ -1,4 +1,7 @@
-"""Soak under faults: `python -m bench.soak [--minutes 30]` prints a table; tests run ~45 s.
+"""Soak under faults: `python -m bench.soak [--minutes 30 | --seconds S] [--json]`.
+
+It prints a table (with `--json`, the figures as JSON on stdout and the table on stderr);
+tests/test_soak.py runs `python -m bench.soak --seconds 45 --json` and checks the figures.
 
 Three jobs (two on a Lucidworks-like IdP that revokes the previous token on reissue, one on a
 plain IdP) write to files and to Secrets on a local Kubernetes API server. Tokens live 6 s and
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import dataclasses
 import json
 import random
 import sys
@@ -35,14 +39,11 @@ from typing import Any
 
 import requests
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from refresher.config import validate  # noqa: E402
-from refresher.daemon import Daemon  # noqa: E402
-from refresher.localidp import Fault, LocalIdP  # noqa: E402
-from refresher.refresh import RefreshEvent  # noqa: E402
-from tests.kubeapi import FakeKubeAPI  # noqa: E402
+from refresher.config import validate
+from refresher.daemon import Daemon
+from refresher.refresh import RefreshEvent
+from testdoubles.idp import Fault, LocalIdP
+from testdoubles.kubeapi import FakeKubeAPI
 
 CLIENT_ID, CLIENT_SECRET = "soak-client", "soak-secret-0b1c"
 LIFETIME, MARGIN = 6.0, 2.0
@@ -251,7 +252,8 @@ def run(seconds: float, seed: int = 1) -> SoakResult:
                 if time.monotonic() >= end:
                     break
                 # Then a fault, shorter than the margin.
-                kind = rng.choice([*IDP_FAULTS, "kube-409", "kube-500"])
+                kinds: list[Fault | str] = [*IDP_FAULTS, "kube-409", "kube-500"]
+                kind = rng.choice(kinds)
                 stretch = rng.uniform(0.3, MARGIN * 0.75)
                 if isinstance(kind, Fault):
                     target = rng.choice([revoking, plain])
@@ -317,12 +319,31 @@ def report(result: SoakResult) -> str:
     return "\n".join(f"{name.ljust(width)}  {value}" for name, value in rows)
 
 
+def figures(result: SoakResult) -> dict[str, Any]:
+    """Every figure of a run, for `--json`."""
+    values = {f.name: getattr(result, f.name) for f in dataclasses.fields(result)}
+    # Not dataclasses.asdict: it rebuilds a Counter from (key, count) pairs, counting pairs.
+    values["faults"] = dict(result.faults)
+    return {**values, "requests_per_token": result.requests_per_token}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.soak")
-    parser.add_argument("--minutes", type=float, default=30)
+    duration = parser.add_mutually_exclusive_group()
+    duration.add_argument("--minutes", type=float, default=30)
+    duration.add_argument("--seconds", type=float, help="instead of --minutes")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--json", action="store_true", help="figures as JSON on stdout, the table on stderr"
+    )
     args = parser.parse_args()
-    print(report(run(args.minutes * 60, args.seed)))
+    seconds = args.seconds if args.seconds is not None else args.minutes * 60
+    result = run(seconds, args.seed)
+    if args.json:
+        print(report(result), file=sys.stderr)
+        print(json.dumps(figures(result)))
+    else:
+        print(report(result))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """The `refresher` command: run, once, check, status, demo.
 
 Exit codes: 0 all good; 1 a token is missing or a fetch failed; 2 the config is wrong (every
-problem printed with its path before anything runs).
+problem printed with its path before anything runs) or `run` cannot listen on its port.
 """
 
 from __future__ import annotations
@@ -14,22 +14,24 @@ import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from refresher import __version__, logs
+from refresher.clock import format_utc
 from refresher.config import Config, load_config
 from refresher.errors import ConfigError, RefreshError
 from refresher.idp import IdPClient, new_session
 from refresher.metrics import Metrics
 from refresher.refresh import JobRunner
-from refresher.schedule import refresh_at
+from refresher.schedule import stored_lifetime_bound, token_refresh_at
 from refresher.sinks import SinkFactory, describe
 
-log = logging.getLogger("refresher.cli")
+log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+# `status`'s state for a stored expiry further ahead than any token of the job lives.
+UNBELIEVABLE = "unbelievable"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -107,13 +109,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler = {"run": cmd_run, "once": cmd_once, "check": cmd_check, "status": cmd_status}[
         args.command
     ]
-    return handler(config, args)
+    try:
+        return handler(config, args)
+    finally:
+        logs.flush()  # the queued log lines, before the caller reads or the process exits
 
 
 def cmd_run(config: Config, args: argparse.Namespace) -> int:
     from refresher.daemon import Daemon
+    from refresher.http import ListenError
 
-    Daemon(config).run_forever()
+    try:
+        daemon = Daemon(config)
+    except ListenError as err:  # e.g. the port is in use: one line, like a config problem
+        print(f"refresher: {err.strerror}", file=sys.stderr)
+        return EXIT_CONFIG
+    daemon.run_forever()
     return EXIT_OK
 
 
@@ -125,9 +136,9 @@ def run_once(config: Config, metrics: Metrics) -> list[JobRunner]:
     metrics.bind_jobs(lambda: [runner.snapshot() for runner in runners])
 
     def one(runner: JobRunner) -> None:
-        runner.start()
-        if runner.is_due():
-            runner.attempt()
+        # `step` reads the sinks, then refreshes only if that is due; it counts any error on
+        # the way as a failed attempt instead of letting it end the pass with a traceback.
+        runner.step()
 
     with ThreadPoolExecutor(config.settings.max_concurrent_refreshes) as pool:
         list(pool.map(one, runners))
@@ -185,11 +196,12 @@ def cmd_check(config: Config, args: argparse.Namespace) -> int:
             print("    (a fetch would cut off every consumer; --include-revoking to do it anyway)")
             continue
         try:
-            token = idp.fetch(job, job.credentials())
+            token = idp.fetch(job)
         except RefreshError as err:
             failed = True
             print(f"  {job.name}: FAILED {err}")
             continue
+        assert token is not None  # `still_wanted` was not given, so it cannot say no
         print(
             f"  {job.name}: ok, fingerprint {token.fingerprint}, "
             f"expires in {token.expires_at - time.time():.0f} s (not written)"
@@ -197,33 +209,45 @@ def cmd_check(config: Config, args: argparse.Namespace) -> int:
     return EXIT_FAILED if failed else EXIT_OK
 
 
-def _when(epoch: float) -> str:
-    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+def status_rows(config: Config, now: float) -> tuple[list[tuple[str, ...]], bool]:
+    """What `status` prints: one row per sink, and whether every sink holds a valid token.
 
-
-def cmd_status(config: Config, args: argparse.Namespace) -> int:
-    now = time.time()
-    rows = [("JOB", "SINK", "EXPIRES AT", "TIME LEFT", "FINGERPRINT", "STATE")]
+    "due" is decided by the same plan as the daemon's (`schedule.token_refresh_at`), so
+    both name the same refresh point for the same stored token; "unbelievable" by the same
+    bound on stored expiries (`schedule.stored_lifetime_bound`): a token the daemon would
+    not keep is not shown as valid."""
+    rows: list[tuple[str, ...]] = [
+        ("JOB", "SINK", "EXPIRES AT", "TIME LEFT", "REFRESH AT", "FINGERPRINT", "STATE")
+    ]
     all_valid = True
     factory = SinkFactory(config.settings.kubernetes)
     for job in config.jobs:
         policy = job.schedule_policy()
+        bound = stored_lifetime_bound(job.lifetime, None)
         for sink_config in job.sinks:
             sink = factory.build(sink_config, job=job.name)
             try:
                 token = sink.read(now)
             except RefreshError as err:
-                rows.append((job.name, sink.name, "-", "-", "-", f"error: {err.message}"))
+                rows.append((job.name, sink.name, "-", "-", "-", "-", f"error: {err.message}"))
                 all_valid = False
                 continue
             if token is None:
-                rows.append((job.name, sink.name, "-", "-", "-", "missing"))
+                rows.append((job.name, sink.name, "-", "-", "-", "-", "missing"))
                 all_valid = False
                 continue
             left = token.expires_at - now
+            if left > bound:
+                expires = format_utc(token.expires_at, "seconds")
+                rows.append(
+                    (job.name, sink.name, expires, "-", "now", token.fingerprint, UNBELIEVABLE)
+                )
+                all_valid = False
+                continue
+            refresh_point = token_refresh_at(policy, job.name, token)
             if left <= 0:
                 state, all_valid = "expired", False
-            elif now >= refresh_at(policy, token.issued_at, token.expires_at, 0.0):
+            elif now >= refresh_point:
                 state = "due"
             else:
                 state = "valid"
@@ -231,12 +255,18 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
                 (
                     job.name,
                     sink.name,
-                    _when(token.expires_at),
+                    format_utc(token.expires_at, "seconds"),
                     f"{left:.0f}s",
+                    format_utc(refresh_point, "seconds"),
                     token.fingerprint,
                     state,
                 )
             )
+    return rows, all_valid
+
+
+def cmd_status(config: Config, args: argparse.Namespace) -> int:
+    rows, all_valid = status_rows(config, time.time())
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print(

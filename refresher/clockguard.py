@@ -26,9 +26,10 @@ import threading
 import time
 from collections.abc import Callable
 
-log = logging.getLogger("refresher.clock")
+from refresher.clock import Clock
 
-Clock = Callable[[], float]
+log = logging.getLogger(__name__)
+
 
 # A change of (wall - monotonic) below this is not a jump: NTP slews the wall clock by at most
 # 500 ppm, so between two looks `elapsed` seconds apart it drifts by at most 0.0005 * elapsed.

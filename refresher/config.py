@@ -1,8 +1,8 @@
 """The configuration file: YAML, `${ENV}` expansion, provider presets, validation.
 
-Validation happens in full before anything runs (design rule 7): shapes and types by pydantic,
-then the rules that span fields or jobs, and every problem is reported with its path
-(`tokens[1].sinks[0].path: ...`). `load_config` raises `ConfigError` holding all of them.
+Validation happens in full before anything runs (rule 7 of docs/design.md): shapes and types
+by pydantic, then the rules that span fields or jobs, and every problem is reported with its
+path (`tokens[1].sinks[0].path: ...`). `load_config` raises `ConfigError` holding all of them.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import contextlib
 import ipaddress
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -28,9 +28,11 @@ from pydantic import (
     model_validator,
 )
 
-from refresher.credentials import CredentialRef, Credentials, lucidtech_credentials
+from refresher.credentials import check_credentials
+from refresher.endpoints import endpoint_key
+from refresher.endpoints import token_url as resolve_token_url
 from refresher.errors import ConfigError, RefreshError
-from refresher.presets import PRESETS, apply_preset
+from refresher.presets import PRESETS, ProviderName, apply_preset
 from refresher.schedule import SchedulePolicy
 
 # ---------------------------------------------------------------------------- value types
@@ -100,9 +102,6 @@ class CredentialSource(_Strict):
             raise ValueError("give exactly one of `value`, `env` or `file`")
         return self
 
-    def ref(self) -> CredentialRef:
-        return CredentialRef(value=self.value, env=self.env, file=self.file)
-
 
 def _literal_to_source(value: Any) -> Any:
     return {"value": value} if isinstance(value, str) else value
@@ -118,6 +117,15 @@ class FileSinkConfig(_Strict):
     # header: `Authorization: Bearer <token>`.
     format: Literal["raw", "json", "env", "header"] = "raw"
     mode: FileMode = 0o600
+
+    @property
+    def metadata_path(self) -> Path | None:
+        """`.<name>.refresher.json` beside the token file, for the formats that do not carry
+        the expiry (`raw`, `header`); None for the others, which never write one."""
+        if self.format not in ("raw", "header"):
+            return None
+        path = Path(os.path.abspath(self.path))
+        return path.with_name(f".{path.name}.refresher.json")
 
 
 # Kubernetes object names (DNS subdomain) and Secret data keys.
@@ -159,7 +167,7 @@ class TokenJobConfig(_Strict):
     """One configured token: where to ask, when to refresh, where to write."""
 
     name: str = Field(pattern=_NAME)
-    provider: Literal["generic", "lucidworks", "fusion", "lucidtech", "usage-engine"] = "generic"
+    provider: ProviderName = "generic"
     token_url: str | None = None
     client_id: Annotated[CredentialSource | None, BeforeValidator(_literal_to_source)] = None
     client_secret: CredentialSource | None = None
@@ -205,39 +213,30 @@ class TokenJobConfig(_Strict):
     def schedule_policy(self) -> SchedulePolicy:
         return SchedulePolicy(margin=self.margin, min_interval=self.min_refresh_interval)
 
-    def credentials(self) -> Credentials:
-        """Read the credentials now (raises RefreshError when a source is unreadable)."""
-        if self.credentials_file is not None:
-            token_path = PRESETS[self.provider].token_path or "/oauth2/token"
-            from_file = lucidtech_credentials(self.credentials_file, token_path)
-            return Credentials(
-                client_id=self.client_id.ref().read() if self.client_id else from_file.client_id,
-                client_secret=(
-                    self.client_secret.ref().read()
-                    if self.client_secret
-                    else from_file.client_secret
-                ),
-                extras=from_file.extras,
-                token_url=from_file.token_url,
-            )
-        assert self.client_id is not None and self.client_secret is not None
-        return Credentials(
-            client_id=self.client_id.ref().read(), client_secret=self.client_secret.ref().read()
-        )
-
-    def resolved_token_url(self, credentials: Credentials) -> str:
-        url = self.token_url or credentials.token_url
-        assert url is not None  # validation guarantees one of them
-        return url
-
 
 # ------------------------------------------------------------------------------- settings
 
 
 class MetricsServerConfig(_Strict):
     enabled: bool = True
-    bind: str = "0.0.0.0"
+    bind: str = "0.0.0.0"  # an IPv4 or IPv6 address (`::` for every address); or localhost
     port: int = Field(default=9464, ge=0, le=65535)
+    # Open connections at once; one more is closed as soon as it is accepted.
+    max_connections: int = Field(default=64, ge=1, le=100_000)
+    # /healthz fails once the scheduler's heartbeat (every sixth of this) is older than this.
+    heartbeat_timeout: PositiveDuration = Field(default=30.0, ge=1.0)
+
+    @field_validator("bind")
+    @classmethod
+    def _ip_address(cls, value: str) -> str:
+        if value == "localhost":
+            return "127.0.0.1"
+        try:
+            return str(ipaddress.ip_address(value))
+        except ValueError:
+            raise ValueError(
+                f"must be an IP address such as 0.0.0.0, 127.0.0.1 or ::, not {value!r}"
+            ) from None
 
 
 class KubernetesSettings(_Strict):
@@ -287,13 +286,6 @@ class Config:
     settings: Settings
     jobs: tuple[TokenJobConfig, ...]
 
-    @property
-    def uses_kubernetes(self) -> bool:
-        """Whether the (slow to import) Kubernetes client is needed at all."""
-        return self.settings.leader_election.enabled or any(
-            isinstance(sink, KubernetesSinkConfig) for job in self.jobs for sink in job.sinks
-        )
-
 
 # ----------------------------------------------------------------------------- validation
 
@@ -331,7 +323,9 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _url_problem(url: str, allow_insecure_http: bool) -> str | None:
+def url_problem(url: str, allow_insecure_http: bool) -> str | None:
+    """Why a token URL must not be used (None when it may): the one rule for `token_url`,
+    for a `credentials_file`'s `auth_endpoint`, and for the IdP client on every attempt."""
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError for a port that is not a number in range
@@ -353,30 +347,19 @@ def _job_problems(job: TokenJobConfig, path: str) -> tuple[list[str], str | None
     """Rules across one job's fields. Returns problems, the token URL and the client id."""
     problems: list[str] = []
     preset = PRESETS[job.provider]
-    file_credentials: Credentials | None = None
-    if job.credentials_file is not None:
-        try:
-            file_credentials = job.credentials()
-        except RefreshError as err:
-            problems.append(f"{path}.credentials_file: {err.message}")
-    else:
-        for field_name in ("client_id", "client_secret"):
-            if getattr(job, field_name) is None:
-                problems.append(f"{path}.{field_name}: required (or give credentials_file)")
-    for field_name in ("client_id", "client_secret"):
-        source: CredentialSource | None = getattr(job, field_name)
-        if source is not None and source.value is None:
-            try:
-                source.ref().read()
-            except RefreshError as err:
-                problems.append(f"{path}.{field_name}: {err.message}")
-
-    token_url = job.token_url or (file_credentials.token_url if file_credentials else None)
+    credential_problems, credentials = check_credentials(job, path)
+    problems += credential_problems
+    token_url: str | None = None
+    if credentials is not None:
+        with contextlib.suppress(RefreshError):
+            token_url = resolve_token_url(job, credentials)
+    elif job.token_url:
+        token_url = job.token_url
     if token_url is None:
-        if job.credentials_file is None or file_credentials is not None:
+        if credentials is not None or job.credentials_file is None:
             problems.append(f"{path}.token_url: required")
     else:
-        problem = _url_problem(token_url, job.allow_insecure_http)
+        problem = url_problem(token_url, job.allow_insecure_http)
         if problem:
             where = "token_url" if job.token_url else "credentials_file (auth_endpoint)"
             problems.append(f"{path}.{where}: {problem}")
@@ -394,12 +377,7 @@ def _job_problems(job: TokenJobConfig, path: str) -> tuple[list[str], str | None
     if job.ca_bundle is not None and not job.ca_bundle.is_file():
         problems.append(f"{path}.ca_bundle: no such file {job.ca_bundle}")
 
-    client_id: str | None = None
-    if file_credentials is not None:
-        client_id = file_credentials.client_id
-    elif job.client_id is not None:
-        with contextlib.suppress(RefreshError):  # an unreadable source is reported above
-            client_id = job.client_id.ref().read()
+    client_id = credentials.client_id if credentials is not None else None
     return problems, token_url, client_id
 
 
@@ -418,7 +396,7 @@ def _cross_job_problems(
             )
         names.setdefault(job.name, index)
         if token_url is not None and client_id is not None:
-            key = (token_url, client_id, frozenset(job.scopes))
+            key = (endpoint_key(token_url), client_id, frozenset(job.scopes))
             if key in writers:
                 problems.append(
                     f"{path}: requests the same token as tokens[{writers[key]}] (same token_url, "
@@ -427,24 +405,90 @@ def _cross_job_problems(
                 )
             writers.setdefault(key, index)
         for sink_index, sink in enumerate(job.sinks):
-            sink_path = f"{path}.sinks[{sink_index}]"
             if isinstance(sink, FileSinkConfig):
-                target, field_name = str(Path(os.path.abspath(sink.path))), "path"
-            else:
-                target, field_name = (
-                    f"secret {sink.namespace or '(pod namespace)'}/{sink.name}",
-                    "name",
-                )
+                continue  # `_sink_file_problems`
+            sink_path = f"{path}.sinks[{sink_index}]"
+            target = f"secret {sink.namespace or '(pod namespace)'}/{sink.name}"
             if target in sink_paths:
                 problems.append(
-                    f"{sink_path}.{field_name}: {target} is already written by {sink_paths[target]}"
+                    f"{sink_path}.name: {target} is already written by {sink_paths[target]}"
                 )
             sink_paths.setdefault(target, sink_path)
     return problems
 
 
-def validate(data: Any) -> Config:
-    """Validate parsed YAML into a Config, or raise ConfigError listing every problem."""
+def _resolved(path: Path) -> str | None:
+    """`path` as the filesystem sees it: absolute, symlinks followed, `//` and `..` gone."""
+    try:
+        return os.path.realpath(path)
+    except (OSError, ValueError):  # a lone surrogate, a loop: reported where it is read
+        return None
+
+
+def _read_files(
+    jobs: list[tuple[int, TokenJobConfig, str | None, str | None]],
+    settings: Settings,
+    config_path: Path | None,
+) -> dict[str, str]:
+    """Every file the refresher reads, resolved, each with what it is (for messages)."""
+    files: dict[str, str] = {}
+
+    def add(path: Path | None, what: str) -> None:
+        resolved = _resolved(path) if path is not None else None
+        if resolved is not None:
+            files.setdefault(resolved, what)
+
+    add(config_path, "the config file")
+    add(settings.kubernetes.kubeconfig, "the kubeconfig (kubernetes.kubeconfig)")
+    for index, job, _, _ in jobs:
+        for name in ("client_id", "client_secret"):
+            source: CredentialSource | None = getattr(job, name)
+            if source is not None:
+                add(source.file, f"the file of tokens[{index}].{name}")
+        add(job.credentials_file, f"tokens[{index}].credentials_file")
+        add(job.ca_bundle, f"tokens[{index}].ca_bundle")
+    return files
+
+
+def _sink_file_problems(
+    jobs: list[tuple[int, TokenJobConfig, str | None, str | None]], read: dict[str, str]
+) -> list[str]:
+    """Each file a file sink writes (the token file; for `raw` and `header` also its metadata
+    file) is compared resolved, so a symlinked folder, `//tmp/x` or a relative path cannot
+    disguise it: it must be written by that sink alone, and be none of the files the
+    refresher reads (`read`: credentials, CA bundles, the config itself), which the first
+    refresh would overwrite."""
+    problems: list[str] = []
+    written: dict[str, str] = {}
+    for index, job, _, _ in jobs:
+        for sink_index, sink in enumerate(job.sinks):
+            if not isinstance(sink, FileSinkConfig):
+                continue
+            where = f"tokens[{index}].sinks[{sink_index}]"
+            files = [(sink.path, "", where)]
+            if sink.metadata_path is not None:
+                files.append((sink.metadata_path, "its metadata file ", f"{where} (metadata)"))
+            problem = None
+            for file, label, writer in files:
+                resolved = _resolved(file)
+                if resolved is None:
+                    continue
+                shown = resolved if str(file) == resolved else f"{file} (that is {resolved})"
+                if problem is not None:
+                    pass  # one problem per sink: its metadata file collides along with it
+                elif resolved in read:
+                    problem = f"{label}{shown} is {read[resolved]}; a refresh would overwrite it"
+                elif resolved in written:
+                    problem = f"{label}{shown} is already written by {written[resolved]}"
+                written.setdefault(resolved, writer)
+            if problem is not None:
+                problems.append(f"{where}.path: {problem}")
+    return problems
+
+
+def validate(data: Any, *, config_path: Path | None = None) -> Config:
+    """Validate parsed YAML into a Config, or raise ConfigError listing every problem.
+    `config_path`: the file it came from, which no sink may overwrite."""
     if not isinstance(data, dict):
         raise ConfigError(["(top level): expected a mapping with a `tokens` list"])
     problems: list[str] = []
@@ -470,6 +514,7 @@ def validate(data: Any) -> Config:
         settings = Settings.model_validate({k: v for k, v in data.items() if k != "tokens"})
     except ValidationError as err:
         problems += _pydantic_problems(err, "")
+    problems += _sink_file_problems(jobs, _read_files(jobs, settings, config_path))
     if problems:
         raise ConfigError(problems)
     return Config(settings=settings, jobs=tuple(job for _, job, _, _ in jobs))
@@ -508,24 +553,109 @@ def _walk(
             yield from _walk(item, item_path, seen)
 
 
-def expand_env(data: Any, environ: dict[str, str] | None = None) -> tuple[Any, list[str]]:
-    """Replace `${NAME}` and `${NAME:-default}` in string values; `$$` is a literal `$`."""
+# Expanding `${NAME}` and YAML aliases may add at most this many characters to a config
+# (beyond its own size, so a large plain config of thousands of jobs still loads). Each alias
+# use counts: one 100 KB variable behind 1,000 aliases is 100 MB, which no config needs and
+# which would take gigabytes once validated into objects.
+MAX_EXPANSION = 1024 * 1024
+
+
+def _expanded_size(
+    value: Any, length_of: Callable[[str], int], memo: dict[int, int], active: set[int]
+) -> int:
+    """Characters in `value` with every alias use and `${...}` expanded, computed without
+    expanding anything: each shared container is measured once (`memo`) and counted per use."""
+    if isinstance(value, str):
+        return length_of(value)
+    if not isinstance(value, dict | list):
+        return 1  # a number, a boolean, null, a date: small whatever it is
+    if id(value) in memo:
+        return memo[id(value)]
+    if id(value) in active:
+        raise RecursionError  # an alias that refers to itself; reported by the caller
+    active.add(id(value))
+    if isinstance(value, dict):
+        total = sum(
+            (len(key) if isinstance(key, str) else 1)
+            + _expanded_size(item, length_of, memo, active)
+            for key, item in value.items()
+        )
+    else:
+        total = sum(_expanded_size(item, length_of, memo, active) for item in value)
+    active.discard(id(value))
+    memo[id(value)] = total
+    return total
+
+
+def expand_env(
+    data: Any, environ: Mapping[str, str] | None = None, *, limit: int = MAX_EXPANSION
+) -> tuple[Any, list[str]]:
+    """Replace `${NAME}` and `${NAME:-default}` in string values; `$$` is a literal `$`.
+
+    A default cannot hold another reference (`${A:-${B}}`): that is reported, not half
+    expanded. When the expanded document would hold more than `limit` characters (each
+    alias use counted), nothing is expanded: ConfigError, with that one problem. A string
+    used through many aliases is expanded once, and the result shared like the original."""
     env = os.environ if environ is None else environ
-    problems: list[str] = []
-    for path, container, key, text in list(_walk(data, "")):
 
-        def substitute(match: re.Match[str], path: str = path) -> str:
-            if match.group(0) == "$$":
-                return "$"
+    def length_of(text: str) -> int:
+        size, last = 0, 0
+        for match in _ENV_REF.finditer(text):
+            size += match.start() - last
+            last = match.end()
             name, default = match.group(1), match.group(2)
-            if name in env:
-                return env[name]
-            if default is not None:
-                return default
-            problems.append(f"{path}: environment variable {name} is not set")
-            return ""
+            if match.group(0) == "$$":
+                size += 1
+            elif name in env:
+                size += len(env[name])
+            elif default is not None:
+                size += len(default)
+        return size + len(text) - last
 
-        container[key] = _ENV_REF.sub(substitute, text)
+    lengths: dict[str, int] = {}
+
+    def cached_length(text: str) -> int:
+        if text not in lengths:
+            lengths[text] = length_of(text)
+        return lengths[text]
+
+    size = _expanded_size(data, cached_length, {}, set())
+    if size > limit:
+        raise ConfigError(
+            [
+                f"(top level): with its ${{...}} and YAML aliases expanded (each alias use "
+                f"counted), the config would hold more than {limit:,} characters; is a large "
+                "value repeated through aliases, or a large environment variable used?"
+            ]
+        )
+
+    problems: list[str] = []
+    expanded: dict[str, tuple[str, list[str]]] = {}  # text -> (result, problems without path)
+    for path, container, key, text in list(_walk(data, "")):
+        if text not in expanded:
+            found: list[str] = []
+
+            def substitute(match: re.Match[str], found: list[str] = found) -> str:
+                if match.group(0) == "$$":
+                    return "$"
+                name, default = match.group(1), match.group(2)
+                if default is not None and "${" in default:
+                    found.append(
+                        f"`${{{name}:-...}}` holds another `${{...}}` in its default; nesting "
+                        "is not supported: write the default out, or set the variable"
+                    )
+                    return ""
+                if name in env:
+                    return env[name]
+                if default is not None:
+                    return default
+                found.append(f"environment variable {name} is not set")
+                return ""
+
+            expanded[text] = (_ENV_REF.sub(substitute, text), found)
+        result, found = expanded[text]
+        problems += [f"{path}: {problem}" for problem in found]
+        container[key] = result
     return data, problems
 
 
@@ -536,11 +666,15 @@ def load_config(path: Path, environ: dict[str, str] | None = None) -> Config:
         raise ConfigError([f"{path}: cannot read: {err.strerror}"]) from None
     except UnicodeDecodeError:
         raise ConfigError([f"{path}: not UTF-8 text"]) from None
-    return load_config_text(text, environ, source=str(path))
+    return load_config_text(text, environ, source=str(path), config_path=path)
 
 
 def load_config_text(
-    text: str, environ: dict[str, str] | None = None, source: str = "config"
+    text: str,
+    environ: dict[str, str] | None = None,
+    source: str = "config",
+    *,
+    config_path: Path | None = None,
 ) -> Config:
     try:
         data = yaml.safe_load(text)
@@ -553,9 +687,10 @@ def load_config_text(
         # PyYAML's constructors raise these for nesting too deep, `!!int` without a value,
         # impossible timestamps, integers of thousands of digits. Their text may quote input.
         raise ConfigError([f"{source}: not readable as YAML ({type(err).__name__})"]) from None
+    problems: list[str] = []
     try:
-        data, problems = expand_env(data, environ)
-        config = validate(data)
+        data, problems = expand_env(data, environ, limit=len(text) + MAX_EXPANSION)
+        config = validate(data, config_path=config_path)
     except ConfigError as err:
         raise ConfigError(problems + err.problems) from None
     except RecursionError:

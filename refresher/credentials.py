@@ -13,8 +13,12 @@ import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from refresher.errors import Reason, RefreshError
+
+if TYPE_CHECKING:
+    from refresher.config import CredentialSource, TokenJobConfig
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +30,10 @@ class CredentialRef:
     value: str | None = None
     env: str | None = None
     file: Path | None = None
+
+    @classmethod
+    def of(cls, source: CredentialSource) -> CredentialRef:
+        return cls(value=source.value, env=source.env, file=source.file)
 
     def describe(self) -> str:
         if self.env is not None:
@@ -64,7 +72,9 @@ class Credentials:
     client_secret: str = field(repr=False)
     # Written beside the token (Lucidtech's api_key); secret too.
     extras: dict[str, str] = field(default_factory=dict, repr=False)
-    token_url: str | None = None  # a credentials file may say where to ask
+    # Where the IdP lives, when a credentials file says so (Lucidtech's `auth_endpoint`);
+    # `endpoints.token_url` turns it into the token URL.
+    auth_endpoint: str | None = None
 
 
 _warned_readable: set[Path] = set()
@@ -133,13 +143,57 @@ def read_lucidtech_cfg(path: Path) -> dict[str, str]:
     return values
 
 
-def lucidtech_credentials(path: Path, token_path: str) -> Credentials:
+def lucidtech_credentials(path: Path) -> Credentials:
     values = read_lucidtech_cfg(path)
-    auth_endpoint = values.get("auth_endpoint", "").rstrip("/")
     extras = {"api_key": values["api_key"]} if values.get("api_key") else {}
     return Credentials(
         client_id=values["client_id"],
         client_secret=values["client_secret"],
         extras=extras,
-        token_url=auth_endpoint + token_path if auth_endpoint else None,
+        auth_endpoint=values.get("auth_endpoint") or None,
     )
+
+
+def read_credentials(job: TokenJobConfig) -> Credentials:
+    """Read a job's credentials now. Raises RefreshError(CREDENTIALS) when a source is
+    unreadable. Values given in the job win over those of its credentials file."""
+    from_file = (
+        lucidtech_credentials(job.credentials_file) if job.credentials_file is not None else None
+    )
+    client_id = CredentialRef.of(job.client_id).read() if job.client_id else None
+    client_secret = CredentialRef.of(job.client_secret).read() if job.client_secret else None
+    if from_file is not None:
+        return Credentials(
+            client_id=from_file.client_id if client_id is None else client_id,
+            client_secret=from_file.client_secret if client_secret is None else client_secret,
+            extras=from_file.extras,
+            auth_endpoint=from_file.auth_endpoint,
+        )
+    if client_id is None or client_secret is None:  # validation makes this unreachable
+        raise RefreshError(Reason.CREDENTIALS, "no client_id and client_secret configured")
+    return Credentials(client_id=client_id, client_secret=client_secret)
+
+
+def check_credentials(job: TokenJobConfig, path: str) -> tuple[list[str], Credentials | None]:
+    """For config validation: every unreadable source of a job, each with its config path,
+    and the credentials when all could be read."""
+    problems: list[str] = []
+    if job.credentials_file is not None:
+        try:
+            lucidtech_credentials(job.credentials_file)
+        except RefreshError as err:
+            problems.append(f"{path}.credentials_file: {err.message}")
+    else:
+        problems += [
+            f"{path}.{name}: required (or give credentials_file)"
+            for name in ("client_id", "client_secret")
+            if getattr(job, name) is None
+        ]
+    for name in ("client_id", "client_secret"):
+        source: CredentialSource | None = getattr(job, name)
+        if source is not None:
+            try:
+                CredentialRef.of(source).read()
+            except RefreshError as err:
+                problems.append(f"{path}.{name}: {err.message}")
+    return problems, None if problems else read_credentials(job)

@@ -19,6 +19,7 @@ neither holds a refresh back nor fires it in a loop (see `clockguard.py`).
 from __future__ import annotations
 
 import logging
+import queue
 import random
 import signal
 import threading
@@ -32,24 +33,30 @@ import requests
 from apscheduler.events import EVENT_JOB_SUBMITTED, JobSubmissionEvent
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.jobstores.base import JobLookupError
+from apscheduler.jobstores.memory import MemoryJobStore
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.base import BaseTrigger
 
+from refresher import logs
+from refresher.clock import Clock
 from refresher.clockguard import ClockGuard
 from refresher.config import Config
+from refresher.credentials import CredentialRef
 from refresher.idp import IdPClient, new_session
+from refresher.liveness import Running, heartbeat_interval, is_alive, stuck_after
 from refresher.metrics import JobSnapshot, Metrics
 from refresher.ratelimit import RateLimits
 from refresher.refresh import JobRunner, Listener
-from refresher.server import MetricsServer
 from refresher.sinks import SinkFactory, describe
 
 if TYPE_CHECKING:
+    from refresher.http import HttpServer
+    from refresher.http import Listener as HttpListener
     from refresher.leader import LeaseElector
 
-log = logging.getLogger("refresher.daemon")
+log = logging.getLogger(__name__)
 
-Clock = Callable[[], float]
+HEARTBEAT = "_heartbeat"  # not a possible job name (they start with a letter or digit)
 
 
 def build_runners(
@@ -62,10 +69,11 @@ def build_runners(
     sinks: SinkFactory | None = None,
     may_fetch: Callable[[], bool] = lambda: True,
 ) -> list[JobRunner]:
-    idp = IdPClient(session or new_session(config.settings.max_concurrent_refreshes), clock)
+    limits = RateLimits(config.settings.idp_rate_limit, config.settings.idp_rate_burst)
+    session = session or new_session(config.settings.max_concurrent_refreshes)
+    idp = IdPClient(session, clock, rate_limits=limits)
     rng = rng or random.Random()
     sinks = sinks or SinkFactory(config.settings.kubernetes)
-    limits = RateLimits(config.settings.idp_rate_limit, config.settings.idp_rate_burst)
     return [
         JobRunner(
             job,
@@ -75,7 +83,6 @@ def build_runners(
             rng=rng,  # one generator for all: each holds ~2.5 KB of state
             listeners=listeners,
             may_fetch=may_fetch,
-            rate_limit=limits.for_url(job.token_url or str(job.credentials_file)),
         )
         for job in config.jobs
     ]
@@ -127,7 +134,12 @@ class Daemon:
         self.metrics.bind_jobs(self.snapshots, state_visible=self._leading.is_set)
         self.scheduler = BackgroundScheduler(
             timezone=UTC,
-            executors={"default": ThreadPoolExecutor(config.settings.max_concurrent_refreshes)},
+            executors={
+                "default": ThreadPoolExecutor(config.settings.max_concurrent_refreshes),
+                "heartbeat": ThreadPoolExecutor(1),  # never behind a pool of slow refreshes
+            },
+            # The heartbeat has a store of its own: dropping every token job keeps it.
+            jobstores={"default": MemoryJobStore(), "heartbeat": MemoryJobStore()},
             job_defaults={"misfire_grace_time": None, "coalesce": True, "max_instances": 1},
         )
         # Handed to the pool is no longer held back, even if it waits there for a thread.
@@ -146,22 +158,46 @@ class Daemon:
                 on_stopped_leading=self._follow,
             )
         self.metrics.leader.set(0)
+        # Liveness (see liveness.py): the heartbeat's last stamp and the steps in progress.
+        self._heartbeat_timeout = config.settings.metrics.heartbeat_timeout
+        self._last_beat = time.monotonic()
+        self._stuck_after = {job.name: stuck_after(job, config.settings) for job in config.jobs}
+        self._in_flight: dict[str, float] = {}
+        self._in_flight_lock = threading.Lock()
         serve = config.settings.metrics.enabled if serve_http is None else serve_http
-        self.http: MetricsServer | None = None
+        # One HTTP stack for every listener; the metrics port is `http` (bound here already,
+        # so a port in use fails before anything starts, and port 0 has its number).
+        self.server: HttpServer | None = None
+        self.http: HttpListener | None = None
         if serve:
+            from refresher.http import HttpServer, Limits  # aiohttp: 0.3 s to import
+            from refresher.server import endpoints
+
             settings = config.settings.metrics
-            self.http = MetricsServer(
-                settings.bind, settings.port, self.metrics.registry, self.healthy, self.ready
+            self.server = HttpServer()
+            app = endpoints(self.server, self.metrics.registry, self.healthy, self.ready)
+            self.http = self.server.add_listener(
+                settings.bind, settings.port, app, Limits(max_connections=settings.max_connections)
             )
 
     # --------------------------------------------------------------------------- lifecycle
 
     def start(self) -> Daemon:
+        self._last_beat = time.monotonic()
         self.scheduler.start()
+        self.scheduler.add_job(
+            self._beat,
+            "interval",
+            seconds=heartbeat_interval(self._heartbeat_timeout),
+            next_run_time=datetime.now(UTC),
+            id=HEARTBEAT,
+            jobstore="heartbeat",
+            executor="heartbeat",
+        )
         self.guard.start()
-        if self.http is not None:
-            self.http.start()
-            log.info("serving metrics", extra={"port": self.http.port})
+        if self.server is not None and self.http is not None:
+            self.server.start()
+            log.info("serving metrics", extra={"bind": self.http.host, "port": self.http.port})
         log.info(
             "started",
             extra={"jobs": len(self.runners), "config": redacted_summary(self.config)},
@@ -178,12 +214,13 @@ class Daemon:
         if self._stopping.is_set():
             return
         self._stopping.set()
-        self.scheduler.shutdown(wait=True)
+        if self.scheduler.running:
+            self.scheduler.shutdown(wait=True)
         self.guard.stop()
         if self.elector is not None:
             self.elector.stop()
-        if self.http is not None:
-            self.http.stop()
+        if self.server is not None:
+            self.server.stop()
         self._stopped.set()
         log.info("stopped")
 
@@ -202,7 +239,7 @@ class Daemon:
         """Stop refreshing at once. A refresh in flight may finish its write; no new one starts."""
         self._leading.clear()
         self.metrics.leader.set(0)
-        self.scheduler.remove_all_jobs()
+        self.scheduler.remove_all_jobs(jobstore="default")
         self.guard.clear()
 
     @property
@@ -210,21 +247,69 @@ class Daemon:
         return self._leading.is_set()
 
     def run_forever(self) -> None:
-        """Run until SIGTERM or SIGINT, then stop cleanly."""
-        stop_requested = threading.Event()
+        """Run until SIGTERM or SIGINT, then stop cleanly. SIGHUP, SIGUSR1 and SIGUSR2 are
+        handled (`_on_signal`) and the daemon runs on. The handler only queues the signal
+        (`SimpleQueue.put` is safe there); the main thread does the work."""
+        received: queue.SimpleQueue[int] = queue.SimpleQueue()
 
         def on_signal(signum: int, frame: FrameType | None) -> None:
-            log.info("signal received, stopping", extra={"signal": signal.Signals(signum).name})
-            stop_requested.set()
+            received.put(signum)
 
-        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+        previous = {sig: signal.signal(sig, on_signal) for sig in handled}
         try:
             self.start()
-            stop_requested.wait()
+            while True:
+                signum = received.get()
+                name = signal.Signals(signum).name
+                if signum in (signal.SIGTERM, signal.SIGINT):
+                    log.info("signal received, stopping", extra={"signal": name})
+                    break
+                self._on_signal(signum)
         finally:
             self.stop()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+    def _on_signal(self, signum: int) -> None:
+        if signum == signal.SIGHUP:
+            log.info("SIGHUP received; reload is not supported yet, keeping the running config")
+        elif signum == signal.SIGUSR1:
+            self.log_state()
+        elif signum == signal.SIGUSR2:
+            debug = logs.toggle_debug()
+            log.warning(f"SIGUSR2 received; debug logging {'on' if debug else 'off'}")
+
+    def log_state(self) -> None:
+        """One line per job (SIGUSR1): what it holds and plans; a fingerprint, never a token."""
+        alive, why = self.healthy()
+        with self._in_flight_lock:
+            refreshing = sorted(self._in_flight)
+        log.info(
+            "state",
+            extra={
+                "jobs": len(self.runners),
+                "leader": self.is_leader,
+                "alive": alive,
+                "health": why,
+                "refreshing": refreshing,
+            },
+        )
+        for runner in self.runners:
+            job = runner.snapshot()
+            token = runner.token
+            log.info(
+                "job state",
+                extra={
+                    "token": job.name,
+                    "fingerprint": token.fingerprint if token else None,
+                    "expires_at": job.expires_at,
+                    "next_refresh_at": job.next_attempt_at,
+                    "consecutive_failures": job.consecutive_failures,
+                    "last_error": job.last_error,
+                    "ready": job.ready,
+                },
+            )
 
     # --------------------------------------------------------------------------- scheduling
 
@@ -278,11 +363,16 @@ class Daemon:
         if self._stopping.is_set() or not self._leading.is_set():
             return
         self.guard.check_clock()
+        with self._in_flight_lock:
+            self._in_flight[runner.job.name] = time.monotonic()
         try:
             at = runner.step()
         except Exception:  # step() classifies its own failures; this is a last resort
             log.exception("runner failed", extra={"token": runner.job.name})
             at = self.clock() + 30.0
+        finally:
+            with self._in_flight_lock:
+                self._in_flight.pop(runner.job.name, None)
         if self._leading.is_set() and not self._stopping.is_set():
             self._schedule(runner, at)
 
@@ -292,9 +382,23 @@ class Daemon:
         self.guard.check_clock()  # a scrape sees expiries moved with a jump, not stale ones
         return [runner.snapshot() for runner in self.runners]
 
+    def _beat(self) -> None:
+        """The heartbeat job. Also armed with the guard, as token jobs are, so a wall clock
+        set back does not hold the next beat back (and fail /healthz) for as long."""
+        self._last_beat = time.monotonic()
+        self.guard.arm(HEARTBEAT, heartbeat_interval(self._heartbeat_timeout))
+
     def healthy(self) -> tuple[bool, str]:
-        alive = self.scheduler.running and not self._stopped.is_set()
-        return alive, "ok" if alive else "scheduler not running"
+        """Alive (liveness.py): the scheduler runs, its heartbeat is recent and no refresh
+        step has run past its bound. Cheap: answered on the HTTP loop itself."""
+        if not self.scheduler.running or self._stopped.is_set():
+            return False, "scheduler not running"
+        with self._in_flight_lock:
+            running = [
+                Running(name, started, self._stuck_after[name])
+                for name, started in self._in_flight.items()
+            ]
+        return is_alive(time.monotonic(), self._last_beat, self._heartbeat_timeout, running)
 
     def ready(self) -> tuple[bool, str]:
         if self.elector is not None and not self.is_leader:
@@ -314,7 +418,9 @@ def redacted_summary(config: Config) -> dict[str, Any]:
                 "provider": job.provider,
                 "token_url": (job.token_url or "(credentials_file)").split("?")[0],
                 "scopes": job.scopes,
-                "client_secret": job.client_secret.ref().describe() if job.client_secret else None,
+                "client_secret": (
+                    CredentialRef.of(job.client_secret).describe() if job.client_secret else None
+                ),
                 "margin": job.margin,
                 "sinks": [describe(sink) for sink in job.sinks],
             }

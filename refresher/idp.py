@@ -3,8 +3,9 @@
 `build_request` turns a job and its credentials into the exact HTTP request the provider
 wants; `IdPClient.fetch` sends it once (no automatic retries: on an invalidate-on-reissue IdP
 every request kills the previous token, so retrying is the scheduler's decision) and
-`parse_token_response` classifies whatever came back. Messages carry the status and the
-OAuth2 `error` / `error_description`, never a secret.
+`parse_token_response` classifies whatever came back. Messages carry the status, the OAuth2
+`error` code and an excerpt of `error_description` only when it cannot quote a credential
+(`secret_echoes`): never a secret, however the server encodes it.
 """
 
 from __future__ import annotations
@@ -13,23 +14,25 @@ import base64
 import email.utils
 import json
 import math
+import re
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import quote_plus, urlsplit
+from urllib.parse import quote, quote_plus, urlsplit
 
 import requests
 import urllib3
 from requests.adapters import HTTPAdapter
 
 from refresher import __version__
-from refresher.config import TokenJobConfig
-from refresher.credentials import Credentials
+from refresher.clock import Clock
+from refresher.config import TokenJobConfig, url_problem
+from refresher.credentials import Credentials, read_credentials
+from refresher.endpoints import endpoint_key, token_url
 from refresher.errors import Reason, RefreshError
-from refresher.tokens import Token, compute_expiry
-
-Clock = Callable[[], float]
+from refresher.ratelimit import RateLimits
+from refresher.tokens import Token, compute_expiry, token_problem
 
 # A token response is a few KiB; anything far larger is not one and is not read into memory.
 MAX_RESPONSE_BYTES = 1024 * 1024
@@ -55,7 +58,7 @@ def basic_authorization(client_id: str, client_secret: str, *, form_encode: bool
     return "Basic " + base64.b64encode(raw).decode("ascii")
 
 
-def build_request(job: TokenJobConfig, credentials: Credentials) -> TokenRequest:
+def build_request(job: TokenJobConfig, credentials: Credentials, url: str) -> TokenRequest:
     grant: dict[str, str] = {"grant_type": "client_credentials"}
     if job.scopes:
         grant["scope"] = " ".join(job.scopes)
@@ -82,7 +85,7 @@ def build_request(job: TokenJobConfig, credentials: Credentials) -> TokenRequest
             credentials.client_id, credentials.client_secret, form_encode=job.auth == "basic"
         )
     return TokenRequest(
-        url=job.resolved_token_url(credentials),
+        url=url,
         query=query,
         form=form,
         headers=headers,
@@ -103,20 +106,62 @@ def new_session(pool_size: int = 10) -> requests.Session:
 # ----------------------------------------------------------------------- answer judgement
 
 
-def _scrub(text: str, secrets: Iterable[str]) -> str:
+# The IdP's free text (`error_description`, a token_type, a Content-Type) is shown only when no
+# stretch of SECRET_WINDOW characters of any secret, in any encoding a server might echo it
+# in, appears in it, compared without regard to case. Replacing what matches cannot work: an
+# echo may be encoded (URL, base64 at any byte offset), re-cased or cut short by a character,
+# and each of those defeats a search for the secret as sent.
+SECRET_WINDOW = 8
+# Longer text is not searched (nor shown): a short excerpt is all a log line needs.
+_FREE_TEXT_LIMIT = 512
+_ERROR_CODE = re.compile(r"[\x20\x21\x23-\x5b\x5d-\x7e]{1,64}")  # RFC 6749 5.2, short
+_SCOPE_CHARS = re.compile(r"[\x20-\x7e]*")
+
+
+def secret_echoes(secret: str) -> list[str]:
+    """The secret as a server might echo it: as sent, URL-encoded both ways, and base64
+    (standard and URL-safe) as it would read starting at each of the three byte offsets a
+    secret can have inside a longer encoded value (the Basic credentials). Lower case."""
+    if not secret:
+        return []
+    raw = secret.encode("utf-8", "surrogatepass")
+    forms = [secret, quote(secret, safe=""), quote(secret), quote_plus(secret)]
+    for offset, garbled in ((0, 0), (1, 2), (2, 3)):
+        # The first `garbled` characters also carry bits of the bytes before the secret.
+        for encode in (base64.b64encode, base64.urlsafe_b64encode):
+            forms.append(encode(b"\0" * offset + raw).decode("ascii")[garbled:])
+    return [form.lower() for form in forms if form]
+
+
+def _windows(secrets: Iterable[str]) -> set[str]:
+    windows: set[str] = set()
     for secret in secrets:
-        if secret:
-            text = text.replace(secret, "***")
-    return text
+        for form in secret_echoes(secret):
+            if len(form) <= SECRET_WINDOW:
+                windows.add(form)
+            else:
+                windows.update(
+                    form[i : i + SECRET_WINDOW] for i in range(len(form) - SECRET_WINDOW + 1)
+                )
+    return windows
 
 
-def _printable(value: Any, secrets: Iterable[str]) -> str | None:
+def _may_quote_a_secret(text: str, secrets: Iterable[str]) -> bool:
+    folded = text.lower()
+    return any(window in folded for window in _windows(secrets))
+
+
+def _printable(value: Any, secrets: Iterable[str], limit: int = _DESCRIPTION_LIMIT) -> str | None:
+    """The IdP's free text as a short, printable-ASCII excerpt; None when it is no text; a
+    note saying it was withheld when it is too long to search or may quote a secret."""
     if not isinstance(value, str):
         return None
-    # Scrub first: cutting or cleaning first could leave a secret that straddles the limit,
-    # or holds a non-printable character, unmatched and half shown.
-    scrubbed = _scrub(value, secrets)
-    return "".join(ch if ch.isprintable() else " " for ch in scrubbed)[:_DESCRIPTION_LIMIT]
+    if len(value) > _FREE_TEXT_LIMIT:
+        return f"({len(value)} characters withheld: too long)"
+    if _may_quote_a_secret(value, secrets):
+        return f"({len(value)} characters withheld: they may quote a credential)"
+    shown = "".join(ch if " " <= ch <= "~" else " " for ch in value)
+    return shown[:limit] + ("..." if len(shown) > limit else "")
 
 
 def parse_retry_after(value: str | None, now: float) -> float | None:
@@ -137,16 +182,25 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
     return max(when.timestamp() - now, 0.0)
 
 
-def _oauth_error(body: bytes, secrets: Iterable[str]) -> str:
+def _oauth_error(body: bytes, secrets: Iterable[str]) -> tuple[str | None, str]:
+    """The OAuth2 error code (None unless it is one, RFC 6749 5.2) and the text to show."""
     try:
         payload = json.loads(body)
     except (ValueError, RecursionError):
-        return ""
+        return None, ""
     if not isinstance(payload, dict):
-        return ""
-    code = _printable(payload.get("error"), secrets)
+        return None, ""
+    code: str | None = payload.get("error")
+    if "error" not in payload:
+        code, shown = None, ""
+    elif not isinstance(code, str) or not _ERROR_CODE.fullmatch(code):
+        code, shown = None, "(not an OAuth2 error code)"
+    elif _may_quote_a_secret(code, secrets):
+        code, shown = None, "(error code withheld: it may quote a credential)"
+    else:
+        shown = code
     description = _printable(payload.get("error_description"), secrets)
-    return ": ".join(part for part in (code, description) if part)
+    return code, ": ".join(part for part in (shown, description) if part)
 
 
 def _expires_in(value: Any) -> float | None:
@@ -171,6 +225,13 @@ def _expires_in(value: Any) -> float | None:
     return float(value)
 
 
+def check_access_token(access_token: str) -> None:
+    """Refuse (`invalid_response`) a token no sink can hold safely (`tokens.token_problem`)."""
+    problem = token_problem(access_token)
+    if problem is not None:
+        raise RefreshError(Reason.INVALID_RESPONSE, f"the `access_token` {problem}")
+
+
 def parse_token_response(
     status: int,
     headers: Mapping[str, str],
@@ -189,14 +250,14 @@ def parse_token_response(
             Reason.INVALID_RESPONSE, f"HTTP {status} redirect refused", status=status
         )
     if status >= 400:
-        detail = _oauth_error(body, secrets)
+        code, detail = _oauth_error(body, secrets)
         suffix = f" ({detail})" if detail else ""
         retry_after = (
             parse_retry_after(headers.get("Retry-After"), received_at)
             if status in (429, 503)
             else None
         )
-        if status in (400, 401) and detail.startswith("invalid_client"):
+        if status in (400, 401) and code == "invalid_client":
             reason = Reason.INVALID_CLIENT
         elif status >= 500:
             reason = Reason.HTTP_5XX
@@ -210,6 +271,7 @@ def parse_token_response(
         payload = json.loads(body)
     except (ValueError, RecursionError):
         kind = headers.get("Content-Type", "unknown content type").split(";")[0]
+        kind = _printable(kind, secrets, limit=64) or "unknown content type"
         raise RefreshError(
             Reason.INVALID_RESPONSE, f"the answer is not JSON ({kind})", status=status
         ) from None
@@ -218,12 +280,14 @@ def parse_token_response(
     access_token = payload.get("access_token")
     if not isinstance(access_token, str) or not access_token.strip():
         raise RefreshError(Reason.INVALID_RESPONSE, "the answer has no `access_token`")
+    check_access_token(access_token)
     token_type = payload.get("token_type", "Bearer")
     if not isinstance(token_type, str) or token_type.lower() != "bearer":
         shown = _printable(token_type, (*secrets, access_token)) or "non-text"
         raise RefreshError(Reason.INVALID_RESPONSE, f"token_type {shown!r} is not Bearer")
     scope = payload.get("scope")
-    if not isinstance(scope, str):
+    if not isinstance(scope, str) or len(scope) > 4096 or not _SCOPE_CHARS.fullmatch(scope):
+        # Written into env files and annotations: no control characters, no line breaks.
         scope = " ".join(job.scopes) or None
     issued_at, expires_at = compute_expiry(
         access_token,
@@ -278,17 +342,19 @@ def _read_capped(response: requests.Response, deadline: float, host: str) -> byt
     return b"".join(chunks)
 
 
-def _encoded_forms(secret: str) -> list[str]:
-    """The secret as it is and form-encoded (as it travels), for scrubbing echoes of it."""
-    return [secret, quote_plus(secret)] if secret else []
-
-
 class IdPClient:
-    """Sends token requests over one shared `requests.Session` (connection pooling)."""
+    """Sends token requests over one shared `requests.Session` (connection pooling), each
+    after its turn in the rate limit of its token endpoint (when `rate_limits` is given)."""
 
-    def __init__(self, session: requests.Session, clock: Clock = time.time) -> None:
+    def __init__(
+        self,
+        session: requests.Session,
+        clock: Clock = time.time,
+        rate_limits: RateLimits | None = None,
+    ) -> None:
         self.session = session
         self.clock = clock
+        self.rate_limits = rate_limits
         self._environment: dict[tuple[str, bool | str], dict[str, Any]] = {}
 
     def _environment_settings(self, url: str, verify: bool | str) -> dict[str, Any]:
@@ -300,18 +366,46 @@ class IdPClient:
         settings = self._environment.get(key)
         if settings is None:
             merged = self.session.merge_environment_settings(url, {}, None, verify, None)
-            settings = {"proxies": merged["proxies"], "verify": merged["verify"]}
+            proxies = merged["proxies"]
+            if urlsplit(url).scheme.lower() != "https":
+                # A plain-http token request carries the client credentials in clear text:
+                # it goes straight to the host the config names (loopback, or one the
+                # operator allowed with `allow_insecure_http`), never through a proxy from
+                # the environment (`HTTP_PROXY`, `ALL_PROXY`) that would read them. An empty
+                # mapping, not None: `Session.send` would look the proxies up again.
+                proxies = {}
+            settings = {"proxies": proxies, "verify": merged["verify"]}
             self._environment[key] = settings
         return settings
 
-    def fetch(self, job: TokenJobConfig, credentials: Credentials) -> Token:
-        request = build_request(job, credentials)
-        # What an IdP might echo back in an error: the secret, form-encoded or not, and the
-        # Basic credentials it was sent in.
+    def fetch(
+        self, job: TokenJobConfig, *, still_wanted: Callable[[], bool] = lambda: True
+    ) -> Token | None:
+        """Read the job's credentials, wait for the endpoint's turn, ask for a token. None when
+        `still_wanted()` says no once the turn came (this replica stopped leading meanwhile).
+        Raises RefreshError for every classified failure."""
+        credentials = read_credentials(job)
+        url = token_url(job, credentials)
+        if self.rate_limits is not None:
+            self.rate_limits.for_url(endpoint_key(url)).acquire()
+        if not still_wanted():
+            return None
+        return self.send(job, credentials, url)
+
+    def send(self, job: TokenJobConfig, credentials: Credentials, url: str) -> Token:
+        """One token request, now, with these credentials."""
+        if urlsplit(url).scheme != "https":
+            # Validated with the config, but a credentials file's `auth_endpoint` is read
+            # again on every attempt: clear text goes to loopback (or where allowed) only.
+            problem = url_problem(url, job.allow_insecure_http)
+            if problem is not None:
+                where = urlsplit(url).hostname or "the token URL"
+                raise RefreshError(Reason.CREDENTIALS, f"token URL at {where}: {problem}")
+        request = build_request(job, credentials, url)
+        # What an IdP might echo back in an error, in any encoding (`secret_echoes`): the
+        # secret, the Basic credentials it was sent in, the credentials' extras.
         authorization = request.headers.get("Authorization", "").removeprefix("Basic ")
-        secrets = [*_encoded_forms(credentials.client_secret), *_encoded_forms(authorization)]
-        for value in credentials.extras.values():
-            secrets += _encoded_forms(value)
+        secrets = [credentials.client_secret, authorization, *credentials.extras.values()]
         host = urlsplit(request.url).netloc
         deadline = time.monotonic() + request.connect_timeout + request.read_timeout
         try:

@@ -1,4 +1,4 @@
-"""Leader election through a coordination.k8s.io/v1 Lease (design rule 1).
+"""Leader election through a coordination.k8s.io/v1 Lease (rule 1 of docs/design.md).
 
 Only the leader talks to the IdP: on an invalidate-on-reissue IdP, two replicas refreshing the
 same scope would revoke each other's tokens. The algorithm is client-go's:
@@ -24,16 +24,16 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Any
 
 import urllib3
 from kubernetes.client.exceptions import ApiException
 
+from refresher.clock import format_utc
 from refresher.config import LeaderElectionConfig
 from refresher.kube import Kube
 
-log = logging.getLogger("refresher.leader")
+log = logging.getLogger(__name__)
 
 
 def default_identity() -> str:
@@ -43,7 +43,7 @@ def default_identity() -> str:
 
 def micro_time(epoch: float) -> str:
     """A metav1.MicroTime: the API server wants exactly six fraction digits and a Z."""
-    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return format_utc(epoch, "microseconds")
 
 
 class LeaseElector:

@@ -1,54 +1,53 @@
 """A loopback OAuth2 client-credentials token server that behaves like each seed provider.
 
-Two users need it:
-
-* ``refresher demo`` runs it in-process, so short-lived JWTs can be issued and renewed
-  without any outside service.
-* The test suite, which needs a server that behaves exactly as each provider's public
-  page says (see ``/work/shared/seeds``) and that can be told to fail in every way a
-  real identity provider fails.
+``refresher demo`` runs it in-process, so short-lived JWTs can be issued and renewed
+without any outside service; it behaves as each provider's public page says (see
+docs/providers.md, which also lists where it differs), which is also what the test suite
+needs of it. The test suite's fault-injecting token server (``testdoubles/idp.py`` in the
+repository, not shipped) extends :class:`LocalIdP` through one hook,
+:meth:`LocalIdP._before_grant`.
 
 How a provider behaves is *data*: a frozen :class:`ProviderShape` in :data:`SHAPES`.
 The server reads the shape; there is no subclass per provider.
 
-The server only ever binds to a loopback address: it hands out real bearer tokens for
-well-known demo credentials, so it must never be reachable from the network. It never
-writes to stderr, and neither tokens nor client secrets appear in anything it logs or
-answers (except the token in the token response itself).
+The server only ever binds to a loopback address (see :mod:`refresher.loopback`): it hands
+out real bearer tokens for well-known demo credentials, so it must never be reachable from
+the network. It never writes to stderr, and neither tokens nor client secrets appear in
+anything it logs or answers (except the token in the token response itself).
 """
 
 from __future__ import annotations
 
 import base64
 import dataclasses
-import functools
-import ipaddress
 import json
 import secrets
 import socket
-import socketserver
 import struct
-import sys
 import threading
 import time
-from collections import deque
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from email.message import Message
-from enum import Enum
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Literal, assert_never
+from typing import Any, Literal, cast
 from urllib.parse import parse_qsl, unquote_plus, urlsplit
 
 import jwt
 
+from refresher.loopback import LoopbackServer, QuietHandler, owner_of
+from refresher.presets import ProviderName
+
 __all__ = [
     "PROTECTED_PATH",
+    "RESET",
     "SHAPES",
-    "Fault",
     "IssuedToken",
     "LocalIdP",
     "ProviderShape",
+    "Reply",
+    "Request",
+    "TokenStatus",
 ]
 
 PROTECTED_PATH = "/api/protected"
@@ -61,44 +60,41 @@ _MAX_FIELDS = 32
 
 @dataclass(frozen=True)
 class ProviderShape:
-    """How one identity provider's token endpoint behaves, as plain data."""
+    """How one identity provider's token endpoint behaves, as plain data. The defaults are
+    plain RFC 6749 section 4.4; a provider names only where it differs."""
 
     name: str
-    token_path: str
+    token_path: str = "/oauth2/token"
     """Path of the token endpoint."""
-    params_in: Literal["query", "body"]
+    params_in: Literal["query", "body"] = "body"
     """Where ``grant_type``, ``scope`` and ``audience`` must be sent; elsewhere they are
     treated as missing (Lucidworks and Lucidtech put them in the query string)."""
-    client_auth: Literal["basic", "basic_raw", "body"]
+    client_auth: Literal["basic", "basic_raw", "body"] = "basic"
     """``basic``: ``Authorization: Basic base64(urlencode(id) ":" urlencode(secret))`` as
     RFC 6749 section 2.3.1 says (form-urlencoding, ``quote_plus`` style);
     ``basic_raw``: ``base64(id ":" secret)`` with no urlencoding;
     ``body``: ``client_id`` and ``client_secret`` as form fields."""
-    requires_audience: bool
+    requires_audience: bool = False
     """An ``audience`` parameter is required (Usage Engine)."""
-    scope_required: bool
+    scope_required: bool = False
     """A request without a scope is rejected with ``invalid_scope`` (Lucidworks, Fusion)."""
-    allowed_scopes: frozenset[str] | None
+    allowed_scopes: frozenset[str] | None = None
     """``None``: any scope is granted."""
-    max_scopes_per_token: int | None
+    max_scopes_per_token: int | None = None
     """Lucidworks AI wants one token per scope (1); Fusion grants both scopes in one token."""
-    revokes_on_reissue: bool
+    revokes_on_reissue: bool = False
     """A new token for a (client, scope set) revokes that pair's previous live token at
     once: Lucidworks "deletes the existing token" and its users get 401 until they reload."""
-    requires_json_accept: bool
+    requires_json_accept: bool = False
     """Answer 406 when ``Accept`` does not allow ``application/json``."""
     requires_api_key: bool = False
     """The protected API also wants ``x-api-key`` (Lucidtech); 403 without the right one."""
 
 
-_LUCIDWORKS_PATH = "/oauth2/ausao8uveaPmyhv0v357/v1/token"
-
 _LUCIDWORKS_SHAPE = ProviderShape(
     name="lucidworks",
-    token_path=_LUCIDWORKS_PATH,
+    token_path="/oauth2/ausao8uveaPmyhv0v357/v1/token",
     params_in="query",
-    client_auth="basic",
-    requires_audience=False,
     scope_required=True,
     allowed_scopes=frozenset({"machinelearning.predict", "machinelearning.model"}),
     max_scopes_per_token=1,
@@ -106,72 +102,26 @@ _LUCIDWORKS_SHAPE = ProviderShape(
     requires_json_accept=True,
 )
 
-SHAPES: dict[str, ProviderShape] = {
-    # Lucidworks AI Authentication API (seeds 000, 001).
+# What each provider demands, and where it says so: docs/providers.md.
+SHAPES: dict[ProviderName, ProviderShape] = {
+    # Lucidworks AI: scope in the query string, one token per scope, revoked on reissue.
     "lucidworks": _LUCIDWORKS_SHAPE,
-    # Lucidworks Fusion / Springboard (seed 002): same endpoint, two scopes in one token.
+    # Lucidworks Fusion / Springboard: same endpoint, two scopes in one token.
     "fusion": dataclasses.replace(
         _LUCIDWORKS_SHAPE,
         name="fusion",
         allowed_scopes=frozenset({"connectedsearch.query", "datasource.push"}),
         max_scopes_per_token=None,
     ),
-    # Lucidtech (seed 003): grant_type in the query string; API calls also need x-api-key.
-    "lucidtech": ProviderShape(
-        name="lucidtech",
-        token_path="/oauth2/token",
-        params_in="query",
-        client_auth="basic",
-        requires_audience=False,
-        scope_required=False,
-        allowed_scopes=None,
-        max_scopes_per_token=None,
-        revokes_on_reissue=False,
-        requires_json_accept=False,
-        requires_api_key=True,
-    ),
-    # Usage Engine (seed 004): form body with client credentials and a required audience.
+    # Lucidtech: grant_type in the query string; API calls also need x-api-key.
+    "lucidtech": ProviderShape(name="lucidtech", params_in="query", requires_api_key=True),
+    # Usage Engine: form body with client credentials and a required audience.
     "usage-engine": ProviderShape(
-        name="usage-engine",
-        token_path="/oauth/token",
-        params_in="body",
-        client_auth="body",
-        requires_audience=True,
-        scope_required=False,
-        allowed_scopes=None,
-        max_scopes_per_token=None,
-        revokes_on_reissue=False,
-        requires_json_accept=False,
+        name="usage-engine", token_path="/oauth/token", client_auth="body", requires_audience=True
     ),
     # Plain RFC 6749 section 4.4.
-    "generic": ProviderShape(
-        name="generic",
-        token_path="/oauth2/token",
-        params_in="body",
-        client_auth="basic",
-        requires_audience=False,
-        scope_required=False,
-        allowed_scopes=None,
-        max_scopes_per_token=None,
-        revokes_on_reissue=False,
-        requires_json_accept=False,
-    ),
+    "generic": ProviderShape(name="generic"),
 }
-
-
-class Fault(Enum):
-    """Ways the token endpoint can be told to fail (see :meth:`LocalIdP.fail_next`)."""
-
-    SERVER_ERROR = "server_error"  # 500
-    UNAVAILABLE = "unavailable"  # 503 with Retry-After
-    RATE_LIMITED = "rate_limited"  # 429 with Retry-After
-    SLOW = "slow"  # wait slow_seconds, then answer normally
-    RESET = "reset"  # TCP reset, no response at all
-    HTML = "html"  # 200 text/html, as from a captive portal or a misrouted proxy
-    NO_ACCESS_TOKEN = "no_access_token"  # 200 JSON without access_token
-    NEGATIVE_EXPIRES_IN = "negative_expires_in"  # 200 JSON, real-looking token, expires_in -60
-    NOT_JSON = "not_json"  # 200 application/json whose body does not parse
-    INVALID_CLIENT = "invalid_client"  # 401, as after the secret was rotated
 
 
 @dataclass(frozen=True)
@@ -192,14 +142,7 @@ TokenStatus = Literal["valid", "expired", "revoked", "unknown"]
 
 
 @dataclass(frozen=True)
-class _FaultPlan:
-    fault: Fault
-    retry_after: float | None
-    slow_seconds: float
-
-
-@dataclass(frozen=True)
-class _Request:
+class Request:
     """An HTTP request, already read off the socket, so the endpoints are plain functions."""
 
     method: str
@@ -210,7 +153,9 @@ class _Request:
 
 
 @dataclass(frozen=True)
-class _Reply:
+class Reply:
+    """What the server answers; :data:`RESET` answers nothing and resets the connection."""
+
     status: int
     body: bytes = b""
     content_type: str = "application/json"
@@ -218,14 +163,25 @@ class _Reply:
     reset: bool = False
     """Send nothing: reset the TCP connection instead."""
 
+    @classmethod
+    def json(cls, status: int, payload: Mapping[str, object], *headers: tuple[str, str]) -> Reply:
+        body = json.dumps(payload, separators=(",", ":")).encode()
+        return cls(status=status, body=body, headers=headers)
 
-_RESET = _Reply(status=0, reset=True)
+    @classmethod
+    def error(cls, status: int, error: str, description: str, *headers: tuple[str, str]) -> Reply:
+        """An RFC 6749 section 5.2 error. Descriptions are fixed text: nothing is echoed back."""
+        return cls.json(status, {"error": error, "error_description": description}, *headers)
+
+
+RESET = Reply(status=0, reset=True)
+"""No response at all: the connection is closed with a TCP reset."""
 
 
 class _Rejected(Exception):
     """Raised by a validation step; carries the error reply to send."""
 
-    def __init__(self, reply: _Reply) -> None:
+    def __init__(self, reply: Reply) -> None:
         super().__init__(reply.status)
         self.reply = reply
 
@@ -235,15 +191,12 @@ def _number(value: float) -> int | float:
     return int(value) if float(value).is_integer() else value
 
 
-def _json(status: int, payload: Mapping[str, object], *headers: tuple[str, str]) -> _Reply:
-    body = json.dumps(payload, separators=(",", ":")).encode()
-    return _Reply(status=status, body=body, headers=headers)
+def _json(status: int, payload: Mapping[str, object], *headers: tuple[str, str]) -> Reply:
+    return Reply.json(status, payload, *headers)
 
 
 def _error(status: int, error: str, description: str, *headers: tuple[str, str]) -> _Rejected:
-    """An RFC 6749 section 5.2 error. Descriptions are fixed text: nothing is echoed back."""
-    payload = {"error": error, "error_description": description}
-    return _Rejected(_json(status, payload, *headers))
+    return _Rejected(Reply.error(status, error, description, *headers))
 
 
 def _invalid_client(*, basic: bool = False) -> _Rejected:
@@ -332,11 +285,12 @@ def _same(given: str | None, expected: str) -> bool:
     return given is not None and secrets.compare_digest(given.encode(), expected.encode())
 
 
-class LocalIdP:
+class LocalIdP(LoopbackServer):
     """A token endpoint plus a protected API on 127.0.0.1, shaped like one provider.
 
-    Use as a context manager, or call :meth:`start` and :meth:`stop`. All methods and
-    properties are thread-safe; the counters and :attr:`issued` are snapshots.
+    Use as a context manager, or call :meth:`start` and :meth:`stop` (see
+    :class:`~refresher.loopback.LoopbackServer`). All methods and properties are
+    thread-safe; the counters and :attr:`issued` are snapshots.
     """
 
     def __init__(
@@ -357,8 +311,7 @@ class LocalIdP:
             if shape not in SHAPES:
                 raise ValueError(f"unknown provider shape {shape!r}; known: {sorted(SHAPES)}")
             shape = SHAPES[shape]
-        if not _is_loopback(host):
-            raise ValueError(f"LocalIdP binds to loopback IPv4 addresses only, not {host!r}")
+        super().__init__(_Handler, host=host, port=port, name=f"localidp-{shape.name}")
         self.shape = shape
         self.lifetime = lifetime
         """Seconds a token lives; affects tokens issued afterwards."""
@@ -368,73 +321,20 @@ class LocalIdP:
         self._token_format = token_format
         self._send_expires_in = send_expires_in
         self._clock = clock
-        self._host = host
-        self._port = port
         self._signing_key = secrets.token_bytes(32)  # HS256, fresh per server
 
         self._lock = threading.Lock()
         self._tokens: dict[str, IssuedToken] = {}  # insertion order = issue order
-        self._queued_faults: deque[_FaultPlan] = deque()
-        self._standing_fault: _FaultPlan | None = None
-        self._token_requests = 0
-        self._protected_ok = 0
-        self._protected_unauthorized = 0
-        self._protected_forbidden = 0
-
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
-        self._stopping = threading.Event()
-
-    # ----------------------------------------------------------------- lifecycle
-
-    def start(self) -> LocalIdP:
-        """Bind and serve in a daemon thread.
-
-        After :meth:`stop`, ``start()`` binds the same port again, so a test can take the
-        provider down and bring it back at the same URL.
-        """
-        if self._server is not None:
-            raise RuntimeError("LocalIdP is already running")
-        self._stopping = threading.Event()
-        handler = functools.partial(_Handler, idp=self)
-        server = _Server((self._host, self._port), handler)
-        self._port = server.server_address[1]
-        self._server = server
-        self._thread = threading.Thread(
-            target=server.serve_forever,
-            kwargs={"poll_interval": 0.02},  # shutdown() waits up to one poll
-            name=f"localidp-{self.shape.name}",
-            daemon=True,
-        )
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        """Stop promptly, even while a SLOW request is waiting. Safe to call twice."""
-        server, thread = self._server, self._thread
-        if server is None:
-            return
-        self._stopping.set()  # wakes SLOW handlers, which then drop their connection
-        server.shutdown()
-        server.server_close()  # does not wait for handler threads (see _Server)
-        if thread is not None:
-            thread.join(timeout=5)
-        self._server = self._thread = None
-
-    def __enter__(self) -> LocalIdP:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
+        # Requests seen: "token" (every request to the token path, faulted, rejected or not),
+        # and the protected API's answers "ok", "unauthorized" (401) and "forbidden" (403).
+        self._counts: Counter[str] = Counter()
 
     # ---------------------------------------------------------------- addresses
 
     @property
     def base_url(self) -> str:
         """``http://127.0.0.1:<port>``; with port 0, known once started. Kept after stop()."""
-        if self._port == 0:
-            raise RuntimeError("LocalIdP has not been started; the port is not known yet")
-        return f"http://{self._host}:{self._port}"
+        return f"http://{self.host}:{self.port}"
 
     @property
     def token_url(self) -> str:
@@ -444,48 +344,27 @@ class LocalIdP:
     def protected_url(self) -> str:
         return self.base_url + PROTECTED_PATH
 
-    # ----------------------------------------------------------- fault injection
+    # ---------------------------------------------------------------- the hook
 
-    def fail_next(
-        self,
-        fault: Fault,
-        count: int = 1,
-        *,
-        retry_after: float | None = None,
-        slow_seconds: float = 0.0,
-    ) -> None:
-        """Give the next ``count`` token requests this fault.
+    def _before_grant(self, request: Request) -> Reply | None:
+        """Intercept a token request: the one place a subclass changes what the endpoint says.
 
-        Queued faults are used in order, before any fault set with :meth:`set_fault`.
-        ``retry_after`` is the Retry-After of UNAVAILABLE and RATE_LIMITED (default 1).
+        Called for every POST to the token path, after it is counted in
+        :attr:`token_requests` and before anything in it is validated. Return a
+        :class:`Reply` to send instead (:data:`RESET` to answer nothing), or ``None`` to
+        validate and grant as usual. It runs on the connection's thread and may block; a
+        subclass that waits should wait on :attr:`stopping`, so that :meth:`stop` stays
+        prompt. This server never intercepts: it returns ``None``.
         """
-        if count < 0 or slow_seconds < 0:
-            raise ValueError("count and slow_seconds must not be negative")
-        plan = _FaultPlan(fault, retry_after, slow_seconds)
-        with self._lock:
-            self._queued_faults.extend([plan] * count)
-
-    def set_fault(
-        self,
-        fault: Fault | None,
-        *,
-        retry_after: float | None = None,
-        slow_seconds: float = 0.0,
-    ) -> None:
-        """Give every token request this fault until ``set_fault(None)``."""
-        if slow_seconds < 0:
-            raise ValueError("slow_seconds must not be negative")
-        plan = None if fault is None else _FaultPlan(fault, retry_after, slow_seconds)
-        with self._lock:
-            self._standing_fault = plan
+        return None
 
     # --------------------------------------------------------------- observation
 
     @property
     def token_requests(self) -> int:
-        """Every request to the token path, faulted, rejected or not."""
+        """Every request to the token path, intercepted, rejected or not."""
         with self._lock:
-            return self._token_requests
+            return self._counts["token"]
 
     @property
     def issued(self) -> list[IssuedToken]:
@@ -496,18 +375,18 @@ class LocalIdP:
     @property
     def protected_ok(self) -> int:
         with self._lock:
-            return self._protected_ok
+            return self._counts["ok"]
 
     @property
     def protected_unauthorized(self) -> int:
         with self._lock:
-            return self._protected_unauthorized
+            return self._counts["unauthorized"]
 
     @property
     def protected_forbidden(self) -> int:
         """Protected calls refused with 403 for a missing or wrong ``x-api-key``."""
         with self._lock:
-            return self._protected_forbidden
+            return self._counts["forbidden"]
 
     def token_status(self, access_token: str) -> TokenStatus:
         """How the protected API would judge this token right now, by the server's clock."""
@@ -525,7 +404,7 @@ class LocalIdP:
 
     # ----------------------------------------------------------------- endpoints
 
-    def _route(self, request: _Request) -> _Reply:
+    def _route(self, request: Request) -> Reply:
         try:
             if request.path == self.shape.token_path:
                 return self._token_endpoint(request)
@@ -535,19 +414,17 @@ class LocalIdP:
         except _Rejected as rejected:
             return rejected.reply
 
-    def _token_endpoint(self, request: _Request) -> _Reply:
+    def _token_endpoint(self, request: Request) -> Reply:
         with self._lock:
-            self._token_requests += 1
+            self._counts["token"] += 1
         if request.method != "POST":
             raise _error(405, "invalid_request", "Use POST", ("Allow", "POST"))
-        plan = self._take_fault()
-        if plan is not None:
-            reply = self._faulted_reply(plan)
-            if reply is not None:
-                return reply
+        intercepted = self._before_grant(request)
+        if intercepted is not None:
+            return intercepted
         return self._grant(request)
 
-    def _grant(self, request: _Request) -> _Reply:
+    def _grant(self, request: Request) -> Reply:
         """Validate a client-credentials request as the shape says, then issue a token."""
         shape = self.shape
         if shape.requires_json_accept and not _accepts_json(request.headers.get("Accept")):
@@ -658,7 +535,7 @@ class LocalIdP:
             claims["aud"] = audience
         return jwt.encode(claims, self._signing_key, algorithm="HS256")
 
-    def _protected_endpoint(self, request: _Request) -> _Reply:
+    def _protected_endpoint(self, request: Request) -> Reply:
         """A stand-in API: 200 for a live token of ours, 401 otherwise (403: bad api key)."""
         if request.method != "GET":
             raise _error(405, "invalid_request", "Use GET", ("Allow", "GET"))
@@ -666,86 +543,22 @@ class LocalIdP:
             request.headers.get("x-api-key"), self._api_key
         ):
             with self._lock:
-                self._protected_forbidden += 1
+                self._counts["forbidden"] += 1
             raise _error(403, "forbidden", "Missing or invalid x-api-key")
         token = _bearer_token(request.headers.get("Authorization"))
         with self._lock:
             status = self._status_locked(token, self._clock()) if token else "unknown"
             if status == "valid":
-                self._protected_ok += 1
+                self._counts["ok"] += 1
             else:
-                self._protected_unauthorized += 1
+                self._counts["unauthorized"] += 1
         if status != "valid":
             challenge = ("WWW-Authenticate", 'Bearer error="invalid_token"')
             raise _error(401, "invalid_token", f"The access token is {status}", challenge)
         return _json(200, {"ok": True})
 
-    # -------------------------------------------------------------------- faults
 
-    def _take_fault(self) -> _FaultPlan | None:
-        with self._lock:
-            if self._queued_faults:
-                return self._queued_faults.popleft()
-            return self._standing_fault
-
-    def _faulted_reply(self, plan: _FaultPlan) -> _Reply | None:
-        """The reply a fault produces, or ``None`` to answer normally (SLOW, after waiting)."""
-        delay = 1.0 if plan.retry_after is None else plan.retry_after
-        retry_after = ("Retry-After", str(_number(delay)))
-        match plan.fault:
-            case Fault.SERVER_ERROR:
-                return _json(500, {"error": "server_error"})
-            case Fault.UNAVAILABLE:
-                return _json(503, {"error": "temporarily_unavailable"}, retry_after)
-            case Fault.RATE_LIMITED:
-                return _json(429, {"error": "rate_limited"}, retry_after)
-            case Fault.SLOW:
-                # Event.wait instead of time.sleep, so stop() is not held up by the sleeper.
-                return _RESET if self._stopping.wait(plan.slow_seconds) else None
-            case Fault.RESET:
-                return _RESET
-            case Fault.HTML:
-                html = b"<html><body><h1>Service Unavailable</h1></body></html>"
-                return _Reply(200, html, content_type="text/html; charset=utf-8")
-            case Fault.NO_ACCESS_TOKEN:
-                return _json(200, {"token_type": "Bearer", "expires_in": _number(self.lifetime)})
-            case Fault.NEGATIVE_EXPIRES_IN:
-                now = self._clock()
-                # Signed like a real token (exp consistent with expires_in) but never
-                # remembered, so the protected API refuses it.
-                token = self._sign_jwt("unknown", (), None, now, now - 60)
-                payload = {"access_token": token, "token_type": "Bearer", "expires_in": -60}
-                return _json(200, payload)
-            case Fault.NOT_JSON:
-                return _Reply(200, b"not json{")
-            case Fault.INVALID_CLIENT:
-                return _invalid_client().reply
-            case _:
-                assert_never(plan.fault)
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return address.version == 4 and address.is_loopback
-
-
-class _Server(ThreadingHTTPServer):
-    """The HTTP server: daemon handler threads, and stop() never waits for them."""
-
-    daemon_threads = True
-    block_on_close = False  # else server_close() joins every handler thread
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        """A client that went away is not an error worth a traceback on stderr."""
-        if isinstance(sys.exc_info()[1], OSError):
-            return
-        super().handle_error(request, client_address)
-
-
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(QuietHandler):
     """HTTP plumbing only: read the request, hand it to the LocalIdP, write the reply.
 
     HTTP/1.0 (the default): one request per connection, so no thread lingers on an idle
@@ -753,31 +566,11 @@ class _Handler(BaseHTTPRequestHandler):
     """
 
     server_version = "localidp"
-    # The stdlib default (HTTP/0.9) answers an unparsable request line with a bare HTML
-    # body and no status line; a client should always get a status code.
-    default_request_version = "HTTP/1.0"
     timeout = 10  # a client that stalls mid-request cannot pin a thread for ever
 
-    # Headers and body are separate writes; with Nagle on, the second one waits ~40 ms for
-    # the client's delayed ACK. Real IdPs answer without that stall.
-    disable_nagle_algorithm = True
-
-    def __init__(
-        self,
-        request: Any,
-        client_address: Any,
-        server: socketserver.BaseServer,
-        *,
-        idp: LocalIdP,
-    ) -> None:
-        self.idp = idp  # set first: the base __init__ handles the request right away
-        super().__init__(request, client_address, server)
-
-    def version_string(self) -> str:
-        return self.server_version  # not "BaseHTTP/0.6 Python/3.x"
-
-    def log_message(self, format: str, *args: Any) -> None:
-        """Silence: test output stays clean and no token ever reaches a log."""
+    @property
+    def idp(self) -> LocalIdP:
+        return cast(LocalIdP, owner_of(self))
 
     def do_GET(self) -> None:
         self._dispatch()
@@ -793,7 +586,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self._send(self.idp._route(request))
 
-    def _read_request(self) -> _Request:
+    def _read_request(self) -> Request:
         """Read the body first, always: closing with unread data would reset the connection."""
         if self.headers.get("Transfer-Encoding") is not None:
             raise _error(411, "invalid_request", "Send a Content-Length, not chunked")
@@ -809,11 +602,11 @@ class _Handler(BaseHTTPRequestHandler):
             raise _error(413, "invalid_request", "Request body too large")
         body = self.rfile.read(length) if length else b""
         if len(body) < length:
-            raise _Rejected(_RESET)  # the client gave up mid-body; nobody to answer
+            raise _Rejected(RESET)  # the client gave up mid-body; nobody to answer
         url = urlsplit(self.path)
-        return _Request(self.command, url.path, url.query, self.headers, body)
+        return Request(self.command, url.path, url.query, self.headers, body)
 
-    def _send(self, reply: _Reply) -> None:
+    def _send(self, reply: Reply) -> None:
         if reply.reset:
             self._reset_connection()
             return

@@ -27,10 +27,9 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from refresher import __version__
+from refresher import __version__, logs
+from refresher.clock import Clock
 from refresher.errors import Reason
-
-Clock = Callable[[], float]
 
 REFRESH_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 WRITE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -110,64 +109,84 @@ class JobSnapshot:
     stats: JobStats = field(default_factory=JobStats)
 
 
+# Every per-job family: key -> (type, name, help, labels). One table, so a family's name and
+# its labels are written once.
+_Family = type[CounterMetricFamily] | type[GaugeMetricFamily] | type[HistogramMetricFamily]
+_FAMILY_TABLE: dict[str, tuple[_Family, str, str, tuple[str, ...]]] = {
+    "attempts": (
+        CounterMetricFamily,
+        "refresher_refresh_attempts",
+        "Refresh attempts by outcome.",
+        ("token", "outcome"),
+    ),
+    "failures": (
+        CounterMetricFamily,
+        "refresher_refresh_failures",
+        "Failed refresh attempts by reason.",
+        ("token", "reason"),
+    ),
+    "sink_writes": (
+        CounterMetricFamily,
+        "refresher_sink_writes",
+        "Token writes to sinks by outcome.",
+        ("token", "sink", "outcome"),
+    ),
+    "refresh_duration": (
+        HistogramMetricFamily,
+        "refresher_refresh_duration_seconds",
+        "Round trip to the IdP for one token request (with its wait for the rate limit).",
+        ("token",),
+    ),
+    "sink_write_duration": (
+        HistogramMetricFamily,
+        "refresher_sink_write_duration_seconds",
+        "Time to write a token to one sink.",
+        ("token", "sink"),
+    ),
+    "write_window": (
+        HistogramMetricFamily,
+        "refresher_write_window_seconds",
+        "From the IdP's answer to the last sink written: how long consumers of an "
+        "invalidate-on-reissue IdP may hold a revoked token.",
+        ("token",),
+    ),
+    "expiry": (
+        GaugeMetricFamily,
+        "refresher_token_expiry_timestamp_seconds",
+        "When the token the job holds expires (Unix time).",
+        ("token",),
+    ),
+    "ttl": (
+        GaugeMetricFamily,
+        "refresher_token_ttl_seconds",
+        "Seconds until the held token expires; negative once it has expired.",
+        ("token",),
+    ),
+    "next": (
+        GaugeMetricFamily,
+        "refresher_next_refresh_timestamp_seconds",
+        "When the next refresh (or retry) of the job is scheduled (Unix time).",
+        ("token",),
+    ),
+    "success": (
+        GaugeMetricFamily,
+        "refresher_last_success_timestamp_seconds",
+        "When the job last wrote a new token to every sink (Unix time).",
+        ("token",),
+    ),
+    "consecutive": (
+        GaugeMetricFamily,
+        "refresher_consecutive_failures",
+        "Failed attempts since the last success.",
+        ("token",),
+    ),
+}
+
+
 def _families() -> dict[str, Any]:  # each value a *MetricFamily with its own add_metric
     return {
-        "attempts": CounterMetricFamily(
-            "refresher_refresh_attempts",
-            "Refresh attempts by outcome.",
-            labels=["token", "outcome"],
-        ),
-        "failures": CounterMetricFamily(
-            "refresher_refresh_failures",
-            "Failed refresh attempts by reason.",
-            labels=["token", "reason"],
-        ),
-        "sink_writes": CounterMetricFamily(
-            "refresher_sink_writes",
-            "Token writes to sinks by outcome.",
-            labels=["token", "sink", "outcome"],
-        ),
-        "refresh_duration": HistogramMetricFamily(
-            "refresher_refresh_duration_seconds",
-            "Round trip to the IdP for one token request.",
-            labels=["token"],
-        ),
-        "sink_write_duration": HistogramMetricFamily(
-            "refresher_sink_write_duration_seconds",
-            "Time to write a token to one sink.",
-            labels=["token", "sink"],
-        ),
-        "write_window": HistogramMetricFamily(
-            "refresher_write_window_seconds",
-            "From the IdP's answer to the last sink written: how long consumers of an "
-            "invalidate-on-reissue IdP may hold a revoked token.",
-            labels=["token"],
-        ),
-        "expiry": GaugeMetricFamily(
-            "refresher_token_expiry_timestamp_seconds",
-            "When the token the job holds expires (Unix time).",
-            labels=["token"],
-        ),
-        "ttl": GaugeMetricFamily(
-            "refresher_token_ttl_seconds",
-            "Seconds until the held token expires; negative once it has expired.",
-            labels=["token"],
-        ),
-        "next": GaugeMetricFamily(
-            "refresher_next_refresh_timestamp_seconds",
-            "When the next refresh (or retry) of the job is scheduled (Unix time).",
-            labels=["token"],
-        ),
-        "success": GaugeMetricFamily(
-            "refresher_last_success_timestamp_seconds",
-            "When the job last wrote a new token to every sink (Unix time).",
-            labels=["token"],
-        ),
-        "consecutive": GaugeMetricFamily(
-            "refresher_consecutive_failures",
-            "Failed attempts since the last success.",
-            labels=["token"],
-        ),
+        key: family(name, documentation, labels=list(labels))
+        for key, (family, name, documentation, labels) in _FAMILY_TABLE.items()
     }
 
 
@@ -223,6 +242,22 @@ class _JobCollector(Collector):
         yield from f.values()
 
 
+class _LogCollector(Collector):
+    """The log pipeline's process-wide counts (see `logs.py`)."""
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(
+            "refresher_log_records_dropped",
+            "Log lines dropped because the log stream did not keep up (a full queue).",
+            value=logs.dropped_records(),
+        )
+        yield CounterMetricFamily(
+            "refresher_log_write_errors",
+            "Log lines the log stream refused (closed, broken pipe).",
+            value=logs.write_errors(),
+        )
+
+
 class Metrics:
     """The refresher's metrics, in a registry of their own (tests run many side by side)."""
 
@@ -239,6 +274,7 @@ class Metrics:
             "refresher_build_info", "The running version.", ["version"], registry=self.registry
         )
         build_info.labels(version=__version__).set(1)
+        self.registry.register(_LogCollector())
 
     def bind_jobs(
         self,

@@ -1,14 +1,17 @@
 """Provider presets: each seed provider's endpoint shape as data, not code.
 
 A preset supplies defaults for a token job's fields (anything the job sets itself wins) and a
-few rules the config checks. The comments cite what each provider's own documentation
-demands (see shared/seeds).
+few rules the config checks. What each provider demands, and where it says so, is in
+docs/providers.md; `ProviderName` is the one list of supported providers.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
+
+ProviderName = Literal["generic", "lucidworks", "fusion", "lucidtech", "usage-engine"]
+PROVIDERS: tuple[ProviderName, ...] = get_args(ProviderName)
 
 _LUCIDWORKS: dict[str, Any] = {
     "scope_in": "query",
@@ -28,7 +31,7 @@ class Preset:
     token_path: str | None = None
 
 
-PRESETS: dict[str, Preset] = {
+PRESETS: dict[ProviderName, Preset] = {
     # RFC 6749 defaults: parameters in the form body, HTTP Basic client authentication.
     "generic": Preset({"scope_in": "body", "auth": "basic"}),
     # Lucidworks AI: scope and grant_type in the query string, Basic auth. A new token for a
@@ -48,7 +51,8 @@ PRESETS: dict[str, Preset] = {
 
 def apply_preset(job: dict[str, Any]) -> dict[str, Any]:
     """Return the job with its provider's defaults filled in (the job's own values win)."""
-    preset = PRESETS.get(str(job.get("provider", "generic")))
+    name = job.get("provider", "generic")
+    preset = PRESETS.get(name) if name in PROVIDERS else None
     if preset is None:
         return job  # the unknown provider is reported by validation
     merged = {**preset.defaults, **job}

@@ -1,14 +1,17 @@
 """Doing a refresh: one job's state and the attempt that moves it forward.
 
-`JobRunner` is the controller of one token job. The policy (`schedule.py`) decides when; the
-runner does the work: read the sinks on start, fetch a token, write every sink, count and log
-what happened, and return when it wants to run next. The daemon (or `refresher once`) only
-calls `step()` at the time the runner asked for. Nothing here sleeps.
+`JobRunner` is the controller of one token job. The plan (`schedule.py`) decides when to
+fetch, when to retry and which stored token to keep; the runner carries it out: read the sinks
+on start, fetch a token, write every sink, count and log what happened, and return when it
+wants to run next. The daemon (or `refresher once`) only calls `step()` at the time the runner
+asked for. Nothing here sleeps, and the clock and the IdP arrive from outside, so every path
+runs in a unit test with plain numbers (tests/test_runner.py).
 
-Invariants (design rule 4): a failed attempt leaves every sink as it was; a token the IdP has
-issued is never thrown away because a sink failed, since on an invalidate-on-reissue IdP the
-previous token is already dead: the runner keeps it and retries the sinks that missed it
-without asking the IdP again.
+Invariants (rule 4 of docs/design.md): a failed attempt leaves every sink as it was; a token
+the IdP has issued is never thrown away because a sink failed, since on an invalidate-on-
+reissue IdP the previous token is already dead: the runner keeps it and retries the sinks that
+missed it without asking the IdP again. Every error on the way, expected or not, is counted
+as a failed attempt.
 """
 
 from __future__ import annotations
@@ -19,19 +22,33 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import Protocol
 
+from refresher.clock import Clock, format_utc
 from refresher.config import TokenJobConfig
 from refresher.errors import Reason, RefreshError
-from refresher.idp import IdPClient
 from refresher.metrics import JobSnapshot, JobStats
-from refresher.ratelimit import TokenBucket
-from refresher.schedule import refresh_at, retry_delay
+from refresher.schedule import (
+    adopt,
+    after_failure,
+    after_success,
+    is_due,
+    stored_lifetime_bound,
+    token_refresh_at,
+)
 from refresher.sinks import Sink
 from refresher.tokens import Token
 
-log = logging.getLogger("refresher.refresh")
+log = logging.getLogger(__name__)
 
-Clock = Callable[[], float]
+
+class TokenSource(Protocol):
+    """Where new tokens come from: `idp.IdPClient` in the product, a script in unit tests."""
+
+    def fetch(self, job: TokenJobConfig, *, still_wanted: Callable[[], bool]) -> Token | None:
+        """A new token for `job`, or None when `still_wanted()` said no right before the
+        request would have gone out. Raises RefreshError for a classified failure."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -65,34 +82,32 @@ class JobRunner:
         self,
         job: TokenJobConfig,
         sinks: Sequence[Sink],
-        idp: IdPClient,
+        idp: TokenSource,
         *,
         clock: Clock = time.time,
         rng: random.Random | None = None,
         listeners: Sequence[Listener] = (),
         may_fetch: Callable[[], bool] = lambda: True,
-        rate_limit: TokenBucket | None = None,
     ) -> None:
         self.job = job
-        self.rate_limit = rate_limit  # shared by every job asking the same token URL
         # Asked right before every IdP request: False once this replica stopped leading.
         self.may_fetch = may_fetch
         self.sinks = list(sinks)
         self.idp = idp
         self.clock = clock
-        self.rng = rng or random.Random()
+        self.rng = rng or random.Random()  # draws retry jitter only; refresh points are pure
         self.listeners = list(listeners)
         self.policy = job.schedule_policy()
         self._lock = threading.Lock()  # guards the state below against snapshot() readers
         self._started = False
         self.token: Token | None = None  # the newest token we hold (and want in every sink)
         self.pending: list[Sink] = []  # sinks that do not hold `token` yet
-        self.refresh_at: float | None = None
+        self.refresh_point: float | None = None
         self.next_attempt_at: float | None = None
         self.failures = 0
         self.last_error: RefreshError | None = None
         self.last_success_at: float | None = None
-        self._jitter = self.rng.random()  # one draw per token, so the plan is stable
+        self.issued_lifetime: float | None = None  # of the last token the IdP gave this runner
         self._answered_at = 0.0  # perf_counter when the IdP answered with `token`
         self.stats = JobStats(sinks=tuple(sink.name for sink in self.sinks))
 
@@ -100,11 +115,16 @@ class JobRunner:
 
     def step(self) -> float:
         """Do what is due now; return the time (Unix seconds) this runner wants to run next."""
-        if not self._started:
-            at = self.start()
-            if at > self.clock():
-                return at
-        return self.attempt()
+        try:
+            if not self._started:
+                at = self.start()
+                if at > self.clock():
+                    return at
+            return self.attempt()
+        except Exception as err:  # a bug must not stop the job: count it, retry on the plan
+            log.exception("unexpected error during refresh", extra={"token": self.job.name})
+            error = RefreshError(Reason.INTERNAL, type(err).__name__)
+            return self._failed(error, self.clock(), 0.0, None)
 
     def restart(self) -> None:
         """Read the sinks again on the next step (another replica may have written them)."""
@@ -114,30 +134,32 @@ class JobRunner:
         """Read every sink and adopt a token that is still good, instead of asking the IdP."""
         self._started = True
         now = self.clock()
-        held: list[Token | None] = []
         for sink in self.sinks:
-            try:
-                held.append(sink.read(now))
-            except RefreshError as err:
-                log.warning(
-                    "cannot read sink on start",
-                    extra={"token": self.job.name, "sink": sink.name, "error": err.message},
-                )
-                held.append(None)
-        valid = [token for token in held if token is not None and token.is_valid(now)]
-        if not valid:
-            return self._plan(now)
-        best = max(valid, key=lambda token: token.expires_at)
+            sink.remove_leftovers(now)  # a killed predecessor's temp files; never in `status`
+        held = [self._read(sink, now) for sink in self.sinks]
+        adoption = adopt(held, now, stored_lifetime_bound(self.job.lifetime, self.issued_lifetime))
+        for index in adoption.unbelievable:
+            stored = held[index]
+            assert stored is not None
+            log.warning(
+                "stored expiry not believed: further ahead than any token of this job lives",
+                extra={
+                    "token": self.job.name,
+                    "sink": self.sinks[index].name,
+                    "expires_at": format_utc(stored.expires_at),
+                    "fingerprint": stored.fingerprint,
+                },
+            )
+        best = adoption.token
         with self._lock:
             self.token = best
-            self.pending = [
-                sink
-                for sink, token in zip(self.sinks, held, strict=True)
-                if token is None or token.fingerprint != best.fingerprint
-            ]
-            self.refresh_at = refresh_at(self.policy, best.issued_at, best.expires_at, self._jitter)
+            self.pending = [self.sinks[index] for index in adoption.stale] if best else []
+            self.refresh_point = (
+                token_refresh_at(self.policy, self.job.name, best) if best else None
+            )
         at = self._plan(now)
-        self._emit("reused", None, None, best, at, 0.0, None)
+        if best is not None:
+            self._emit("reused", None, None, best, at, 0.0, None)
         return at
 
     def attempt(self) -> float:
@@ -164,8 +186,8 @@ class JobRunner:
                     issued_at=self.token.issued_at + seconds,
                     expires_at=self.token.expires_at + seconds,
                 )
-            if self.refresh_at is not None:
-                self.refresh_at += seconds
+            if self.refresh_point is not None:
+                self.refresh_point += seconds
             if self.next_attempt_at is not None:
                 self.next_attempt_at += seconds
             if self.last_success_at is not None:
@@ -193,41 +215,46 @@ class JobRunner:
     # -------------------------------------------------------------------------- internals
 
     def _refresh_due(self, now: float) -> bool:
-        return self.token is None or self.refresh_at is None or now >= self.refresh_at
+        return is_due(now, self.token, self.refresh_point)
+
+    def _read(self, sink: Sink, now: float) -> Token | None:
+        try:
+            return sink.read(now)
+        except RefreshError as err:
+            log.warning(
+                "cannot read sink on start",
+                extra={"token": self.job.name, "sink": sink.name, "error": err.message},
+            )
+            return None
 
     def _plan(self, now: float) -> float:
-        """The next attempt when nothing failed: now if there is work, else the refresh point."""
-        at = now if self._refresh_due(now) or self.pending else self.refresh_at
-        assert at is not None
+        """The next attempt when nothing failed."""
+        if self._refresh_due(now):
+            at = now
+        else:
+            assert self.refresh_point is not None
+            at = after_success(now, self.refresh_point, sinks_pending=bool(self.pending))
         self.next_attempt_at = at
         return at
 
     def _fetch_and_write(self, now: float) -> float:
-        if self.rate_limit is not None:
-            self.rate_limit.acquire()
-        if not self.may_fetch():
-            return self._plan(now)  # not the leader (any more): someone else refreshes
         started = time.perf_counter()
         try:
-            token = self.idp.fetch(self.job, self.job.credentials())
+            token = self.idp.fetch(self.job, still_wanted=self.may_fetch)
         except RefreshError as err:
             duration = time.perf_counter() - started
             self.stats.record_refresh_duration(duration)
             return self._failed(err, now, duration, None)
-        except Exception as err:  # a bug must not stop the daemon; classify and retry
-            log.exception("unexpected error during refresh", extra={"token": self.job.name})
-            error = RefreshError(Reason.INTERNAL, type(err).__name__)
-            return self._failed(error, now, time.perf_counter() - started, None)
+        if token is None:
+            return self._plan(now)  # not the leader (any more): someone else refreshes
         answered = self._answered_at = time.perf_counter()
         duration = answered - started
         self.stats.record_refresh_duration(duration)
         with self._lock:
             self.token = token
             self.pending = list(self.sinks)
-            self._jitter = self.rng.random()
-            self.refresh_at = refresh_at(
-                self.policy, token.issued_at, token.expires_at, self._jitter
-            )
+            self.issued_lifetime = token.lifetime
+            self.refresh_point = token_refresh_at(self.policy, self.job.name, token)
         results = self._write(token)
         window = time.perf_counter() - answered
         write_error = self._settle(token, results)
@@ -259,6 +286,9 @@ class JobRunner:
                 sink.write(token)
             except RefreshError as err:
                 error = err
+            except Exception as err:  # a bug in a sink fails that sink, counted, not the job
+                log.exception("unexpected error writing a sink", extra={"token": self.job.name})
+                error = RefreshError(Reason.SINK, f"cannot write {sink.name}: {type(err).__name__}")
             results.append(SinkWrite(sink, time.perf_counter() - begun, error))
         with self._lock:
             self.pending = [result.sink for result in results if result.error is not None]
@@ -291,18 +321,16 @@ class JobRunner:
             self.failures += 1
             self.last_error = error
         self.stats.record_attempt("failure", error.reason.value)
-        expires_at = self.token.expires_at if self.token else None
-        policy = self.policy
-        if self.pending and self.token is not None and self.token.is_valid(now):
-            # A sink lacks a token we already hold: on an invalidate-on-reissue IdP its
-            # readers hold a revoked one now, so retry it at once, not after seconds.
-            policy = replace(policy, backoff_initial=policy.retry_floor)
-        delay = retry_delay(
-            policy, self.failures, now, expires_at, error.retry_after, self.rng.random()
+        at = after_failure(
+            self.policy,
+            now=now,
+            failures=self.failures,
+            held=self.token,
+            refresh_point=self.refresh_point,
+            sinks_pending=bool(self.pending),
+            retry_after=error.retry_after,
+            u=self.rng.random(),
         )
-        at = now + delay
-        if self.refresh_at is not None and self.pending and now < self.refresh_at:
-            at = min(at, self.refresh_at)  # a sink retry never postpones the next fetch
         self.next_attempt_at = at
         self._emit("failure", error.reason.value, error.message, self.token, at, duration, window)
         return at

@@ -1,12 +1,26 @@
-"""When to refresh and when to retry: pure functions of time and state (design rules 2 and 4).
+"""The plan: when to refresh, when to retry, which stored token to keep (rules 2, 4 and 8 of
+docs/design.md). Pure functions of time and state.
 
-Nothing here reads a clock, sleeps or draws a random number: the caller passes `now` and a
-uniform draw `u` in [0, 1), so every rule is testable with plain numbers.
+Nothing here reads a clock, sleeps or does I/O: the caller passes `now`, and every random
+choice arrives as a draw `u` in [0, 1). The refresh point's draw is itself a pure function of
+the job and its token (`jitter_draw`), so the daemon, `refresher once`, `refresher status` and
+a restarted process all agree on when a token is due. `JobRunner` (refresh.py) only carries
+the plan out.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+from refresher.tokens import Token
+
+# Without the job's `lifetime` or a lifetime the IdP issued to this process, a stored expiry
+# further ahead than this is not believed (rule 8 of docs/design.md): a day is longer than any
+# client-credentials token of the seed providers, and short enough that a bad edit cannot stop
+# refreshing for long.
+DEFAULT_STORED_LIFETIME_BOUND = 86400.0
 
 
 @dataclass(frozen=True)
@@ -24,6 +38,19 @@ class SchedulePolicy:
     backoff_cap: float = 300.0
     # The shortest retry wait, reached only in the last seconds before expiry.
     retry_floor: float = 0.1
+    # While no valid token is held, consumers are failing now: a recovered IdP must be noticed
+    # within seconds, whatever the failure count (the per-URL token bucket bounds the rate).
+    no_token_backoff_cap: float = 4.0
+
+
+# ------------------------------------------------------------------------ refresh points
+
+
+def jitter_draw(job: str, fingerprint: str) -> float:
+    """The refresh point's draw in [0, 1) for this job and token: spread across jobs and
+    tokens like a random draw, yet the same in every process that looks at the token."""
+    digest = hashlib.sha256(f"{job}\n{fingerprint}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
 def lead_time(policy: SchedulePolicy, lifetime: float) -> float:
@@ -46,14 +73,24 @@ def refresh_at(policy: SchedulePolicy, issued_at: float, expires_at: float, u: f
     return max(planned, issued_at + policy.min_interval)
 
 
-def wait_until(now: float, at: float, *, started: float) -> float:
-    """Seconds to wait from `now` until `at`, robust to a clock that moved backwards.
+def token_refresh_at(policy: SchedulePolicy, job: str, token: Token) -> float:
+    """The refresh point of `token` held by `job`: the one every command agrees on."""
+    u = jitter_draw(job, token.fingerprint)
+    return refresh_at(policy, token.issued_at, token.expires_at, u)
 
-    `started` is when the wait was planned. If the clock now reads earlier than that, it went
-    backwards; we never wait longer than the wait that was planned at `started`.
-    """
-    planned = max(at - started, 0.0)
-    return min(max(at - now, 0.0), planned)
+
+def is_due(now: float, token: Token | None, refresh_point: float | None) -> bool:
+    """Whether a new token must be fetched now (nothing held counts as due)."""
+    return token is None or refresh_point is None or now >= refresh_point
+
+
+# -------------------------------------------------------------------------- next attempt
+
+
+def after_success(now: float, refresh_point: float, *, sinks_pending: bool) -> float:
+    """When to run next once an attempt left nothing failed: at once while a sink still lacks
+    the held token (adopted from another sink), else at the refresh point."""
+    return now if sinks_pending else max(refresh_point, now)
 
 
 def retry_delay(
@@ -67,19 +104,96 @@ def retry_delay(
     """Seconds to wait after the `failures`-th consecutive failure before trying again.
 
     Exponential backoff with "equal jitter" (half fixed, half random), so a fleet does not
-    retry in lock-step. `Retry-After` is honoured, but never beyond half the time the held
-    token has left, so retries grow denser as expiry nears; after expiry plain backoff goes on.
+    retry in lock-step. While a valid token is held, never beyond half the time it has left,
+    so retries grow denser as expiry nears. Once none is held (expired, or never fetched),
+    never beyond `no_token_backoff_cap`: the failure count says how long the IdP was down,
+    not how long it will stay down, and every second of waiting is a second consumers fail.
+    `Retry-After` is honoured within the backoff cap (and within half the time left).
     """
     exponent = min(max(failures, 1) - 1, 30)  # 2**30 s is far past any cap; avoids overflow
     base = min(policy.backoff_initial * 2.0**exponent, policy.backoff_cap)
+    holding = expires_at is not None and expires_at > now
+    if not holding:
+        base = min(base, policy.no_token_backoff_cap)
     delay = base / 2 + base / 2 * u
     if retry_after is not None and retry_after > 0:
         # Honoured, but a server asking for hours would leave consumers without a token.
         delay = max(delay, min(retry_after, policy.backoff_cap))
-    if expires_at is not None and expires_at > now:
+    if expires_at is not None and holding:
         delay = min(delay, (expires_at - now) / 2)
     return max(delay, policy.retry_floor)
 
 
-def is_due(now: float, refresh_at_: float) -> bool:
-    return now >= refresh_at_
+def after_failure(
+    policy: SchedulePolicy,
+    *,
+    now: float,
+    failures: int,
+    held: Token | None,
+    refresh_point: float | None,
+    sinks_pending: bool,
+    retry_after: float | None,
+    u: float,
+) -> float:
+    """When to try again after the `failures`-th consecutive failed attempt.
+
+    A sink that lacks a token already held (its write failed) is retried from the floor up,
+    not after seconds: on an invalidate-on-reissue IdP its readers hold a revoked token now.
+    And a sink retry never postpones the next fetch past the token's refresh point.
+    """
+    expires_at = held.expires_at if held is not None else None
+    if sinks_pending and held is not None and held.is_valid(now):
+        policy = replace(policy, backoff_initial=policy.retry_floor)
+    at = now + retry_delay(policy, failures, now, expires_at, retry_after, u)
+    if sinks_pending and refresh_point is not None and now < refresh_point:
+        at = min(at, refresh_point)
+    return at
+
+
+# ------------------------------------------------------------------------------ adoption
+
+
+def stored_lifetime_bound(job_lifetime: float | None, issued_lifetime: float | None) -> float:
+    """How far ahead a stored expiry may lie and still be believed: the job's `lifetime` when
+    set, else the lifetime the IdP last issued to this job in this process, else a day."""
+    if job_lifetime is not None:
+        return job_lifetime
+    if issued_lifetime is not None and issued_lifetime > 0:
+        return issued_lifetime
+    return DEFAULT_STORED_LIFETIME_BOUND
+
+
+@dataclass(frozen=True)
+class Adoption:
+    token: Token | None  # the stored token to keep, or None: fetch a new one
+    stale: tuple[int, ...]  # the sinks (by index) that do not hold `token`
+    unbelievable: tuple[int, ...]  # sinks holding a valid-looking expiry too far ahead
+
+
+def adopt(held: Sequence[Token | None], now: float, lifetime_bound: float) -> Adoption:
+    """Which of the tokens read back from a job's sinks to keep instead of asking the IdP.
+
+    A token is kept only when it is still valid and its expiry is believable (no further
+    ahead than `lifetime_bound`): a sink is a file anyone with access can edit, and obeying an
+    expiry years away would stop refreshing while every metric looked healthy. Of those, the
+    one that lives longest wins; every sink that holds another one (or none) is stale.
+    """
+    unbelievable = tuple(
+        index
+        for index, token in enumerate(held)
+        if token is not None and token.expires_at - now > lifetime_bound
+    )
+    valid = [
+        (index, token)
+        for index, token in enumerate(held)
+        if token is not None and token.is_valid(now) and index not in unbelievable
+    ]
+    if not valid:
+        return Adoption(None, tuple(range(len(held))), unbelievable)
+    best = max((token for _, token in valid), key=lambda token: token.expires_at)
+    stale = tuple(
+        index
+        for index, token in enumerate(held)
+        if token is None or token.access_token != best.access_token
+    )
+    return Adoption(best, stale, unbelievable)

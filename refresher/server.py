@@ -1,60 +1,46 @@
-"""The HTTP endpoints: `/metrics`, `/healthz` (alive), `/readyz` (every job holds a token)."""
+"""The metrics port's endpoints: `/metrics`, `/healthz` (alive), `/readyz` (every job holds a
+token). Served by the HTTP stack in `http.py`, which bounds connections and time.
+
+`/healthz` answers on the event loop itself (it only reads a few numbers), so nothing queued
+behind a slow scrape delays it; `/metrics` and `/readyz` walk every job under their locks and
+run in the stack's small executor.
+"""
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from refresher.http import HttpServer
 
 Check = Callable[[], tuple[bool, str]]
 
-
-class _Handler(BaseHTTPRequestHandler):
-    server: MetricsServer
-
-    def do_GET(self) -> None:
-        path = self.path.split("?", 1)[0]
-        if path == "/metrics":
-            self._answer(200, generate_latest(self.server.registry), CONTENT_TYPE_LATEST)
-        elif path in ("/healthz", "/readyz"):
-            ok, detail = (self.server.healthy if path == "/healthz" else self.server.ready)()
-            self._answer(200 if ok else 503, (detail + "\n").encode(), "text/plain; charset=utf-8")
-        else:
-            self._answer(404, b"not found\n", "text/plain; charset=utf-8")
-
-    def _answer(self, status: int, body: bytes, content_type: str) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass  # scrapes every few seconds would drown the refresh log
+_TEXT = "text/plain"
 
 
-class MetricsServer(ThreadingHTTPServer):
-    daemon_threads = True
+def endpoints(
+    server: HttpServer, registry: CollectorRegistry, healthy: Check, ready: Check
+) -> web.Application:
+    """The application of the metrics port."""
 
-    def __init__(
-        self, bind: str, port: int, registry: CollectorRegistry, healthy: Check, ready: Check
-    ) -> None:
-        super().__init__((bind, port), _Handler)
-        self.registry = registry
-        self.healthy = healthy
-        self.ready = ready
-        self._thread = threading.Thread(target=self.serve_forever, name="http", daemon=True)
+    async def metrics(request: web.Request) -> web.Response:
+        body = await server.run_blocking(lambda: generate_latest(registry))
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
-    @property
-    def port(self) -> int:
-        return int(self.server_address[1])
+    async def healthz(request: web.Request) -> web.Response:
+        return _answer(*healthy())
 
-    def start(self) -> MetricsServer:
-        self._thread.start()
-        return self
+    async def readyz(request: web.Request) -> web.Response:
+        return _answer(*await server.run_blocking(ready))
 
-    def stop(self) -> None:
-        self.shutdown()
-        self.server_close()
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    return app
+
+
+def _answer(ok: bool, detail: str) -> web.Response:
+    return web.Response(status=200 if ok else 503, text=detail + "\n", content_type=_TEXT)

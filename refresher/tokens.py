@@ -1,4 +1,4 @@
-"""The token as the refresher knows it, and how its expiry is determined (design rule 3).
+"""The token as the refresher knows it, and how its expiry is determined (rule 3 of docs/design.md).
 
 `expires_at` is the earlier of the JWT `exp` claim and receipt time + `expires_in`. The JWT
 is decoded without verifying its signature: the refresher is not the token's audience, it
@@ -14,6 +14,7 @@ import functools
 import hashlib
 import logging
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -32,6 +33,34 @@ SKEW_WARNING_SECONDS = 30.0
 # IdP bug (`exp` in milliseconds, a "never" placeholder) or garbage, and obeying it would
 # mean never refreshing: the token would be served until whatever really ends it.
 MAX_LIFETIME_SECONDS = 366 * 86400.0
+
+# No access token is longer than this: beyond what HTTP servers accept in a header line.
+MAX_TOKEN_CHARS = 16 * 1024
+_TOKEN_CHARS = re.compile(r"[\x21-\x7e]+")
+
+
+def token_problem(access_token: str) -> str | None:
+    """Why no sink can hold `access_token` safely (None when it can), for a token from the
+    IdP and for one read back from a sink alike.
+
+    RFC 6749 (A.12) lets an access token be any printable ASCII (`1*VSCHAR`); RFC 6750's
+    `b64token` is narrower (letters, digits, `-._~+/`, trailing `=`), but real IdPs issue
+    tokens outside it (Facebook's `app|token`, tokens with `%` or `:`) that work in the
+    headers consumers build. So printable ASCII is accepted, except the space: the `header`
+    format could not say where the token ends, and `raw` is read back stripped. Refused is
+    what does harm: control characters (CR/LF would add lines to the `header` and `env`
+    formats and to line-based parsers of them), anything beyond ASCII (U+2028 is a line
+    break to some parsers, a lone surrogate cannot be written at all), and more than
+    MAX_TOKEN_CHARS. The text names the offending character's code point, never the token."""
+    if len(access_token) > MAX_TOKEN_CHARS:
+        return f"is {len(access_token)} characters long, more than {MAX_TOKEN_CHARS // 1024} KiB"
+    if not _TOKEN_CHARS.fullmatch(access_token):
+        bad = next((ch for ch in access_token if not "!" <= ch <= "~"), " ")
+        return (
+            f"holds U+{ord(bad):04X}, which no token has (only printable ASCII without "
+            "spaces is accepted)"
+        )
+    return None
 
 
 def fingerprint(secret: str) -> str:

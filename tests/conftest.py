@@ -15,8 +15,8 @@ from hypothesis import settings
 
 from refresher.config import Config, validate
 from refresher.daemon import Daemon
-from refresher.localidp import LocalIdP
 from refresher.metrics import Metrics
+from testdoubles.idp import LocalIdP
 
 # Property tests explore the same examples on every run: a failure is reproducible, and CI
 # does not fail on a draw a developer never saw.

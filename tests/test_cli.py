@@ -15,9 +15,10 @@ from typing import Any
 import pytest
 import yaml
 
-from refresher.cli import main
-from refresher.localidp import Fault, LocalIdP
-from tests.conftest import job_for, wait_for
+from refresher.cli import main, run_once, status_rows
+from refresher.metrics import Metrics
+from testdoubles.idp import Fault, LocalIdP
+from tests.conftest import config_of, job_for, wait_for
 
 ROOT = Path(__file__).parent.parent
 
@@ -47,6 +48,35 @@ def test_once_exits_1_when_a_job_holds_no_valid_token(
     config = write_config(tmp_path / "c.yaml", job_for(idp, secret_file, tmp_path / "token"))
     assert main(["once", "-c", str(config)]) == 1
     assert not (tmp_path / "token").exists()
+
+
+@pytest.mark.parametrize("sink_format", ["json", "raw"])
+def test_status_calls_a_token_due_exactly_when_the_daemon_does(
+    make_idp: Callable[..., LocalIdP], secret_file: Path, tmp_path: Path, sink_format: str
+) -> None:
+    # The refresh point's jitter is drawn from the job and the token, so `status`, `once` and
+    # the daemon agree on it; with a random draw (or none) they disagreed by up to 10 % of the
+    # lifetime.
+    idp = make_idp("generic", lifetime=3600)
+    job = job_for(idp, secret_file, tmp_path / "token")
+    job["sinks"][0]["format"] = sink_format
+    config = config_of(job)
+    daemon_runner = run_once(config, Metrics())[0]
+    refresh_point = daemon_runner.refresh_point
+    assert refresh_point is not None and daemon_runner.token is not None
+    # The un-jittered point (what `status` used) lies later than the daemon's.
+    assert refresh_point < daemon_runner.token.expires_at - 1200
+
+    def state(at: float) -> str:
+        rows, _ = status_rows(config, at)
+        return rows[1][-1]
+
+    assert state(refresh_point - 0.05) == "valid"
+    assert state(refresh_point + 0.05) == "due"
+    # A restarted process plans the same point from what it reads back.
+    restarted = run_once(config, Metrics())[0]
+    assert restarted.refresh_point == pytest.approx(refresh_point, abs=0.01)
+    assert idp.token_requests == 1
 
 
 def test_status_shows_each_sink_without_the_token(

@@ -8,6 +8,8 @@ import pytest
 
 from refresher.cli import main
 from refresher.config import load_config, load_config_text, parse_duration, validate
+from refresher.credentials import read_credentials
+from refresher.endpoints import token_url
 from refresher.errors import ConfigError
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
@@ -237,9 +239,9 @@ def test_lucidtech_credentials_file_supplies_everything(tmp_path: Path) -> None:
             ]
         }
     ).jobs[0]
-    credentials = job.credentials()
+    credentials = read_credentials(job)
     assert credentials.client_id == "lt-client" and credentials.extras == {"api_key": "the-api-key"}
-    assert job.resolved_token_url(credentials) == "https://auth.lucidtech.example/oauth2/token"
+    assert token_url(job, credentials) == "https://auth.lucidtech.example/oauth2/token"
     assert "lt-secret" not in repr(credentials) and "the-api-key" not in repr(credentials)
 
 

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from refresher.localidp import Fault, LocalIdP
 from refresher.refresh import RefreshEvent
+from refresher.schedule import token_refresh_at
 from refresher.sinks.file import FileSink
+from testdoubles.idp import Fault, LocalIdP
 from tests.conftest import SHAPE_SCOPES, config_of, job_for, running, wait_for
 
 
@@ -64,14 +65,13 @@ def test_restart_reuses_a_valid_stored_token_without_asking(
     stored = FileSink(config.jobs[0].sinks[0]).read(time.time())  # type: ignore[arg-type]
     assert stored is not None
     events = Events()
-    with running(config, listeners=[events]):
+    with running(config, listeners=[events]) as daemon:
         wait_for(lambda: len(events.of("reused")) == 1)
-        # A third of the 6 s lifetime is left at the refresh point: no request before it.
-        refresh_point = stored.expires_at - stored.lifetime / 3
-        while time.time() < refresh_point - 0.7:  # jitter may move it up to 0.6 s earlier
-            assert idp.token_requests == 1
-            time.sleep(0.05)
-        wait_for(lambda: idp.token_requests == 2, timeout=5)
+        # No request, and the next one planned at the stored token's refresh point (when
+        # exactly is the plan's business: tests/test_runner.py and test_schedule.py).
+        runner = daemon.runners[0]
+        assert idp.token_requests == 1
+        assert runner.next_attempt_at == token_refresh_at(runner.policy, runner.job.name, stored)
     assert events.of("reused")[0][1].fingerprint == stored.fingerprint
 
 
@@ -85,39 +85,13 @@ def test_failures_keep_the_last_good_token_back_off_and_recover(
         wait_for(lambda: token_file.exists())
         good = token_file.read_text()
         idp.set_fault(Fault.SERVER_ERROR)
-        wait_for(lambda: len(events.of("failure")) >= 4, timeout=15)
+        wait_for(lambda: len(events.of("failure")) >= 2, timeout=15)
         assert token_file.read_text() == good  # a failure never touches the sink
         idp.set_fault(None)
         wait_for(lambda: token_file.read_text() != good, timeout=10)
-    failures = events.of("failure")
-    assert {e.reason for _, e in failures} == {"http_5xx"}
-    waits = [e.next_attempt_at - at for at, e in failures[:4]]
-    # Equal-jitter backoff 0.5-1, 1-2, 2-4, ... but never past half the time left.
-    for n, wait in enumerate(waits):
-        assert wait <= 2**n + 0.05
-        expires_at = failures[n][1].expires_at
-        assert expires_at is not None
-        assert wait <= max((expires_at - failures[n][0]) / 2, 0.1) + 0.05
+    # The backoff's numbers are the plan's (tests/test_runner.py); here: classified, recovered.
+    assert {e.reason for _, e in events.of("failure")} == {"http_5xx"}
     assert idp.token_status(token_file.read_text()) == "valid"
-
-
-def test_retry_after_is_honoured(
-    make_idp: Callable[..., LocalIdP], secret_file: Path, tmp_path: Path
-) -> None:
-    idp = make_idp("generic", lifetime=20)
-    idp.fail_next(Fault.RATE_LIMITED, retry_after=1.5)
-    idp.fail_next(Fault.UNAVAILABLE, retry_after=1.5)
-    token_file = tmp_path / "token"
-    events = Events()
-    with running(config_of(job_for(idp, secret_file, token_file)), listeners=[events]):
-        wait_for(lambda: token_file.exists(), timeout=10)
-    failures = events.of("failure")
-    assert [e.reason for _, e in failures] == ["http_4xx", "http_5xx"]
-    for at, event in failures:
-        assert event.next_attempt_at - at >= 1.45  # plain backoff would have waited 0.5-2 s
-    success_at = events.of("success")[0][0]
-    assert success_at - failures[0][0] >= 2.9
-    assert idp.token_requests == 3
 
 
 def test_a_failed_sink_is_retried_without_asking_the_idp_again(

@@ -1,4 +1,4 @@
-"""The file sink: atomic, private, readable back after a restart (design rule 5)."""
+"""The file sink: atomic, private, readable back after a restart (rule 5 of docs/design.md)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 
 from refresher.config import FileSinkConfig
 from refresher.errors import Reason, RefreshError
-from refresher.sinks.file import FileSink
+from refresher.sinks.file import TEMP_FILE, FileSink, temp_path
 from refresher.tokens import Token
 
 NOW = 1_800_000_000.0
@@ -146,14 +146,29 @@ def test_readers_never_see_a_torn_or_empty_file(tmp_path: Path) -> None:
     assert len(seen) > 1  # the readers did overlap the writes
 
 
-def test_abandoned_temp_files_are_removed_on_read_but_not_live_ones(tmp_path: Path) -> None:
+def test_only_own_abandoned_temp_files_are_removed_and_only_on_request(tmp_path: Path) -> None:
     store(sink(tmp_path / "token"), token())
     target = sink(tmp_path / "token")
-    abandoned = tmp_path / ".token.abc123.tmp"
-    live = tmp_path / ".token.def456.tmp"
-    for path in (abandoned, live):
+    abandoned = tmp_path / ".token.refresher-0123456789abcdef.tmp"
+    abandoned_meta = tmp_path / "..token.refresher.json.refresher-0123456789abcdef.tmp"
+    live = tmp_path / ".token.refresher-fedcba9876543210.tmp"
+    others = [
+        tmp_path / ".token.abc123.tmp",  # another program's, beside our file
+        tmp_path / ".other.refresher-0123456789abcdef.tmp",  # another sink's
+        tmp_path / ".editor-swap.tmp",
+    ]
+    for path in (abandoned, abandoned_meta, live, *others):
         path.write_text("half a tok")
-    os.utime(abandoned, (NOW - 3600, NOW - 3600))
+        os.utime(path, (NOW - 3600, NOW - 3600))
     os.utime(live, (NOW, NOW))
     assert target.read(NOW + 1) is not None
-    assert not abandoned.exists() and live.exists()
+    assert abandoned.exists()  # reading (as `status` does) never deletes
+    target.remove_leftovers(NOW + 1)
+    assert not abandoned.exists() and not abandoned_meta.exists()
+    assert live.exists() and all(path.exists() for path in others)
+
+
+def test_temp_files_match_the_pattern_the_sweep_removes(tmp_path: Path) -> None:
+    name = temp_path(tmp_path / "token").name
+    match = TEMP_FILE.fullmatch(name)
+    assert match is not None and match["target"] == "token"

@@ -686,7 +686,7 @@ def test_the_rendered_rbac_is_enough_for_a_running_refresher(
     """Against a local API server that enforces exactly the rendered Roles, holding what the
     chart creates (the empty target Secrets, the Lease), a refresher running the rendered
     config elects itself and writes every target Secret, using no other verb."""
-    from tests.kubeapi import RBAC, FakeKubeAPI, Rule
+    from testdoubles.kubeapi import RBAC, FakeKubeAPI, Rule
 
     docs = render(example, values)
     config = rendered_config(docs)

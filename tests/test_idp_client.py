@@ -12,6 +12,8 @@ from typing import Any
 import pytest
 
 from refresher.config import TokenJobConfig
+from refresher.credentials import read_credentials
+from refresher.endpoints import token_url
 from refresher.errors import Reason, RefreshError
 from refresher.idp import (
     IdPClient,
@@ -20,8 +22,9 @@ from refresher.idp import (
     parse_retry_after,
     parse_token_response,
 )
-from refresher.localidp import Fault, LocalIdP
+from testdoubles.idp import Fault, LocalIdP
 from tests.conftest import CLIENT_SECRET, SHAPE_SCOPES, job_for
+from tests.test_untrusted import Scripted
 
 
 def job_model(idp: LocalIdP, secret_file: Path, tmp_path: Path, **overrides: Any) -> TokenJobConfig:
@@ -44,7 +47,7 @@ def test_each_preset_speaks_its_providers_dialect(
     idp = make_idp(provider, lifetime=3600)
     job = job_model(idp, secret_file, tmp_path)
     before = time.time()
-    token = client.fetch(job, job.credentials())
+    token = client.fetch(job)
     assert idp.token_status(token.access_token) == "valid"
     assert before + 3590 < token.expires_at <= time.time() + 3600
     issued = idp.issued[-1]
@@ -61,23 +64,31 @@ def job_of(secret_file: Path, tmp_path: Path) -> Callable[..., TokenJobConfig]:
     return lambda idp, **overrides: job_model(idp, secret_file, tmp_path, **overrides)
 
 
-def test_proxy_settings_from_the_environment_apply(
+def test_proxy_settings_from_the_environment_apply_to_https_only(
     generic_idp: LocalIdP, job_of: Callable[..., TokenJobConfig], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The LocalIdP answers a proxy-form request (`POST http://host:port/path`) as if it were
-    # that host, so it stands in for a forward proxy. The token URL names a loopback address
-    # where nothing listens: only through the proxy is there an answer.
-    idp = generic_idp
-    nowhere = f"http://127.0.0.2:9/{idp.token_url.split('/', 3)[3]}"
-    job = job_of(idp, token_url=nowhere)
-    monkeypatch.setenv("HTTP_PROXY", idp.base_url)
-    token = IdPClient(new_session()).fetch(job, job.credentials())
-    assert idp.token_status(token.access_token) == "valid"
-    # NO_PROXY names the host: straight to it, and nothing answers there.
-    monkeypatch.setenv("NO_PROXY", "127.0.0.2")
-    with pytest.raises(RefreshError) as caught:
-        IdPClient(new_session()).fetch(job, job.credentials())
-    assert caught.value.reason is Reason.NETWORK
+    # A proxy that records what it is told and forwards nothing. The https token URL names a
+    # loopback address where nothing listens: only the proxy hears of it.
+    with Scripted() as proxy:
+        monkeypatch.setenv("HTTPS_PROXY", proxy.url)
+        monkeypatch.setenv("HTTP_PROXY", proxy.url)
+        job = job_of(generic_idp, token_url="https://127.0.0.2:9/oauth2/token")
+        with pytest.raises(RefreshError) as caught:
+            IdPClient(new_session()).fetch(job)
+        assert caught.value.reason is Reason.NETWORK
+        # A CONNECT tunnel: the credentials would travel inside TLS, never to the proxy.
+        (request,) = proxy.requests
+        assert (request.method, request.target) == ("CONNECT", "127.0.0.2:9")
+        assert "Authorization" not in request.headers and request.body == b""
+        # NO_PROXY names the host: straight to it, and nothing answers there.
+        monkeypatch.setenv("NO_PROXY", "127.0.0.2")
+        with pytest.raises(RefreshError) as caught:
+            IdPClient(new_session()).fetch(job)
+        assert caught.value.reason is Reason.NETWORK
+        # Plain http carries the credentials in clear text: never through a proxy.
+        token = IdPClient(new_session()).fetch(job_of(generic_idp))
+        assert token is not None and generic_idp.token_status(token.access_token) == "valid"
+        assert len(proxy.requests) == 1
 
 
 def test_a_netrc_never_replaces_the_jobs_credentials(
@@ -96,9 +107,9 @@ def test_a_netrc_never_replaces_the_jobs_credentials(
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.setenv("NETRC", str(netrc))
     job = job_of(idp)
-    token = IdPClient(new_session()).fetch(job, job.credentials())
+    token = IdPClient(new_session()).fetch(job)
     assert idp.token_status(token.access_token) == "valid"
-    assert idp.issued[-1].client_id == job.credentials().client_id
+    assert idp.issued[-1].client_id == read_credentials(job).client_id
 
 
 def test_fusion_combines_two_scopes_in_one_token(
@@ -106,7 +117,7 @@ def test_fusion_combines_two_scopes_in_one_token(
 ) -> None:
     idp = make_idp("fusion")
     job = job_model(idp, secret_file, tmp_path)
-    token = client.fetch(job, job.credentials())
+    token = client.fetch(job)
     assert token.scope is not None and set(token.scope.split()) == {
         "connectedsearch.query",
         "datasource.push",
@@ -121,7 +132,7 @@ def test_wrong_parameter_placement_is_what_the_provider_rejects(
     idp = make_idp("lucidworks")
     job = job_model(idp, secret_file, tmp_path, scope_in="body")
     with pytest.raises(RefreshError) as caught:
-        client.fetch(job, job.credentials())
+        client.fetch(job)
     assert caught.value.reason is Reason.HTTP_4XX
 
 
@@ -157,7 +168,7 @@ def test_wrong_secret_is_invalid_client_and_never_echoed(
     wrong.write_text("not-the-secret-XYZ")
     job = job_model(idp, wrong, tmp_path)
     with pytest.raises(RefreshError) as caught:
-        client.fetch(job, job.credentials())
+        client.fetch(job)
     assert caught.value.reason is Reason.INVALID_CLIENT
     assert "invalid_client" in caught.value.message
     assert "not-the-secret-XYZ" not in str(caught.value)
@@ -200,11 +211,11 @@ def test_each_fault_is_classified(
     idp.fail_next(fault, retry_after=7)
     job = job_model(idp, secret_file, tmp_path)
     with pytest.raises(RefreshError) as caught:
-        client.fetch(job, job.credentials())
+        client.fetch(job)
     assert caught.value.reason is reason
     assert caught.value.retry_after == retry_after
     # The next request succeeds: one attempt was exactly one request, no hidden retry.
-    client.fetch(job, job.credentials())
+    client.fetch(job)
     assert idp.token_requests == 2
 
 
@@ -215,7 +226,7 @@ def test_slow_idp_is_a_timeout(
     idp.fail_next(Fault.SLOW, slow_seconds=2.0)
     job = job_model(idp, secret_file, tmp_path, read_timeout=0.3)
     with pytest.raises(RefreshError) as caught:
-        client.fetch(job, job.credentials())
+        client.fetch(job)
     assert caught.value.reason is Reason.TIMEOUT
     assert idp.token_requests == 1
 
@@ -236,7 +247,7 @@ def test_unreachable_idp_is_network(secret_file: Path, tmp_path: Path, client: I
         }
     )
     with pytest.raises(RefreshError) as caught:
-        client.fetch(job, job.credentials())
+        client.fetch(job)
     assert caught.value.reason is Reason.NETWORK
 
 
@@ -295,7 +306,7 @@ def test_redirect_is_refused_not_followed(
     url = scripted(302, {"Location": "http://evil.example/steal"}, b"")
     job = _scripted_job(url, secret_file, tmp_path)
     with pytest.raises(RefreshError, match="redirect refused") as caught:
-        client.fetch(job, job.credentials())
+        client.fetch(job)
     assert caught.value.reason is Reason.INVALID_RESPONSE
 
 
@@ -308,7 +319,7 @@ def test_huge_body_is_not_read_into_memory(
     url = scripted(200, {"Content-Type": "application/json"}, b"[" * (2 * 1024 * 1024))
     job = _scripted_job(url, secret_file, tmp_path)
     with pytest.raises(RefreshError, match="larger than") as caught:
-        client.fetch(job, job.credentials())
+        client.fetch(job)
     assert caught.value.reason is Reason.INVALID_RESPONSE
 
 
@@ -324,9 +335,12 @@ def test_error_description_is_scrubbed_of_the_secret(
     url = scripted(400, {"Content-Type": "application/json"}, body)
     job = _scripted_job(url, secret_file, tmp_path)
     with pytest.raises(RefreshError) as caught:
-        client.fetch(job, job.credentials())
+        client.fetch(job)
     assert caught.value.reason is Reason.HTTP_4XX
-    assert "invalid_request: bad secret ***" in caught.value.message
+    # The code stays; the description may quote the secret, so it is withheld whole.
+    assert "invalid_request: (39 characters withheld: they may quote a credential)" in str(
+        caught.value
+    )
     assert CLIENT_SECRET not in str(caught.value)
 
 
@@ -386,7 +400,8 @@ def test_every_request_asks_for_json_and_no_cache(
 
     for provider in SHAPE_SCOPES:
         job = job_model(make_idp(provider), secret_file, tmp_path)
-        headers = build_request(job, job.credentials()).headers
+        credentials = read_credentials(job)
+        headers = build_request(job, credentials, token_url(job, credentials)).headers
         assert headers["Accept"] == "application/json"
         assert headers["Cache-Control"] == "no-cache"
         assert headers["Content-Type"] == "application/x-www-form-urlencoded"

@@ -1,11 +1,13 @@
-"""The fake Kubernetes API (tests/kubeapi.py), driven through the real ``kubernetes`` client."""
+"""The Kubernetes API double (testdoubles/kubeapi.py), driven through the real client."""
 
 from __future__ import annotations
 
 import base64
 import datetime as dt
+import http.client
 import json
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -26,7 +28,7 @@ from kubernetes.client import (
 )
 from kubernetes.client.exceptions import ApiException
 
-from tests.kubeapi import RBAC, FakeKubeAPI, Rule
+from testdoubles.kubeapi import RBAC, FakeKubeAPI, Rule
 
 NS = "default"
 T = 5  # _request_timeout for every call
@@ -768,3 +770,52 @@ def test_concurrent_patches_are_serialized(kube: FakeKubeAPI, core: CoreV1Api) -
     assert errors == []
     assert len(kube.get_object("secrets", NS, "tok")["data"]) == 30
     assert kube.write_count("secrets") == 30
+
+
+# --------------------------------------------------------------------------------------------
+# Lifecycle (the shared loopback base, refresher.loopback)
+# --------------------------------------------------------------------------------------------
+
+
+def test_stop_is_prompt_and_a_restart_serves_the_same_url(
+    kube: FakeKubeAPI, core: CoreV1Api
+) -> None:
+    seed_secret(kube)
+    url = kube.url
+    path = f"/api/v1/namespaces/{NS}/secrets/tok"
+    kept_alive = http.client.HTTPConnection(kube.host, kube.port, timeout=T)
+    kept_alive.request("GET", path, headers={"Authorization": "Bearer fake-sa-token"})
+    answer = kept_alive.getresponse()
+    answer.read()
+    assert answer.status == 200 and not answer.will_close  # HTTP/1.1 keep-alive
+    assert answer.getheader("Server") == "fake-kube-api"  # no Python version in it
+
+    kube.inject_delay(1, 30)
+    outcome: list[object] = []
+
+    def slow_read() -> None:
+        try:
+            outcome.append(core.read_namespaced_secret("tok", NS, _request_timeout=T))
+        except Exception as error:
+            outcome.append(error)
+
+    reader = threading.Thread(target=slow_read)
+    reader.start()
+    deadline = time.monotonic() + T
+    while len(kube.requests) < 2:  # the slow read has arrived and waits out its delay
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    started = time.monotonic()
+    kube.stop()
+    assert time.monotonic() - started < 1.0  # the delayed response does not hold it up
+    reader.join(timeout=T)
+    assert outcome and isinstance(outcome[0], Exception)
+    assert kept_alive.sock is not None
+    assert kept_alive.sock.recv(1) == b""  # the kept-alive connection was closed by stop()
+    kept_alive.close()
+    with pytest.raises(RuntimeError, match="not running"):
+        _ = kube.url
+
+    kube.start()
+    assert kube.url == url
+    assert core.read_namespaced_secret("tok", NS, _request_timeout=T).metadata.name == "tok"

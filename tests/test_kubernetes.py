@@ -18,8 +18,8 @@ from refresher.kube import Kube, connect
 from refresher.localidp import LocalIdP
 from refresher.sinks.kubernetes import KubernetesSecretSink
 from refresher.tokens import Token
+from testdoubles.kubeapi import RBAC, FakeKubeAPI, Rule
 from tests.conftest import config_of, job_for, running, wait_for
-from tests.kubeapi import RBAC, FakeKubeAPI, Rule
 
 NS = "tokens"
 ROOT = Path(__file__).parent.parent

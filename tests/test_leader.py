@@ -21,9 +21,9 @@ import yaml
 from refresher.config import KubernetesSettings, LeaderElectionConfig
 from refresher.kube import connect
 from refresher.leader import LeaseElector
-from refresher.localidp import Fault, LocalIdP
+from testdoubles.idp import Fault, LocalIdP
+from testdoubles.kubeapi import FakeKubeAPI
 from tests.conftest import job_for, wait_for
-from tests.kubeapi import FakeKubeAPI
 
 NS = "tokens"
 ROOT = Path(__file__).parent.parent

@@ -1,13 +1,17 @@
-"""Tests of refresher.localidp, driven over HTTP with requests, as the refresher will drive it.
+"""Tests of refresher.localidp (the shipped token server), testdoubles.idp (its fault
+injector) and refresher.loopback (their base), driven over HTTP with requests, as the
+refresher will drive them.
 
 Each provider test follows the provider's public page (/work/shared/seeds). Time is an
-injected clock unless a test is about the real clock, so nothing sleeps for long.
+injected clock unless a test is about the real clock, so nothing sleeps for long. The
+servers are the fault-injecting double unless a test is about the shipped server itself.
 """
 
 from __future__ import annotations
 
 import base64
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -19,7 +23,9 @@ import jwt
 import pytest
 import requests
 
-from refresher.localidp import SHAPES, Fault, LocalIdP
+from refresher import localidp
+from refresher.localidp import RESET, SHAPES, Reply, Request
+from testdoubles.idp import Fault, LocalIdP
 
 FORM = "application/x-www-form-urlencoded"
 CLIENT, SECRET = "demo-client", "demo-secret"
@@ -63,12 +69,15 @@ def clock() -> FakeClock:
 
 @pytest.fixture
 def make_idp(clock: FakeClock) -> Iterator[MakeIdP]:
-    """Start LocalIdPs (on the fake clock unless told otherwise); stop them all afterwards."""
-    started: list[LocalIdP] = []
+    """Start servers (on the fake clock unless told otherwise); stop them all afterwards.
 
-    def make(shape: Any = "generic", **kwargs: Any) -> LocalIdP:
+    The fault-injecting double unless ``server=`` names another class (the shipped one).
+    """
+    started: list[localidp.LocalIdP] = []
+
+    def make(shape: Any = "generic", *, server: type[Any] = LocalIdP, **kwargs: Any) -> LocalIdP:
         kwargs.setdefault("clock", clock)
-        idp = LocalIdP(shape, **kwargs).start()
+        idp: LocalIdP = server(shape, **kwargs).start()
         started.append(idp)
         return idp
 
@@ -170,11 +179,16 @@ def test_shapes_are_the_seed_providers() -> None:
     assert SHAPES["fusion"].token_path == SHAPES["lucidworks"].token_path
 
 
+@pytest.mark.parametrize("server", [localidp.LocalIdP, LocalIdP], ids=["shipped", "double"])
 @pytest.mark.parametrize("shape", sorted(SHAPES))
 def test_correct_request_gets_a_jwt(
-    shape: str, make_idp: MakeIdP, http: requests.Session, clock: FakeClock
+    shape: str,
+    server: type[localidp.LocalIdP],
+    make_idp: MakeIdP,
+    http: requests.Session,
+    clock: FakeClock,
 ) -> None:
-    idp = make_idp(shape)
+    idp = make_idp(shape, server=server)
     response = token_request(http, idp, **GOOD_PARAMS[shape])
 
     assert response.status_code == 200, response.text
@@ -643,6 +657,48 @@ def test_fail_next_counts_then_set_fault_persists(
     assert len(idp.issued) == 2
 
 
+# -------------------------------------------------------- the shipped server's hook
+
+
+def test_the_shipped_server_has_no_fault_injector() -> None:
+    assert issubclass(LocalIdP, localidp.LocalIdP)
+    for name in ("fail_next", "set_fault"):
+        assert hasattr(LocalIdP, name) and not hasattr(localidp.LocalIdP, name)
+    assert not hasattr(localidp, "Fault")
+
+
+class Gatekeeper(localidp.LocalIdP):
+    """A subclass on the hook: refuses one scope, drops the connection for another."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.seen: list[Request] = []
+
+    def _before_grant(self, request: Request) -> Reply | None:
+        self.seen.append(request)
+        if b"scope=blocked" in request.body:
+            return Reply.error(400, "invalid_scope", "Blocked here")
+        return RESET if b"scope=drop" in request.body else None
+
+
+def test_before_grant_intercepts_token_posts_before_validation(
+    make_idp: MakeIdP, http: requests.Session
+) -> None:
+    idp = make_idp("generic", server=Gatekeeper)
+    refused = token_request(http, idp, secret="wrong", scope="blocked")
+    assert refused.status_code == 400  # not 401: the hook answered before authentication
+    assert refused.json() == {"error": "invalid_scope", "error_description": "Blocked here"}
+    with pytest.raises(requests.ConnectionError):
+        token_request(http, idp, scope="drop")
+    token = get_token(http, idp, scope="fine")
+
+    assert call_api(http, idp, token) == 200  # the protected API is never intercepted
+    assert http.get(idp.token_url, timeout=5).status_code == 405  # checked before the hook
+    assert [(r.method, r.path) for r in idp.seen] == [("POST", "/oauth2/token")] * 3
+    assert idp.token_requests == 4
+    assert len(idp.issued) == 1
+
+
 # ------------------------------------------------------------------ secrecy, logs
 
 
@@ -798,7 +854,7 @@ def test_malformed_http_gets_4xx(shape: str, data: bytes, status: int, make_idp:
 
 
 def test_context_manager_and_restart_on_the_same_url(http: requests.Session) -> None:
-    with LocalIdP("generic") as idp:
+    with localidp.LocalIdP("generic") as idp:
         assert idp.base_url.startswith("http://127.0.0.1:")
         assert idp.token_url == idp.base_url + "/oauth2/token"
         assert idp.protected_url == idp.base_url + "/api/protected"
@@ -814,10 +870,11 @@ def test_context_manager_and_restart_on_the_same_url(http: requests.Session) -> 
 
 def test_constructor_and_lifecycle_errors() -> None:
     with pytest.raises(ValueError, match="unknown provider shape"):
-        LocalIdP("okta")
-    with pytest.raises(ValueError, match="loopback"):
-        LocalIdP(host="0.0.0.0")
-    idp = LocalIdP()
+        localidp.LocalIdP("okta")
+    for host in ("0.0.0.0", "localhost", "::1", "192.168.1.1"):
+        with pytest.raises(ValueError, match="loopback"):
+            localidp.LocalIdP(host=host)
+    idp = localidp.LocalIdP()
     with pytest.raises(RuntimeError):
         _ = idp.base_url
     idp.stop()  # stopping a server that never started is harmless
@@ -843,3 +900,51 @@ def test_concurrent_requests_are_all_counted(make_idp: MakeIdP) -> None:
     assert statuses == [200] * 16
     assert idp.token_requests == 16
     assert len({token.access_token for token in idp.issued}) == 16
+
+
+# ------------------------------------------------------------- the loopback base
+
+
+def test_no_python_version_in_the_server_header(make_idp: MakeIdP, http: requests.Session) -> None:
+    idp = make_idp("generic")
+    for response in (token_request(http, idp), http.get(idp.base_url + "/nowhere", timeout=5)):
+        assert response.headers["Server"] == "localidp"
+
+
+def test_stop_is_prompt_and_cuts_off_a_client_stalled_mid_request(make_idp: MakeIdP) -> None:
+    idp = make_idp("generic")
+    port = int(idp.base_url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(_post("/oauth2/token", "Content-Length: 100") + b"half a body")
+        time.sleep(0.1)  # the handler waits for the rest (for up to its 10 s timeout)
+        started = time.monotonic()
+        idp.stop()
+        assert time.monotonic() - started < 1.0
+        sock.settimeout(2)
+        try:
+            answer = sock.recv(1024)
+        except ConnectionResetError:
+            answer = b""
+        assert answer == b""  # the connection ended at once, with no response
+
+
+def test_a_client_that_hung_up_leaves_no_traceback(
+    make_idp: MakeIdP, capfd: pytest.CaptureFixture[str]
+) -> None:
+    idp = make_idp("generic")
+    idp.fail_next(Fault.SLOW, slow_seconds=0.2)
+    port = int(idp.base_url.rsplit(":", 1)[1])
+    headers = ["Authorization: " + rfc_basic(CLIENT, SECRET), "Content-Type: " + FORM]
+    body = b"grant_type=client_credentials"
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(_post("/oauth2/token", *headers, f"Content-Length: {len(body)}") + body)
+        # Hang up with a reset while the server waits: its answer meets a dead connection.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    deadline = time.monotonic() + 5
+    while not idp.issued and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.1)
+    idp.stop()
+    assert len(idp.issued) == 1  # the handler ran to the end
+    out, err = capfd.readouterr()
+    assert (out, err) == ("", "")

@@ -21,7 +21,7 @@ from refresher import __version__
 from refresher.config import Config
 from refresher.daemon import Daemon
 from refresher.errors import Reason
-from refresher.localidp import Fault, LocalIdP
+from testdoubles.idp import Fault, LocalIdP
 from tests.conftest import CLIENT_SECRET, config_of, job_for, running, wait_for
 from tests.promtools import scrape, session
 
@@ -266,7 +266,7 @@ def test_leader_gauge_and_readyz_of_a_leader_and_a_follower(
     make_idp: Callable[..., LocalIdP], secret_file: Path, tmp_path: Path
 ) -> None:
     """Two replicas elect through a Lease on a local Kubernetes API: one leads, one follows."""
-    from tests.kubeapi import FakeKubeAPI
+    from testdoubles.kubeapi import FakeKubeAPI
 
     idp = make_idp("lucidworks", lifetime=30)
     job = job_for(idp, secret_file, tmp_path / "token", name="api")

@@ -1,6 +1,6 @@
-"""Secrets never leak (design rule 6): known secret values driven through every path we have,
-then searched for in every log line (every logger, DEBUG, JSON and text), every exception,
-the CLI's output and the metrics."""
+"""Secrets never leak (rule 6 of docs/design.md): known secret values driven through every
+path we have, then searched for in every log line (every logger, DEBUG, JSON and text), every
+exception, the CLI's output and the metrics."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from refresher.cli import main
 from refresher.config import load_config_text
 from refresher.daemon import build_runners
 from refresher.errors import ConfigError, RefreshError
-from refresher.localidp import Fault, LocalIdP
 from refresher.metrics import Metrics
+from testdoubles.idp import Fault, LocalIdP
 from tests.conftest import (
     CLIENT_ID,
     CLIENT_SECRET,

@@ -24,7 +24,7 @@ import yaml
 from refresher import __version__
 from refresher.cli import main
 from refresher.errors import Reason
-from refresher.localidp import Fault, LocalIdP
+from testdoubles.idp import Fault, LocalIdP
 from tests.conftest import config_of, job_for, running, wait_for
 from tests.promtools import (
     RULE_TESTS,

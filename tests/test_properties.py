@@ -254,6 +254,9 @@ def test_any_answer_is_a_live_bounded_token_or_a_classified_error(
     assert status == 200
     payload = json.loads(body)
     assert token.access_token == payload["access_token"] and token.access_token.strip()
+    # What every sink format can hold and give back: printable ASCII, no space, <= 16 KiB.
+    assert len(token.access_token) <= 16 * 1024
+    assert all("!" <= ch <= "~" for ch in token.access_token), "an unwritable token accepted"
     assert token.token_type == "Bearer"
     assert token.issued_at == received_at
     assert token.expires_at > received_at, "a token dead on arrival was accepted"

@@ -1,4 +1,4 @@
-"""The schedule policy as plain numbers: no clock, no sleeps (design rules 2 and 4)."""
+"""The plan as plain numbers: no clock, no sleeps (rules 2, 4 and 8 of docs/design.md)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,20 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from refresher.schedule import SchedulePolicy, lead_time, refresh_at, retry_delay, wait_until
+from refresher.schedule import (
+    DEFAULT_STORED_LIFETIME_BOUND,
+    SchedulePolicy,
+    adopt,
+    after_failure,
+    after_success,
+    jitter_draw,
+    lead_time,
+    refresh_at,
+    retry_delay,
+    stored_lifetime_bound,
+    token_refresh_at,
+)
+from refresher.tokens import Token
 
 HOUR = 3600.0
 DEFAULT = SchedulePolicy()
@@ -51,19 +64,60 @@ def test_zero_or_negative_lifetime_waits_for_the_floor(lifetime: float) -> None:
     assert refresh_at(DEFAULT, 500.0, 500.0 + lifetime, u=0.3) == 530.0
 
 
-def test_wait_until_never_negative_and_robust_to_clock_going_backwards() -> None:
-    assert wait_until(now=200.0, at=150.0, started=100.0) == 0.0  # already past: now
-    assert wait_until(now=120.0, at=150.0, started=100.0) == 30.0
-    # The clock jumped back an hour after planning: we still wait only the planned 50 s.
-    assert wait_until(now=100.0 - HOUR, at=150.0, started=100.0) == 50.0
-
-
-def test_backoff_doubles_from_one_second_to_five_minutes() -> None:
-    no_expiry = [retry_delay(DEFAULT, n, 0.0, None, None, u=0.999999) for n in range(1, 12)]
-    assert no_expiry[:4] == pytest.approx([1, 2, 4, 8], abs=0.01)
-    assert no_expiry[-1] == pytest.approx(300, abs=0.01)
+def test_backoff_doubles_from_one_second_to_five_minutes_while_a_token_is_held() -> None:
+    far = 1e9  # a token that expires far in the future: only the backoff decides
+    held = [retry_delay(DEFAULT, n, 0.0, far, None, u=0.999999) for n in range(1, 12)]
+    assert held[:4] == pytest.approx([1, 2, 4, 8], abs=0.01)
+    assert held[-1] == pytest.approx(300, abs=0.01)
     # Equal jitter: never less than half the step.
-    assert retry_delay(DEFAULT, 4, 0.0, None, None, u=0.0) == 4.0
+    assert retry_delay(DEFAULT, 4, 0.0, far, None, u=0.0) == 4.0
+
+
+def test_without_a_valid_token_the_wait_stays_short_whatever_the_failure_count() -> None:
+    # Consumers fail while no valid token is held: a recovered IdP must be noticed within
+    # seconds. (Before, the 11th failure after expiry waited 150 to 300 s.)
+    cap = DEFAULT.no_token_backoff_cap
+    for failures in (1, 5, 11, 50, 10_000):
+        for u in (0.0, 0.5, 0.999999):
+            never_had = retry_delay(DEFAULT, failures, 2000.0, None, None, u)
+            expired = retry_delay(DEFAULT, failures, 2000.0, 1000.0, None, u)
+            assert DEFAULT.retry_floor <= never_had <= cap
+            assert DEFAULT.retry_floor <= expired <= cap
+    # Still jittered, so a fleet that lost its tokens together does not retry in step.
+    assert retry_delay(DEFAULT, 20, 0.0, None, None, 0.0) < retry_delay(
+        DEFAULT, 20, 0.0, None, None, 0.99
+    )
+
+
+def test_a_twenty_second_outage_over_expiry_is_noticed_within_seconds_of_recovery() -> None:
+    # The issue's case, simulated with the plan alone: 12 s tokens refreshed 2 s before
+    # expiry, an IdP down for 20 s from the refresh point. Every attempt fails until the IdP is
+    # back; the first attempt after that must come within 5 s.
+    policy = SchedulePolicy(margin=2.0, min_interval=0.1)
+    token = Token("t", issued_at=0.0, expires_at=12.0)
+    down_from, down_until = 10.0, 30.0
+    now, failures, attempts = 10.0, 0, 0
+    rng = iter([0.37, 0.91, 0.05, 0.66, 0.99, 0.42] * 50)
+    while now < down_until:
+        failures += 1
+        attempts += 1
+        now = after_failure(
+            policy,
+            now=now,
+            failures=failures,
+            held=token,
+            refresh_point=None,
+            sinks_pending=False,
+            retry_after=1.0,  # the local IdP's 503 says Retry-After: 1
+            u=next(rng),
+        )
+    assert now - down_until <= 5.0
+    assert attempts < 40  # dense near expiry, not a tight loop after it
+    assert down_from < 12.0 < down_until
+
+
+def test_retry_after_is_honoured_without_a_token_too() -> None:
+    assert retry_delay(DEFAULT, 1, 0.0, None, 42.0, u=0.0) == 42.0
 
 
 def test_retry_never_waits_past_half_the_time_left() -> None:
@@ -82,9 +136,9 @@ def test_retry_after_is_honoured_within_the_bound() -> None:
     assert retry_delay(DEFAULT, 1, 0.0, None, 86400.0, u=0.0) == 300.0
 
 
-def test_retries_go_on_after_expiry_with_backoff() -> None:
+def test_retries_go_on_after_expiry_with_backoff_up_to_the_no_token_cap() -> None:
     after = [retry_delay(DEFAULT, n, 2000.0, 1000.0, None, u=0.0) for n in (1, 2, 3, 20)]
-    assert after == [0.5, 1.0, 2.0, 150.0]
+    assert after == [0.5, 1.0, 2.0, DEFAULT.no_token_backoff_cap / 2]
 
 
 def test_retry_floor_near_expiry() -> None:
@@ -123,3 +177,104 @@ def test_retry_delay_is_always_bounded(
     if left is not None and left > 2 * DEFAULT.retry_floor:
         # expires_at - now loses precision at large `now` (an ulp at 1e9 is ~1e-7).
         assert delay <= left / 2 + 1e-6
+
+
+# ------------------------------------------------------------------ the refresh point's draw
+
+
+def test_the_jitter_draw_is_a_pure_function_of_job_and_token() -> None:
+    assert jitter_draw("a", "0123abcd") == jitter_draw("a", "0123abcd")
+    draws = {jitter_draw(job, fp) for job in ("a", "b") for fp in ("0123abcd", "deadbeef")}
+    assert len(draws) == 4 and all(0.0 <= u < 1.0 for u in draws)
+    # Spread like a uniform draw: a thousand tokens of one job cover the range.
+    spread = sorted(jitter_draw("job", f"{n:08x}") for n in range(1000))
+    assert spread[0] < 0.01 and spread[-1] > 0.99
+    assert 0.45 < spread[500] < 0.55
+
+
+def test_every_process_agrees_on_a_tokens_refresh_point() -> None:
+    token = Token("header.payload.sig", issued_at=1000.0, expires_at=1000.0 + HOUR)
+    first = token_refresh_at(DEFAULT, "job", token)
+    assert first == token_refresh_at(DEFAULT, "job", Token(token.access_token, 1000.0, 4600.0))
+    u = jitter_draw("job", token.fingerprint)
+    assert first == refresh_at(DEFAULT, 1000.0, 4600.0, u)
+
+
+# ----------------------------------------------------------------------- the next attempt
+
+
+def test_after_success_waits_for_the_refresh_point_unless_a_sink_lacks_the_token() -> None:
+    assert after_success(100.0, 500.0, sinks_pending=False) == 500.0
+    assert after_success(100.0, 500.0, sinks_pending=True) == 100.0
+    assert after_success(600.0, 500.0, sinks_pending=False) == 600.0  # already due: now
+
+
+def test_a_sink_retry_starts_at_the_floor_and_never_postpones_the_fetch() -> None:
+    held = Token("t", issued_at=0.0, expires_at=HOUR)
+    first = after_failure(
+        DEFAULT,
+        now=100.0,
+        failures=1,
+        held=held,
+        refresh_point=2400.0,
+        sinks_pending=True,
+        retry_after=None,
+        u=0.0,
+    )
+    assert first == pytest.approx(100.0 + DEFAULT.retry_floor)
+    # Many failed sink writes later the backoff is long, but the fetch still comes on time.
+    late = after_failure(
+        DEFAULT,
+        now=2300.0,
+        failures=30,
+        held=held,
+        refresh_point=2400.0,
+        sinks_pending=True,
+        retry_after=None,
+        u=0.5,
+    )
+    assert late == 2400.0
+
+
+def test_an_idp_failure_backs_off_from_one_second() -> None:
+    held = Token("t", issued_at=0.0, expires_at=HOUR)
+    at = after_failure(
+        DEFAULT,
+        now=2400.0,
+        failures=1,
+        held=held,
+        refresh_point=2400.0,
+        sinks_pending=False,
+        retry_after=None,
+        u=0.0,
+    )
+    assert at == 2400.5
+
+
+# ------------------------------------------------------------------------------- adoption
+
+
+def test_adopt_keeps_the_longest_lived_valid_token_and_marks_the_other_sinks_stale() -> None:
+    old = Token("old", 0.0, 100.0)
+    new = Token("new", 50.0, 150.0)
+    expired = Token("expired", 0.0, 10.0)
+    adoption = adopt([old, None, new, expired], now=60.0, lifetime_bound=HOUR)
+    assert adoption.token is new
+    assert adoption.stale == (0, 1, 3)
+    assert adoption.unbelievable == ()
+
+
+def test_adopt_refuses_an_expiry_further_ahead_than_the_bound() -> None:
+    edited = Token("edited", 0.0, 300 * 86400.0)  # someone edited expires_at_epoch
+    honest = Token("honest", 0.0, 1800.0)
+    adoption = adopt([edited, honest], now=60.0, lifetime_bound=HOUR)
+    assert adoption.token is honest and adoption.stale == (0,)
+    assert adoption.unbelievable == (0,)
+    nothing = adopt([edited], now=60.0, lifetime_bound=HOUR)
+    assert nothing.token is None and nothing.stale == (0,)
+
+
+def test_the_stored_lifetime_bound_prefers_the_jobs_word_then_the_idps() -> None:
+    assert stored_lifetime_bound(600.0, 3600.0) == 600.0
+    assert stored_lifetime_bound(None, 3600.0) == 3600.0
+    assert stored_lifetime_bound(None, None) == DEFAULT_STORED_LIFETIME_BOUND == 86400.0

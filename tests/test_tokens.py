@@ -1,4 +1,4 @@
-"""Expiry is known, not guessed (design rule 3)."""
+"""Expiry is known, not guessed (rule 3 of docs/design.md)."""
 
 from __future__ import annotations
 

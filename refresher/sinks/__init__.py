@@ -41,6 +41,11 @@ class Sink(Protocol):
         """Follow-up work once every sink shows `token` (durability, metadata); best effort."""
         ...
 
+    def remove_leftovers(self, now: float) -> None:
+        """Clean up what a killed predecessor left behind (a file sink's abandoned temp files).
+        Called by the runner on start, never by read-only commands; best effort, never raises."""
+        ...
+
 
 class SinkFactory:
     """Builds sinks; connects to Kubernetes once, on the first Kubernetes sink."""

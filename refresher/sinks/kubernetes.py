@@ -1,4 +1,4 @@
-"""A token in a Kubernetes Secret: one API write per refresh (design rule 5).
+"""A token in a Kubernetes Secret: one API write per refresh (rule 5 of docs/design.md).
 
 The write is a JSON merge patch of only the keys the refresher owns, so keys written by others
 survive, carrying the `resourceVersion` last seen as a precondition: a concurrent writer makes
@@ -13,16 +13,17 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from datetime import UTC, datetime
+import time
 from typing import Any
 
 import urllib3
 from kubernetes.client.exceptions import ApiException
 
+from refresher.clock import format_utc, parse_utc
 from refresher.config import KubernetesSinkConfig
 from refresher.errors import Reason, RefreshError
 from refresher.kube import Kube
-from refresher.tokens import Token, fingerprint, stored_times
+from refresher.tokens import Token, fingerprint, stored_times, token_problem
 
 ANNOTATION = "refresher.io/"
 MANAGED_BY = {"app.kubernetes.io/managed-by": "refresher"}
@@ -31,20 +32,6 @@ MAX_CONFLICT_RETRIES = 5
 
 def _b64(value: str) -> str:
     return base64.b64encode(value.encode()).decode("ascii")
-
-
-def _iso(epoch: float) -> str:
-    when = datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds")
-    return when.replace("+00:00", "Z")
-
-
-def _epoch(text: str | None) -> float | None:
-    if not text:
-        return None
-    try:
-        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None
 
 
 def _status_message(err: ApiException) -> str:
@@ -79,7 +66,7 @@ class KubernetesSecretSink:
         if self.config.authorization_key:
             values[self.config.authorization_key] = f"Bearer {token.access_token}"
         if self.config.expires_at_key:
-            values[self.config.expires_at_key] = _iso(token.expires_at)
+            values[self.config.expires_at_key] = format_utc(token.expires_at)
         if self.config.scope_key and token.scope:
             values[self.config.scope_key] = token.scope
         if self.config.write_credential_extras:
@@ -89,9 +76,9 @@ class KubernetesSecretSink:
 
     def _metadata(self, token: Token) -> dict[str, Any]:
         annotations = {
-            f"{ANNOTATION}expires-at": _iso(token.expires_at),
-            f"{ANNOTATION}issued-at": _iso(token.issued_at),
-            f"{ANNOTATION}refreshed-at": _iso(datetime.now(UTC).timestamp()),
+            f"{ANNOTATION}expires-at": format_utc(token.expires_at),
+            f"{ANNOTATION}issued-at": format_utc(token.issued_at),
+            f"{ANNOTATION}refreshed-at": format_utc(time.time()),
             f"{ANNOTATION}fingerprint": token.fingerprint,
             f"{ANNOTATION}token-job": self.job,
         }
@@ -131,6 +118,9 @@ class KubernetesSecretSink:
 
     def settle(self, token: Token) -> None:
         pass  # the API server made the write durable before it answered
+
+    def remove_leftovers(self, now: float) -> None:
+        pass  # a Secret write is one request: nothing is left half done
 
     def _create(self, token: Token, data: dict[str, str]) -> bool:
         """Create the missing Secret if allowed; False when it appeared meanwhile."""
@@ -175,11 +165,13 @@ class KubernetesSecretSink:
             access_token = base64.b64decode(encoded, validate=True).decode()
         except (binascii.Error, UnicodeDecodeError):
             return None
+        if token_problem(access_token):
+            return None  # not a token anyone should be handed: refresh it
         annotations = secret.metadata.annotations or {}
         times: tuple[float, float] | None = None
         if annotations.get(f"{ANNOTATION}fingerprint") == fingerprint(access_token):
-            issued_at = _epoch(annotations.get(f"{ANNOTATION}issued-at"))
-            expires_at = _epoch(annotations.get(f"{ANNOTATION}expires-at"))
+            issued_at = parse_utc(annotations.get(f"{ANNOTATION}issued-at"))
+            expires_at = parse_utc(annotations.get(f"{ANNOTATION}expires-at"))
             if issued_at is not None and expires_at is not None:
                 times = (issued_at, expires_at)
         times = times or stored_times(access_token, now)

@@ -1,7 +1,7 @@
-"""A local HTTP server that speaks the Kubernetes API for Secrets and Leases.
+"""A loopback HTTP server that speaks the Kubernetes API for Secrets and Leases.
 
-Tests point the real ``kubernetes`` client at it (``FakeKubeAPI.write_kubeconfig``) and get the
-wire behaviour of a kube-apiserver: the same paths and verbs, ``resourceVersion`` optimistic
+Tests and benchmarks point the real ``kubernetes`` client at it (``write_kubeconfig``) and get
+the wire behaviour of a kube-apiserver: the same paths and verbs, ``resourceVersion`` optimistic
 concurrency, the four PATCH content types (JSON patch, merge patch, strategic merge patch and
 server-side apply with field ownership), RBAC denials and ``Status`` bodies with the messages a
 real API server writes.  Faults can be injected: a concurrent writer that makes the next writes
@@ -13,6 +13,9 @@ Where the real server differs from a naive expectation, the fake follows the ser
 ``datetime.isoformat()`` does not guarantee), an apply patch without ``fieldManager`` is a 422,
 a name-restricted RBAC rule does not authorize ``create``, and Secrets/Leases delete with a
 ``Status`` of ``Success``.
+
+The server is a :class:`refresher.loopback.LoopbackServer`: 127.0.0.1 only, HTTP/1.1 with
+keep-alive, and a ``stop()`` that wakes delayed responses and drops kept-alive connections.
 
 Scope and simplifications (kept deliberately small):
 
@@ -29,24 +32,23 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import copy
 import json
 import re
 import secrets as _random
-import socket
 import threading
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import yaml
+
+from refresher.loopback import LoopbackServer, QuietHandler, owner_of
 
 __all__ = [
     "RBAC",
@@ -933,14 +935,16 @@ class _Response:
     headers: dict[str, str] = field(default_factory=dict)
 
 
-class FakeKubeAPI:
+class FakeKubeAPI(LoopbackServer):
     """The fake API server.  Use as a context manager or call ``start()`` / ``stop()``.
 
     ``token`` and ``rbac`` are plain attributes and may be changed while running (e.g. to
-    rotate the accepted token or revoke a permission).
+    rotate the accepted token or revoke a permission).  ``stop()`` drops kept-alive client
+    connections, so clients see the server go away; ``start()`` again serves the same port.
     """
 
     def __init__(self, *, token: str = "fake-sa-token", rbac: RBAC | None = None) -> None:
+        super().__init__(_Handler, name="fake-kube-api")
         self.token = token
         self.rbac = rbac
         self._lock = threading.RLock()
@@ -953,50 +957,14 @@ class FakeKubeAPI:
         self._error_status = 500
         self._delays_left = 0
         self._delay_seconds = 0.0
-        self._stopping = threading.Event()
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
 
-    # -- lifecycle ----------------------------------------------------------------------------
-
-    def start(self) -> FakeKubeAPI:
-        if self._server is not None:
-            raise RuntimeError("FakeKubeAPI already started")
-        self._stopping.clear()
-        self._server = _Server(self)
-        self._thread = threading.Thread(
-            target=self._server.serve_forever,
-            kwargs={"poll_interval": 0.05},
-            name=f"fake-kube-api-{self._server.server_address[1]}",
-            daemon=True,
-        )
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        server, thread = self._server, self._thread
-        if server is None:
-            return
-        self._stopping.set()  # wakes delayed responses
-        server.shutdown()
-        server.close_connections()
-        server.server_close()
-        if thread is not None:
-            thread.join(timeout=5)
-        self._server = self._thread = None
-
-    def __enter__(self) -> FakeKubeAPI:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
+    # -- lifecycle (start, stop, context manager: refresher.loopback.LoopbackServer) -----------
 
     @property
     def url(self) -> str:
-        if self._server is None:
+        if not self.running:
             raise RuntimeError("FakeKubeAPI is not running")
-        host, port = self._server.server_address[:2]
-        return f"http://{host!s}:{port}"
+        return f"http://{self.host}:{self.port}"
 
     def write_kubeconfig(
         self, path: Path, *, namespace: str = "default", context: str = "fake"
@@ -1130,7 +1098,7 @@ class FakeKubeAPI:
             delay = self._delay_seconds if self._delays_left > 0 else 0.0
             self._delays_left = max(0, self._delays_left - 1)
         if delay:
-            self._stopping.wait(delay)
+            self.stopping.wait(delay)  # stop() wakes it
         return response
 
     def _injected_error(self) -> ApiStatusError | None:
@@ -1773,25 +1741,15 @@ def _warning_headers(warnings: list[str]) -> dict[str, str]:
 # --------------------------------------------------------------------------------------------
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(QuietHandler):
     protocol_version = "HTTP/1.1"
     # Like Go's net/http (the real API server): headers and body are separate writes, and
-    # with Nagle on, the second waits ~40 ms for a delayed ACK.
-    disable_nagle_algorithm = True
-    server: _Server
+    # with Nagle on, the second waits ~40 ms for a delayed ACK (QuietHandler turns it off).
+    server_version = "fake-kube-api"
 
-    def log_message(self, format: str, *args: Any) -> None:
-        """No request logging."""
-
-    def setup(self) -> None:
-        super().setup()
-        self.server.track(self.connection)
-
-    def finish(self) -> None:
-        try:
-            super().finish()
-        finally:
-            self.server.untrack(self.connection)
+    @property
+    def api(self) -> FakeKubeAPI:
+        return cast(FakeKubeAPI, owner_of(self))
 
     def _read_body(self) -> bytes:
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
@@ -1810,7 +1768,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _dispatch(self) -> None:
         body = self._read_body()
         headers = {name.lower(): value for name, value in self.headers.items()}
-        response = self.server.api._serve(self.command, self.path, headers, body)
+        response = self.api._serve(self.command, self.path, headers, body)
         payload = (json.dumps(response.body) + "\n").encode()
         self.send_response(response.code)
         self.send_header("Content-Type", "application/json")
@@ -1824,32 +1782,3 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(payload)
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _dispatch
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self, api: FakeKubeAPI) -> None:
-        self.api = api
-        self._connections: set[socket.socket] = set()
-        self._connections_lock = threading.Lock()
-        super().__init__(("127.0.0.1", 0), _Handler)
-
-    def track(self, connection: socket.socket) -> None:
-        with self._connections_lock:
-            self._connections.add(connection)
-
-    def untrack(self, connection: socket.socket) -> None:
-        with self._connections_lock:
-            self._connections.discard(connection)
-
-    def close_connections(self) -> None:
-        """Drop kept-alive client connections so clients see the server go away."""
-        with self._connections_lock:
-            connections = list(self._connections)
-        for connection in connections:
-            with contextlib.suppress(OSError):
-                connection.shutdown(socket.SHUT_RDWR)
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        """Client disconnects are not worth a traceback on stderr."""

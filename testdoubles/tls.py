@@ -1,13 +1,14 @@
 """A loopback HTTP(S) server whose answers are scripted as raw bytes, for hostile-IdP tests.
 
-`tests.test_idp_client._Scripted` answers with a status, headers and a body; the tests here
+`tests/test_idp_client.py`'s `_Scripted` answers with a status, headers and a body; the tests here
 also need what no well-behaved server does: a body that trickles in a few bytes at a time,
 chunked transfer encoding without end, a gzip bomb, and TLS with a certificate from a CA
 that nobody trusts. A `ScriptedServer` reads each request (recording it), then hands the
 connection to a script: a function that writes whatever it likes to the socket.
 
-Every server binds to 127.0.0.1 only, and `stop()` ends the scripts that are still writing
-(they wait on `stopping` instead of sleeping), so no test leaves a thread behind for long.
+A `ScriptedServer` is a `refresher.loopback.LoopbackServer`: it binds to 127.0.0.1 only, and
+`stop()` ends the scripts that are still writing (they wait on `stopping` instead of sleeping,
+and their connections are shut down), so no test leaves a thread behind for long.
 """
 
 from __future__ import annotations
@@ -19,7 +20,19 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
-from typing import Any
+from typing import cast
+
+from refresher.loopback import LoopbackServer, owner_of
+
+__all__ = [
+    "Connection",
+    "Recorded",
+    "Script",
+    "ScriptedServer",
+    "fixed",
+    "response_head",
+    "serving",
+]
 
 _MAX_REQUEST = 64 * 1024
 
@@ -73,7 +86,9 @@ def fixed(status: int, headers: dict[str, str], body: bytes) -> Script:
 
 
 class _Handler(socketserver.BaseRequestHandler):
-    server: _Server
+    @property
+    def owner(self) -> ScriptedServer:
+        return cast(ScriptedServer, owner_of(self))
 
     def handle(self) -> None:
         self.request.settimeout(5.0)
@@ -83,10 +98,8 @@ class _Handler(socketserver.BaseRequestHandler):
             recorded = _read_request(self.request)
         except (OSError, ValueError):
             return
-        with self.server.lock:
-            self.server.recorded.append(recorded)
-            script = self.server.script
-        script(Connection(self.request, self.server.stopping))
+        script = self.owner._record(recorded)
+        script(Connection(self.request, self.owner.stopping))
         with suppress(OSError):
             self.request.shutdown(socket.SHUT_WR)
 
@@ -113,71 +126,40 @@ def _read_request(sock: socket.socket) -> Recorded:
     return Recorded(request_line, headers, body)
 
 
-class _Server(socketserver.ThreadingTCPServer):
-    daemon_threads = True
-    block_on_close = False
-    allow_reuse_address = True
-
-    def __init__(self, script: Script, tls: ssl.SSLContext | None) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
-        self.script = script
-        self.tls = tls
-        self.lock = threading.Lock()
-        self.recorded: list[Recorded] = []
-        self.stopping = threading.Event()
-
-    def get_request(self) -> tuple[Any, Any]:
-        sock, address = super().get_request()
-        if self.tls is None:
-            return sock, address
-        # The handshake happens in the handler's thread (on first read), not in accept().
-        return self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False), address
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        """Clients that fail the TLS handshake or hang up are the point of these tests."""
-
-
-class ScriptedServer:
-    """`with ScriptedServer(script) as server:` serves `server.url` until the block ends."""
+class ScriptedServer(LoopbackServer):
+    """`with ScriptedServer(script) as server:` serves `server.url()` until the block ends."""
 
     def __init__(self, script: Script, *, tls: ssl.SSLContext | None = None) -> None:
-        self._server = _Server(script, tls)
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
-        )
+        super().__init__(_Handler, name="scripted")
+        self._script = script
+        self._tls = tls
+        self._lock = threading.Lock()
+        self._recorded: list[Recorded] = []
 
-    @property
-    def port(self) -> int:
-        return int(self._server.server_address[1])
+    def _wrap(self, sock: socket.socket) -> socket.socket:
+        if self._tls is None:
+            return sock
+        # The handshake happens in the handler's thread (on first read), not in accept().
+        return self._tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+
+    def _record(self, recorded: Recorded) -> Script:
+        """Remember a request; the script to answer it with."""
+        with self._lock:
+            self._recorded.append(recorded)
+            return self._script
 
     def url(self, path: str = "/token", host: str = "127.0.0.1") -> str:
-        scheme = "https" if self._server.tls is not None else "http"
+        scheme = "https" if self._tls is not None else "http"
         return f"{scheme}://{host}:{self.port}{path}"
 
     def set_script(self, script: Script) -> None:
-        with self._server.lock:
-            self._server.script = script
+        with self._lock:
+            self._script = script
 
     @property
     def requests(self) -> list[Recorded]:
-        with self._server.lock:
-            return list(self._server.recorded)
-
-    def start(self) -> ScriptedServer:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._server.stopping.set()
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=5)
-
-    def __enter__(self) -> ScriptedServer:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
+        with self._lock:
+            return list(self._recorded)
 
 
 @contextmanager
