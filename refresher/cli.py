@@ -90,10 +90,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.log_format or "text", "warning" if args.log_level == "info" else args.log_level
         )
         from refresher.demo import run_demo
+        from refresher.http import ListenError
 
-        return run_demo(
-            duration=args.duration, directory=args.dir, port=args.port, lifetime=args.lifetime
-        )
+        try:
+            return run_demo(
+                duration=args.duration, directory=args.dir, port=args.port, lifetime=args.lifetime
+            )
+        except ListenError as err:  # the metrics port is taken: say so, and how to pick another
+            print(f"refresher: {err.strerror} (try --port 0)", file=sys.stderr)
+            return EXIT_CONFIG
 
     logs.configure(args.log_format, args.log_level)
     try:

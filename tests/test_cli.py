@@ -205,3 +205,20 @@ def test_version() -> None:
         [sys.executable, "-m", "refresher", "--version"], capture_output=True, text=True, env=_env()
     )
     assert result.stdout.startswith("refresher ")
+
+
+def test_demo_on_a_taken_port_serves_on_a_free_one_without_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        demo = ["demo", "--duration", "1", "--lifetime", "3", "--dir", str(tmp_path)]
+        code = main([*demo, "--port", str(port)])
+    out, err = capsys.readouterr()
+    assert code == 0
+    assert f"port {port} is busy" in out
+    assert "Traceback" not in out + err
