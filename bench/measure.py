@@ -75,7 +75,7 @@ def window(sink: str, refreshes: int) -> dict[str, Any]:
         requests_before = kube_api.write_count("secrets") if kube_api else 0
         all_before = len(kube_api.requests) if kube_api else 0
         for _ in range(refreshes):
-            runner.attempt()
+            runner.refresh_now()
         per_refresh = 0.0
         if kube_api is not None:
             per_refresh = (len(kube_api.requests) - all_before) / refreshes
@@ -118,7 +118,7 @@ def one_job_daemon(url: str, folder: Path) -> tuple[Daemon, Callable[[], None]]:
     runner.step()
 
     def cycle() -> None:
-        daemon._schedule(runner, runner.attempt())
+        daemon._schedule(runner, runner.refresh_now())
 
     return daemon, cycle
 

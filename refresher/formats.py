@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -39,6 +40,33 @@ EXPIRES_AT_TEXT = "expires_at"
 
 HEADER_PREFIX = "Authorization: Bearer "
 
+# Values written beside the token (Lucidtech's `api_key`) become keys of their own: a JSON key
+# as it is, an env variable in upper case. Only plain names, never one of ours, and only
+# printable values: an extra read back from an edited file must not override the token or add
+# lines to an env file.
+_EXTRA_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
+_RESERVED = {key.json for key in KEYS} | {key.env.lower() for key in KEYS} | {EXPIRES_AT_TEXT}
+MAX_EXTRA_CHARS = 4096
+
+
+def clean_extras(extras: Mapping[str, Any]) -> dict[str, str]:
+    """The extras that can be written and read back safely, in every format."""
+    return {
+        key: value
+        for key, value in extras.items()
+        if isinstance(key, str)
+        and _EXTRA_NAME.fullmatch(key)
+        and key not in _RESERVED
+        and isinstance(value, str)
+        and len(value) <= MAX_EXTRA_CHARS
+        and value.isascii()
+        and value.isprintable()
+    }
+
+
+def _clean_scope(scope: Any) -> str | None:
+    return scope if isinstance(scope, str) and scope.isascii() and scope.isprintable() else None
+
 
 @dataclass(frozen=True)
 class StoredToken:
@@ -60,7 +88,7 @@ def token_document(token: Token) -> dict[str, Any]:
         EXPIRES_AT.json: round(token.expires_at, 3),
         ISSUED_AT.json: round(token.issued_at, 3),
         SCOPE.json: token.scope,
-        **token.extras,
+        **clean_extras(token.extras),
     }
 
 
@@ -84,7 +112,7 @@ def render(token: Token, fmt: Format) -> bytes:
     }
     if token.scope:
         values[SCOPE.env] = token.scope
-    values.update((key.upper(), value) for key, value in token.extras.items())
+    values.update((key.upper(), value) for key, value in clean_extras(token.extras).items())
     return "".join(_env_line(key, value) for key, value in values.items()).encode()
 
 
@@ -125,12 +153,11 @@ def _parse_json(content: str) -> StoredToken | None:
     if not isinstance(document, dict) or not isinstance(document.get(ACCESS_TOKEN.json), str):
         return None
     scope = document.get(SCOPE.json)
-    known = {key.json for key in KEYS} | {EXPIRES_AT_TEXT}
     return StoredToken(
         document[ACCESS_TOKEN.json],
         _times(document.get(ISSUED_AT.json), document.get(EXPIRES_AT.json)),
-        scope if isinstance(scope, str) else None,
-        {k: v for k, v in document.items() if k not in known and isinstance(v, str)},
+        _clean_scope(scope),
+        clean_extras(document),
     )
 
 
@@ -145,10 +172,9 @@ def _parse_env(content: str) -> StoredToken | None:
         except ValueError:
             return None
         values[key] = parts[0] if parts else ""
-    known = {key.env for key in KEYS}
     return StoredToken(
         values.get(ACCESS_TOKEN.env, ""),
         _times(values.get(ISSUED_AT.env), values.get(EXPIRES_AT.env)),
-        values.get(SCOPE.env),
-        {key.lower(): value for key, value in values.items() if key not in known},
+        _clean_scope(values.get(SCOPE.env)),
+        clean_extras({key.lower(): value for key, value in values.items() if key.isupper()}),
     )

@@ -24,6 +24,7 @@ import queue
 import select
 import sys
 import threading
+import traceback
 from typing import Any, TextIO
 
 from refresher.clock import format_utc
@@ -45,6 +46,19 @@ def _timestamp(record: logging.LogRecord) -> str:
     return format_utc(record.created)
 
 
+def _places(record: logging.LogRecord) -> str:
+    """Where an exception was raised: the frames of its traceback (and of its causes), never
+    its message, which may quote a value (a library's error can echo what it was given)."""
+    assert record.exc_info is not None
+    error = record.exc_info[1]
+    parts: list[str] = []
+    while error is not None and len(parts) < 5:
+        frames = "".join(traceback.format_tb(error.__traceback__)).rstrip()
+        parts.append(f"{type(error).__name__}:\n{frames}")
+        error = error.__cause__ or error.__context__
+    return "\n".join(parts)
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
@@ -57,7 +71,7 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info and record.exc_info[0] is not None:
             # The type and place only: exception messages from libraries can quote values.
             line["exception"] = record.exc_info[0].__name__
-            line["stack"] = self.formatStack(self.formatException(record.exc_info))
+            line["stack"] = _places(record)
         return json.dumps(line, default=str)
 
 
@@ -68,7 +82,7 @@ class TextFormatter(logging.Formatter):
         if fields:
             text += f"  {fields}"
         if record.exc_info and record.exc_info[0] is not None:
-            text += "\n" + self.formatException(record.exc_info)
+            text += f"\n{record.exc_info[0].__name__} at\n{_places(record)}"
         return text
 
 

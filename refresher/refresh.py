@@ -109,6 +109,7 @@ class JobRunner:
         self.last_success_at: float | None = None
         self.issued_lifetime: float | None = None  # of the last token the IdP gave this runner
         self._answered_at = 0.0  # perf_counter when the IdP answered with `token`
+        self._copied_once = True  # False while an adopted token waits for its first copy
         self.stats = JobStats(sinks=tuple(sink.name for sink in self.sinks))
 
     # ------------------------------------------------------------------------ public API
@@ -137,7 +138,10 @@ class JobRunner:
         for sink in self.sinks:
             sink.remove_leftovers(now)  # a killed predecessor's temp files; never in `status`
         held = [self._read(sink, now) for sink in self.sinks]
-        adoption = adopt(held, now, stored_lifetime_bound(self.job.lifetime, self.issued_lifetime))
+        bound = stored_lifetime_bound(self.job.lifetime, self.issued_lifetime)
+        # The token this runner holds is a candidate too: after leadership came back it may
+        # be the newest one issued, with a sink write still pending.
+        adoption = adopt(held, now, bound, in_memory=self.token)
         for index in adoption.unbelievable:
             stored = held[index]
             assert stored is not None
@@ -151,6 +155,9 @@ class JobRunner:
                 },
             )
         best = adoption.token
+        if best is not self.token:
+            self._answered_at = 0.0  # the write window belongs to a token we fetched
+        self._copied_once = False
         with self._lock:
             self.token = best
             self.pending = [self.sinks[index] for index in adoption.stale] if best else []
@@ -163,11 +170,26 @@ class JobRunner:
         return at
 
     def attempt(self) -> float:
-        """One attempt: write a held token to the sinks that lack it, or fetch a new one."""
+        """One attempt: write a held, valid token to the sinks that lack it, or fetch a new
+        one if that is due, or nothing.
+
+        A token adopted on start is copied to the sinks that lack it once before anything
+        else, even when a refresh is due (the IdP may be down, and a valid token beats none).
+        After that, a due refresh wins over retrying a broken sink: the fetch writes every
+        sink anyway."""
         now = self.clock()
-        if self.token is not None and self.pending and not self._refresh_due(now):
-            return self._write_pending(self.token, now)
+        held = self.token
+        copy_first = not self._refresh_due(now) or not self._copied_once
+        if held is not None and self.pending and held.is_valid(now) and copy_first:
+            self._copied_once = True
+            return self._write_pending(held, now)
+        if not self._refresh_due(now):
+            return self._plan(now)  # nothing to do (a retry after an unexpected error)
         return self._fetch_and_write(now)
+
+    def refresh_now(self) -> float:
+        """Fetch a new token now, whatever the plan says (for a token known to be dead)."""
+        return self._fetch_and_write(self.clock())
 
     def clock_moved(self, seconds: float) -> None:
         """The wall clock jumped by `seconds`. Our times are Unix times read before the jump.
@@ -221,6 +243,9 @@ class JobRunner:
         try:
             return sink.read(now)
         except RefreshError as err:
+            # Counted like a failed write (reason `sink`), so the failure alerts see it; the
+            # sink counts as holding nothing.
+            self.stats.record_attempt("failure", err.reason.value)
             log.warning(
                 "cannot read sink on start",
                 extra={"token": self.job.name, "sink": sink.name, "error": err.message},
@@ -327,7 +352,7 @@ class JobRunner:
             failures=self.failures,
             held=self.token,
             refresh_point=self.refresh_point,
-            sinks_pending=bool(self.pending),
+            sink_retry=error.reason is Reason.SINK and bool(self.pending),
             retry_after=error.retry_after,
             u=self.rng.random(),
         )

@@ -131,21 +131,22 @@ def after_failure(
     failures: int,
     held: Token | None,
     refresh_point: float | None,
-    sinks_pending: bool,
+    sink_retry: bool,
     retry_after: float | None,
     u: float,
 ) -> float:
     """When to try again after the `failures`-th consecutive failed attempt.
 
-    A sink that lacks a token already held (its write failed) is retried from the floor up,
-    not after seconds: on an invalidate-on-reissue IdP its readers hold a revoked token now.
-    And a sink retry never postpones the next fetch past the token's refresh point.
+    `sink_retry`: the attempt failed writing a token already held to a sink (not asking the
+    IdP). Such a sink is retried from the floor up, not after seconds: on an invalidate-on-
+    reissue IdP its readers hold a revoked token now. And a sink retry never postpones the
+    next fetch past the token's refresh point. A failure of the IdP backs off as usual.
     """
     expires_at = held.expires_at if held is not None else None
-    if sinks_pending and held is not None and held.is_valid(now):
+    if sink_retry and held is not None and held.is_valid(now):
         policy = replace(policy, backoff_initial=policy.retry_floor)
     at = now + retry_delay(policy, failures, now, expires_at, retry_after, u)
-    if sinks_pending and refresh_point is not None and now < refresh_point:
+    if sink_retry and refresh_point is not None and now < refresh_point:
         at = min(at, refresh_point)
     return at
 
@@ -170,14 +171,32 @@ class Adoption:
     unbelievable: tuple[int, ...]  # sinks holding a valid-looking expiry too far ahead
 
 
-def adopt(held: Sequence[Token | None], now: float, lifetime_bound: float) -> Adoption:
-    """Which of the tokens read back from a job's sinks to keep instead of asking the IdP.
+def as_stored(token: Token, now: float) -> Token:
+    """A token read back, with an issue time no later than now: a stored `issued_at` in the
+    future (an edit, a clock that ran ahead) would put the floor `issued_at + min_interval`,
+    and so the refresh point, past the token's expiry."""
+    if token.issued_at <= now:
+        return token
+    return replace(token, issued_at=min(now, token.expires_at))
 
-    A token is kept only when it is still valid and its expiry is believable (no further
-    ahead than `lifetime_bound`): a sink is a file anyone with access can edit, and obeying an
-    expiry years away would stop refreshing while every metric looked healthy. Of those, the
-    one that lives longest wins; every sink that holds another one (or none) is stale.
+
+def adopt(
+    held: Sequence[Token | None],
+    now: float,
+    lifetime_bound: float,
+    in_memory: Token | None = None,
+) -> Adoption:
+    """Which token to keep instead of asking the IdP: one read back from a job's sinks, or
+    `in_memory`, the one this runner already holds (issued to it, perhaps not yet in every
+    sink; on an invalidate-on-reissue IdP it may be the only live one).
+
+    A stored token is kept only when it is still valid and its expiry is believable (no
+    further ahead than `lifetime_bound`): a sink is a file anyone with access can edit, and
+    obeying an expiry years away would stop refreshing while every metric looked healthy. Of
+    those, the one that lives longest wins; every sink that holds another one (or none) is
+    stale. Stored issue times are taken no later than `now` (`as_stored`).
     """
+    held = [None if token is None else as_stored(token, now) for token in held]
     unbelievable = tuple(
         index
         for index, token in enumerate(held)
@@ -188,9 +207,12 @@ def adopt(held: Sequence[Token | None], now: float, lifetime_bound: float) -> Ad
         for index, token in enumerate(held)
         if token is not None and token.is_valid(now) and index not in unbelievable
     ]
-    if not valid:
+    candidates = [token for _, token in valid]
+    if in_memory is not None and in_memory.is_valid(now):
+        candidates.append(in_memory)
+    if not candidates:
         return Adoption(None, tuple(range(len(held))), unbelievable)
-    best = max((token for _, token in valid), key=lambda token: token.expires_at)
+    best = max(candidates, key=lambda token: token.expires_at)
     stale = tuple(
         index
         for index, token in enumerate(held)

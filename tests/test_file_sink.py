@@ -13,6 +13,7 @@ import pytest
 
 from refresher.config import FileSinkConfig
 from refresher.errors import Reason, RefreshError
+from refresher.formats import render
 from refresher.sinks.file import TEMP_FILE, FileSink, temp_path
 from refresher.tokens import Token
 
@@ -172,3 +173,27 @@ def test_temp_files_match_the_pattern_the_sweep_removes(tmp_path: Path) -> None:
     name = temp_path(tmp_path / "token").name
     match = TEMP_FILE.fullmatch(name)
     assert match is not None and match["target"] == "token"
+
+
+@pytest.mark.parametrize("fmt", ["json", "env"])
+def test_extras_read_back_never_override_the_token_nor_add_lines(fmt: str, tmp_path: Path) -> None:
+    path = tmp_path / "token"
+    if fmt == "json":
+        path.write_text(
+            '{"access_token": "real", "token_type": "Bearer", "expires_at_epoch": 2e9,'
+            ' "issued_at_epoch": 1e9, "Access_Token": "x\\nEVIL=1", "k\\nLD_PRELOAD": "y",'
+            ' "api_key": "kept", "scope": "a\\nb"}'
+        )
+    else:
+        path.write_text(
+            "ACCESS_TOKEN=real\nTOKEN_EXPIRES_AT=2000000000\nTOKEN_ISSUED_AT=1000000000\n"
+            "access_token=evil\nAPI_KEY=kept\nLD-PRELOAD=x\n"
+        )
+    sink = FileSink(FileSinkConfig(type="file", path=path, format=fmt))  # type: ignore[arg-type]
+    token = sink.read(1.5e9)
+    assert token is not None and token.access_token == "real"
+    assert dict(token.extras) == {"api_key": "kept"}
+    assert token.scope is None or "\n" not in token.scope
+    for other in ("json", "env"):
+        rendered = render(token, other).decode()  # type: ignore[arg-type]
+        assert "EVIL" not in rendered and "LD_PRELOAD" not in rendered and "evil" not in rendered

@@ -4,6 +4,7 @@ exception, the CLI's output and the metrics."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -48,7 +49,7 @@ def test_no_secret_or_token_appears_anywhere(
     for fault in Fault:
         if fault is not Fault.SLOW:
             idp.fail_next(fault, retry_after=0.1)
-            runner.attempt()  # an attempt with nothing pending always asks the IdP
+            runner.refresh_now()
             exceptions.append(str(runner.last_error))
     blocked = tmp_path / "blocked"
     blocked.write_text("x")
@@ -119,3 +120,26 @@ def test_no_secret_or_token_appears_anywhere(
             assert secret not in text, f"{what} leaked into {where}"
             # Parts of the secret as well, e.g. the form-encoded or a truncated form.
             assert secret[:16] not in text, f"start of {what} leaked into {where}"
+
+
+def test_an_exception_message_never_reaches_a_log_line() -> None:
+    # A library's error can quote what it was given (a header, a body, a secret): the log
+    # keeps the exception's type and where it was raised, never its message.
+    import logging
+
+    from refresher.logs import JsonFormatter, TextFormatter
+
+    try:
+        try:
+            raise KeyError(f"cause quoting {CLIENT_SECRET}")
+        except KeyError as cause:
+            raise ValueError(f"bad value {CLIENT_SECRET}") from cause
+    except ValueError:
+        record = logging.getLogger("refresher.test").makeRecord(
+            "refresher.test", logging.ERROR, __file__, 1, "failed", (), sys.exc_info()
+        )
+    for formatter in (JsonFormatter(), TextFormatter()):
+        line = formatter.format(record)
+        assert CLIENT_SECRET not in line
+        assert "ValueError" in line and "KeyError" in line
+        assert "test_an_exception_message_never_reaches_a_log_line" in line  # the place

@@ -330,3 +330,70 @@ def test_retry_after_from_the_idp_is_honoured(
     clock.now = at
     runner.step()
     assert runner.failures == 0 and idp.requests == 2
+
+
+def test_a_stored_issue_time_in_the_future_does_not_push_the_refresh_past_expiry(
+    tmp_path: Path, idp: ScriptedIdP, clock: FakeClock
+) -> None:
+    job = job_config(tmp_path, "a.json")
+    edited = Token("edited", issued_at=9.9e9, expires_at=clock.now + 540)
+    (tmp_path / "a.json").write_bytes(render(edited, "json"))
+    runner, _ = runner_for(job, idp, clock)
+    at = runner.step()
+    assert idp.requests == 0
+    assert clock.now < at < clock.now + 540  # refreshed before it expires, not in 300 years
+
+
+def test_leadership_regained_keeps_the_token_it_fetched_when_a_sink_missed_it(
+    tmp_path: Path, idp: ScriptedIdP, clock: FakeClock
+) -> None:
+    job = job_config(tmp_path, "full.json")
+    full = BreakableSink(FileSink(job.sinks[0]))  # type: ignore[arg-type]
+    runner, _ = runner_for(job, idp, clock, sinks=[full])
+    runner.step()
+    old = idp.issued[0]
+    clock.now = runner.refresh_point or 0.0
+    full.broken = True  # the API server went down: the write fails (and so did the lease)
+    runner.step()
+    new = idp.issued[1]  # issued, and on a revoke-on-reissue IdP `old` is dead now
+    assert held_by(tmp_path / "full.json") == old.access_token
+    full.broken = False
+    runner.restart()  # leading again
+    runner.step()
+    assert runner.token == new and idp.requests == 2
+    assert held_by(tmp_path / "full.json") == new.access_token
+
+
+def test_an_adopted_token_reaches_an_empty_sink_even_when_due_and_the_idp_is_down(
+    tmp_path: Path, idp: ScriptedIdP, clock: FakeClock
+) -> None:
+    job = job_config(tmp_path, "a.json", "b.json")
+    due = Token("due", issued_at=clock.now - 500, expires_at=clock.now + 100)
+    (tmp_path / "a.json").write_bytes(render(due, "json"))
+    idp.script.extend([RefreshError(Reason.HTTP_5XX, "HTTP 503")] * 3)
+    runner, _ = runner_for(job, idp, clock)
+    at = runner.step()
+    assert held_by(tmp_path / "b.json") == "due"  # copied first
+    clock.now = at
+    at = runner.step()  # then the due refresh, which fails: an IdP backoff, not the sink floor
+    assert idp.requests == 1 and runner.failures == 1
+    assert at - clock.now >= 0.5
+
+
+def test_a_retry_after_an_unexpected_error_fetches_only_if_a_refresh_is_due(
+    tmp_path: Path, idp: ScriptedIdP, clock: FakeClock
+) -> None:
+    job = job_config(tmp_path, "a.json")
+    events: list[RefreshEvent] = []
+
+    def broken_listener(event: RefreshEvent) -> None:
+        events.append(event)
+        if len(events) == 1:
+            raise RuntimeError("a bug after the write")
+
+    runner = JobRunner(job, [FileSink(job.sinks[0])], idp, clock=clock, listeners=[broken_listener])  # type: ignore[arg-type]
+    at = runner.step()
+    assert runner.failures == 1 and idp.requests == 1
+    clock.now = at
+    runner.step()
+    assert idp.requests == 1  # the token is fresh: nothing to fetch

@@ -107,7 +107,7 @@ def test_a_twenty_second_outage_over_expiry_is_noticed_within_seconds_of_recover
             failures=failures,
             held=token,
             refresh_point=None,
-            sinks_pending=False,
+            sink_retry=False,
             retry_after=1.0,  # the local IdP's 503 says Retry-After: 1
             u=next(rng),
         )
@@ -217,7 +217,7 @@ def test_a_sink_retry_starts_at_the_floor_and_never_postpones_the_fetch() -> Non
         failures=1,
         held=held,
         refresh_point=2400.0,
-        sinks_pending=True,
+        sink_retry=True,
         retry_after=None,
         u=0.0,
     )
@@ -229,7 +229,7 @@ def test_a_sink_retry_starts_at_the_floor_and_never_postpones_the_fetch() -> Non
         failures=30,
         held=held,
         refresh_point=2400.0,
-        sinks_pending=True,
+        sink_retry=True,
         retry_after=None,
         u=0.5,
     )
@@ -244,7 +244,7 @@ def test_an_idp_failure_backs_off_from_one_second() -> None:
         failures=1,
         held=held,
         refresh_point=2400.0,
-        sinks_pending=False,
+        sink_retry=False,
         retry_after=None,
         u=0.0,
     )

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -241,7 +242,10 @@ class FileSink:
         receipt later than `iat`). Those times are what a restarted process, or `status`,
         plans the refresh point from (rule 9 of docs/design.md), so they must be the same.
         A stale metadata file is harmless: it names another fingerprint."""
-        times = stored_times(token.access_token, token.issued_at)
+        # Read back "at the end of time": a JWT without a usable `iat` then shows an issue time
+        # far from ours (read back at any real moment it would take that moment's), so it
+        # gets metadata too.
+        times = stored_times(token.access_token, math.inf)
         if times is None:
             return True
         issued_at, expires_at = times
