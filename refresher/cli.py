@@ -116,6 +116,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ]
     try:
         return handler(config, args)
+    except ConfigError as err:  # found only when used: e.g. no Kubernetes client config
+        for problem in err.problems:
+            print(f"refresher: {args.config}: {problem}", file=sys.stderr)
+        return EXIT_CONFIG
     finally:
         logs.flush()  # the queued log lines, before the caller reads or the process exits
 

@@ -95,13 +95,17 @@ def _read_text(path: Path) -> str:
     try:
         # os.open rather than a text-mode open(): read on every attempt, and a text wrapper
         # costs more than the read itself.
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        # O_NONBLOCK: a FIFO at the path must not hold a refresh thread for ever.
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except ValueError:  # a NUL byte or a lone surrogate in the path
         raise RefreshError(
             Reason.CREDENTIALS, f"cannot read {str(path)!r}: not a valid path"
         ) from None
     try:
-        if os.fstat(fd).st_mode & stat.S_IROTH and path not in _warned_readable:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):  # a FIFO, a device, a folder: not a credential
+            raise RefreshError(Reason.CREDENTIALS, f"{path} is not a regular file")
+        if mode & stat.S_IROTH and path not in _warned_readable:
             _warned_readable.add(path)
             log.warning("credential file is readable by every user", extra={"path": str(path)})
         chunks: list[bytes] = []

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from refresher.config import KubernetesSettings
+from refresher.errors import ConfigError
 
 # The in-cluster config does not say which namespace the pod runs in; this file does.
 SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
@@ -43,6 +44,24 @@ def in_cluster() -> bool:
 
 
 def connect(settings: KubernetesSettings) -> Kube:
+    """A client for the API server, from the in-cluster service account or a kubeconfig.
+    Raises ConfigError (exit 2) when neither can be loaded."""
+    import kubernetes
+
+    try:
+        return _connect(settings)
+    except (kubernetes.config.ConfigException, OSError, ValueError, TypeError) as err:
+        # The exception's text may quote the kubeconfig; its type says enough.
+        where = settings.kubeconfig or "$KUBECONFIG or ~/.kube/config"
+        raise ConfigError(
+            [
+                "kubernetes: cannot load the client configuration (in-cluster service account "
+                f"or kubeconfig {where}): {type(err).__name__}"
+            ]
+        ) from None
+
+
+def _connect(settings: KubernetesSettings) -> Kube:
     import kubernetes
 
     configuration = kubernetes.client.Configuration()

@@ -646,9 +646,13 @@ def test_a_secret_file_that_is_not_a_secret_is_a_credentials_error(
 
 
 @pytest.mark.skipif(not Path("/dev/zero").exists(), reason="needs /dev/zero")
-def test_an_endless_secret_file_is_not_read_forever() -> None:
-    with pytest.raises(RefreshError, match="longer than"):
+def test_an_endless_or_huge_secret_file_is_not_read_forever(tmp_path: Path) -> None:
+    with pytest.raises(RefreshError, match="not a regular file"):
         CredentialRef(file=Path("/dev/zero")).read()
+    huge = tmp_path / "huge"
+    huge.write_bytes(b"x" * (1024 * 1024))
+    with pytest.raises(RefreshError, match="longer than"):
+        CredentialRef(file=huge).read()
 
 
 @pytest.mark.parametrize(

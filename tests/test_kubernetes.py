@@ -330,3 +330,35 @@ def test_a_broken_secret_fails_its_job_alone_and_it_recovers(
     assert (
         len([t for t in idp.issued if "machinelearning.predict" in t.scopes]) <= requests_before + 1
     )
+
+
+@pytest.mark.parametrize("command", ["once", "status", "run"])
+def test_no_kubernetes_client_config_is_one_line_and_exit_2(
+    command: str, tmp_path: Path, secret_file: Path
+) -> None:
+    import subprocess
+    import sys
+
+    import yaml
+
+    config = tmp_path / "c.yaml"
+    job = {
+        "name": "k",
+        "token_url": "http://127.0.0.1:9/token",
+        "client_id": "c",
+        "client_secret": {"file": str(secret_file)},
+        "sinks": [{"type": "kubernetes", "name": "api-token"}],
+    }
+    config.write_text(yaml.safe_dump({"tokens": [job], "metrics": {"enabled": False}}))
+    root = Path(__file__).resolve().parent.parent
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHONPATH": str(root)}
+    result = subprocess.run(
+        [sys.executable, "-m", "refresher", command, "-c", str(config)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "cannot load the client configuration" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -39,6 +39,7 @@ import pytest
 import yaml
 
 from refresher.cli import main
+from refresher.errors import Reason, RefreshError
 from refresher.tokens import fingerprint
 from testdoubles.kubeapi import FakeKubeAPI
 from tests.conftest import CLIENT_ID, CLIENT_SECRET, LocalIdP, job_for, wait_for
@@ -1013,3 +1014,14 @@ def test_a_large_variable_used_once_is_fine_but_not_a_thousand_times(
     )
     code, output = check(write_config(tmp_path / "c.yaml", many), capsys)
     assert code == 2 and "YAML aliases expanded" in output
+
+
+def test_a_fifo_at_a_credential_path_is_a_credentials_failure_not_a_hang(tmp_path: Path) -> None:
+    from refresher.credentials import CredentialRef
+
+    fifo = tmp_path / "client-secret"
+    os.mkfifo(fifo)
+    with pytest.raises(RefreshError) as caught:
+        CredentialRef(file=fifo).read()
+    assert caught.value.reason is Reason.CREDENTIALS
+    assert "not a regular file" in caught.value.message
