@@ -145,6 +145,8 @@ class KubernetesSinkConfig(_Strict):
     authorization_key: SecretKey | None = None
     expires_at_key: SecretKey | None = None
     scope_key: SecretKey | None = None
+    # The token's fingerprint (first 8 hex of its SHA-256), for consumers that report it.
+    fingerprint_key: SecretKey | None = None
     # Values from the credentials written beside the token (Lucidtech's `api_key`).
     write_credential_extras: bool = True
     # Static keys written with every refresh.

@@ -34,7 +34,11 @@ TOKEN_TYPE = Key("token_type", "TOKEN_TYPE")
 EXPIRES_AT = Key("expires_at_epoch", "TOKEN_EXPIRES_AT")
 ISSUED_AT = Key("issued_at_epoch", "TOKEN_ISSUED_AT")
 SCOPE = Key("scope", "TOKEN_SCOPE")
-KEYS = (ACCESS_TOKEN, TOKEN_TYPE, EXPIRES_AT, ISSUED_AT, SCOPE)
+# The contract consumers rely on to report a rejected token: `tokens.fingerprint`, the first
+# 8 hex digits of the SHA-256 of the token. Written for them, never read back (the refresher
+# compares whole tokens).
+FINGERPRINT = Key("fingerprint", "TOKEN_FINGERPRINT")
+KEYS = (ACCESS_TOKEN, TOKEN_TYPE, EXPIRES_AT, ISSUED_AT, SCOPE, FINGERPRINT)
 # The `json` format also states the expiry for people, as ISO 8601 UTC.
 EXPIRES_AT_TEXT = "expires_at"
 
@@ -88,6 +92,7 @@ def token_document(token: Token) -> dict[str, Any]:
         EXPIRES_AT.json: round(token.expires_at, 3),
         ISSUED_AT.json: round(token.issued_at, 3),
         SCOPE.json: token.scope,
+        FINGERPRINT.json: token.fingerprint,
         **clean_extras(token.extras),
     }
 
@@ -109,6 +114,7 @@ def render(token: Token, fmt: Format) -> bytes:
         TOKEN_TYPE.env: token.token_type,
         EXPIRES_AT.env: f"{token.expires_at:.3f}",
         ISSUED_AT.env: f"{token.issued_at:.3f}",
+        FINGERPRINT.env: token.fingerprint,
     }
     if token.scope:
         values[SCOPE.env] = token.scope

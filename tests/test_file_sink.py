@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import stat
@@ -63,10 +64,14 @@ def test_formats_are_what_consumers_expect(tmp_path: Path) -> None:
     document = json.loads((tmp_path / "j").read_text())
     assert document["access_token"] == "abc.def.ghi" and document["token_type"] == "Bearer"
     assert document["expires_at"] == "2027-01-15T09:00:00Z" and document["api_key"] == "k-1"
+    # The fingerprint contract: the first 8 hex digits of the SHA-256 of the token.
+    expected = hashlib.sha256(b"abc.def.ghi").hexdigest()[:8]
+    assert document["fingerprint"] == expected
     store(sink(tmp_path / "e", "env"), t)
     env = (tmp_path / "e").read_text()
     assert "ACCESS_TOKEN=abc.def.ghi\n" in env and "API_KEY=k-1\n" in env
     assert "TOKEN_SCOPE='a b'\n" in env
+    assert f"TOKEN_FINGERPRINT={expected}\n" in env
 
 
 def test_jwt_in_raw_file_without_metadata_reads_its_exp(tmp_path: Path) -> None:

@@ -70,7 +70,11 @@ def test_namespace_comes_from_the_kubeconfig_context(kube: Kube) -> None:
 
 def test_creates_a_missing_secret_when_allowed(kube: Kube, kube_api: FakeKubeAPI) -> None:
     sink = secret_sink(
-        kube, create=True, authorization_key="authorization", expires_at_key="expires_at"
+        kube,
+        create=True,
+        authorization_key="authorization",
+        expires_at_key="expires_at",
+        fingerprint_key="fingerprint",
     )
     written = token(extras={"api_key": "k-1"})
     sink.write(written)
@@ -90,6 +94,7 @@ def test_creates_a_missing_secret_when_allowed(kube: Kube, kube_api: FakeKubeAPI
         and data["authorization"] == f"Bearer {written.access_token}"
     )
     assert data["api_key"] == "k-1" and data["expires_at"].endswith("Z")
+    assert data["fingerprint"] == written.fingerprint  # for consumers that report a rejection
 
 
 def test_missing_secret_without_create_names_it(kube: Kube) -> None:

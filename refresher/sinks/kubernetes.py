@@ -69,6 +69,8 @@ class KubernetesSecretSink:
             values[self.config.expires_at_key] = format_utc(token.expires_at)
         if self.config.scope_key and token.scope:
             values[self.config.scope_key] = token.scope
+        if self.config.fingerprint_key:
+            values[self.config.fingerprint_key] = token.fingerprint
         if self.config.write_credential_extras:
             values.update(token.extras)
         values.update(self.config.extra_keys)
