@@ -24,7 +24,7 @@ from refresher.errors import ConfigError, RefreshError
 from refresher.idp import IdPClient, new_session
 from refresher.metrics import Metrics
 from refresher.refresh import JobRunner
-from refresher.schedule import stored_lifetime_bound, token_refresh_at
+from refresher.schedule import as_stored, believable, stored_lifetime_bound, token_refresh_at
 from refresher.sinks import SinkFactory, describe
 
 log = logging.getLogger(__name__)
@@ -245,14 +245,16 @@ def status_rows(config: Config, now: float) -> tuple[list[tuple[str, ...]], bool
                 rows.append((job.name, sink.name, "-", "-", "-", "-", "missing"))
                 all_valid = False
                 continue
-            left = token.expires_at - now
-            if left > bound:
+            # The daemon's own adoption rules: the same bound, the same stored-time reading.
+            if not believable(token, now, bound):
                 expires = format_utc(token.expires_at, "seconds")
                 rows.append(
                     (job.name, sink.name, expires, "-", "now", token.fingerprint, UNBELIEVABLE)
                 )
                 all_valid = False
                 continue
+            token = as_stored(token, now)
+            left = token.expires_at - now
             refresh_point = token_refresh_at(policy, job.name, token)
             if left <= 0:
                 state, all_valid = "expired", False

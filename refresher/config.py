@@ -119,13 +119,20 @@ class FileSinkConfig(_Strict):
     mode: FileMode = 0o600
 
     @property
-    def metadata_path(self) -> Path | None:
-        """`.<name>.refresher.json` beside the token file, for the formats that do not carry
-        the expiry (`raw`, `header`); None for the others, which never write one."""
-        if self.format not in ("raw", "header"):
-            return None
-        path = Path(os.path.abspath(self.path))
+    def absolute_path(self) -> Path:
+        return Path(os.path.abspath(self.path))
+
+    @property
+    def metadata_file(self) -> Path:
+        """`.<name>.refresher.json` beside the token file: where the `raw` and `header`
+        formats, which do not carry the expiry, keep it for restarts."""
+        path = self.absolute_path
         return path.with_name(f".{path.name}.refresher.json")
+
+    @property
+    def metadata_path(self) -> Path | None:
+        """The metadata file when this format writes one; None for `json` and `env`."""
+        return self.metadata_file if self.format in ("raw", "header") else None
 
 
 # Kubernetes object names (DNS subdomain) and Secret data keys.

@@ -158,14 +158,10 @@ def lucidtech_credentials(path: Path) -> Credentials:
     )
 
 
-def read_credentials(job: TokenJobConfig) -> Credentials:
-    """Read a job's credentials now. Raises RefreshError(CREDENTIALS) when a source is
-    unreadable. Values given in the job win over those of its credentials file."""
-    from_file = (
-        lucidtech_credentials(job.credentials_file) if job.credentials_file is not None else None
-    )
-    client_id = CredentialRef.of(job.client_id).read() if job.client_id else None
-    client_secret = CredentialRef.of(job.client_secret).read() if job.client_secret else None
+def _combine(
+    from_file: Credentials | None, client_id: str | None, client_secret: str | None
+) -> Credentials:
+    """Values given in the job win over those of its credentials file."""
     if from_file is not None:
         return Credentials(
             client_id=from_file.client_id if client_id is None else client_id,
@@ -178,13 +174,25 @@ def read_credentials(job: TokenJobConfig) -> Credentials:
     return Credentials(client_id=client_id, client_secret=client_secret)
 
 
+def read_credentials(job: TokenJobConfig) -> Credentials:
+    """Read a job's credentials now. Raises RefreshError(CREDENTIALS) when a source is
+    unreadable."""
+    from_file = (
+        lucidtech_credentials(job.credentials_file) if job.credentials_file is not None else None
+    )
+    client_id = CredentialRef.of(job.client_id).read() if job.client_id else None
+    client_secret = CredentialRef.of(job.client_secret).read() if job.client_secret else None
+    return _combine(from_file, client_id, client_secret)
+
+
 def check_credentials(job: TokenJobConfig, path: str) -> tuple[list[str], Credentials | None]:
     """For config validation: every unreadable source of a job, each with its config path,
-    and the credentials when all could be read."""
+    and the credentials when all could be read (each source read once)."""
     problems: list[str] = []
+    from_file: Credentials | None = None
     if job.credentials_file is not None:
         try:
-            lucidtech_credentials(job.credentials_file)
+            from_file = lucidtech_credentials(job.credentials_file)
         except RefreshError as err:
             problems.append(f"{path}.credentials_file: {err.message}")
     else:
@@ -193,11 +201,14 @@ def check_credentials(job: TokenJobConfig, path: str) -> tuple[list[str], Creden
             for name in ("client_id", "client_secret")
             if getattr(job, name) is None
         ]
+    values: dict[str, str] = {}
     for name in ("client_id", "client_secret"):
         source: CredentialSource | None = getattr(job, name)
         if source is not None:
             try:
-                CredentialRef.of(source).read()
+                values[name] = CredentialRef.of(source).read()
             except RefreshError as err:
                 problems.append(f"{path}.{name}: {err.message}")
-    return problems, None if problems else read_credentials(job)
+    if problems:
+        return problems, None
+    return [], _combine(from_file, values.get("client_id"), values.get("client_secret"))

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from refresher.clock import format_utc
-from refresher.tokens import Token
+from refresher.tokens import Token, plain_text
 
 Format = Literal["raw", "json", "env", "header"]
 
@@ -50,7 +50,6 @@ HEADER_PREFIX = "Authorization: Bearer "
 # lines to an env file.
 _EXTRA_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
 _RESERVED = {key.json for key in KEYS} | {key.env.lower() for key in KEYS} | {EXPIRES_AT_TEXT}
-MAX_EXTRA_CHARS = 4096
 
 
 def clean_extras(extras: Mapping[str, Any]) -> dict[str, str]:
@@ -61,15 +60,8 @@ def clean_extras(extras: Mapping[str, Any]) -> dict[str, str]:
         if isinstance(key, str)
         and _EXTRA_NAME.fullmatch(key)
         and key not in _RESERVED
-        and isinstance(value, str)
-        and len(value) <= MAX_EXTRA_CHARS
-        and value.isascii()
-        and value.isprintable()
+        and plain_text(value) is not None
     }
-
-
-def _clean_scope(scope: Any) -> str | None:
-    return scope if isinstance(scope, str) and scope.isascii() and scope.isprintable() else None
 
 
 @dataclass(frozen=True)
@@ -162,7 +154,7 @@ def _parse_json(content: str) -> StoredToken | None:
     return StoredToken(
         document[ACCESS_TOKEN.json],
         _times(document.get(ISSUED_AT.json), document.get(EXPIRES_AT.json)),
-        _clean_scope(scope),
+        plain_text(scope),
         clean_extras(document),
     )
 
@@ -181,6 +173,6 @@ def _parse_env(content: str) -> StoredToken | None:
     return StoredToken(
         values.get(ACCESS_TOKEN.env, ""),
         _times(values.get(ISSUED_AT.env), values.get(EXPIRES_AT.env)),
-        _clean_scope(values.get(SCOPE.env)),
+        plain_text(values.get(SCOPE.env)),
         clean_extras({key.lower(): value for key, value in values.items() if key.isupper()}),
     )

@@ -32,7 +32,7 @@ from refresher.credentials import Credentials, read_credentials
 from refresher.endpoints import endpoint_key, token_url
 from refresher.errors import Reason, RefreshError
 from refresher.ratelimit import RateLimits
-from refresher.tokens import Token, compute_expiry, token_problem
+from refresher.tokens import Token, compute_expiry, plain_text, token_problem
 
 # A token response is a few KiB; anything far larger is not one and is not read into memory.
 MAX_RESPONSE_BYTES = 1024 * 1024
@@ -115,7 +115,6 @@ SECRET_WINDOW = 8
 # Longer text is not searched (nor shown): a short excerpt is all a log line needs.
 _FREE_TEXT_LIMIT = 512
 _ERROR_CODE = re.compile(r"[\x20\x21\x23-\x5b\x5d-\x7e]{1,64}")  # RFC 6749 5.2, short
-_SCOPE_CHARS = re.compile(r"[\x20-\x7e]*")
 
 
 def secret_echoes(secret: str) -> list[str]:
@@ -286,8 +285,9 @@ def parse_token_response(
         shown = _printable(token_type, (*secrets, access_token)) or "non-text"
         raise RefreshError(Reason.INVALID_RESPONSE, f"token_type {shown!r} is not Bearer")
     scope = payload.get("scope")
-    if not isinstance(scope, str) or len(scope) > 4096 or not _SCOPE_CHARS.fullmatch(scope):
-        # Written into env files and annotations: no control characters, no line breaks.
+    # Written beside the token (env lines, annotations): the requested scopes stand in for a
+    # granted scope that is no plain text.
+    if plain_text(scope) is None:
         scope = " ".join(job.scopes) or None
     issued_at, expires_at = compute_expiry(
         access_token,

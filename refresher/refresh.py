@@ -102,7 +102,6 @@ class JobRunner:
         self._started = False
         self.token: Token | None = None  # the newest token we hold (and want in every sink)
         self.pending: list[Sink] = []  # sinks that do not hold `token` yet
-        self.refresh_point: float | None = None
         self.next_attempt_at: float | None = None
         self.failures = 0
         self.last_error: RefreshError | None = None
@@ -161,9 +160,6 @@ class JobRunner:
         with self._lock:
             self.token = best
             self.pending = [self.sinks[index] for index in adoption.stale] if best else []
-            self.refresh_point = (
-                token_refresh_at(self.policy, self.job.name, best) if best else None
-            )
         at = self._plan(now)
         if best is not None:
             self._emit("reused", None, None, best, at, 0.0, None)
@@ -208,12 +204,17 @@ class JobRunner:
                     issued_at=self.token.issued_at + seconds,
                     expires_at=self.token.expires_at + seconds,
                 )
-            if self.refresh_point is not None:
-                self.refresh_point += seconds
             if self.next_attempt_at is not None:
                 self.next_attempt_at += seconds
             if self.last_success_at is not None:
                 self.last_success_at += seconds
+
+    @property
+    def refresh_point(self) -> float | None:
+        """When the held token is replaced: the plan's pure function of the job and the
+        token (so it moves with the token's times, after a clock jump too)."""
+        token = self.token
+        return token_refresh_at(self.policy, self.job.name, token) if token else None
 
     def is_due(self) -> bool:
         now = self.clock()
@@ -257,8 +258,9 @@ class JobRunner:
         if self._refresh_due(now):
             at = now
         else:
-            assert self.refresh_point is not None
-            at = after_success(now, self.refresh_point, sinks_pending=bool(self.pending))
+            refresh_point = self.refresh_point
+            assert refresh_point is not None
+            at = after_success(now, refresh_point, sinks_pending=bool(self.pending))
         self.next_attempt_at = at
         return at
 
@@ -279,7 +281,6 @@ class JobRunner:
             self.token = token
             self.pending = list(self.sinks)
             self.issued_lifetime = token.lifetime
-            self.refresh_point = token_refresh_at(self.policy, self.job.name, token)
         results = self._write(token)
         window = time.perf_counter() - answered
         write_error = self._settle(token, results)

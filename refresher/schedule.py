@@ -180,6 +180,11 @@ def as_stored(token: Token, now: float) -> Token:
     return replace(token, issued_at=min(now, token.expires_at))
 
 
+def believable(token: Token, now: float, lifetime_bound: float) -> bool:
+    """Whether a stored token's expiry may be believed: no further ahead than the bound."""
+    return token.expires_at - now <= lifetime_bound
+
+
 def adopt(
     held: Sequence[Token | None],
     now: float,
@@ -200,7 +205,7 @@ def adopt(
     unbelievable = tuple(
         index
         for index, token in enumerate(held)
-        if token is not None and token.expires_at - now > lifetime_bound
+        if token is not None and not believable(token, now, lifetime_bound)
     )
     valid = [
         (index, token)

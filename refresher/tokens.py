@@ -63,6 +63,20 @@ def token_problem(access_token: str) -> str | None:
     return None
 
 
+# A scope or a credential extra (Lucidtech's `api_key`) is written beside the token: into env
+# lines, JSON, Secret keys and annotations.
+MAX_TEXT_CHARS = 4096
+_TEXT_CHARS = re.compile(r"[\x20-\x7e]*")
+
+
+def plain_text(value: object) -> str | None:
+    """`value` when it can be written beside a token safely (printable ASCII, spaces allowed,
+    at most MAX_TEXT_CHARS: no line breaks for env files and parsers), else None."""
+    if isinstance(value, str) and len(value) <= MAX_TEXT_CHARS and _TEXT_CHARS.fullmatch(value):
+        return value
+    return None
+
+
 def fingerprint(secret: str) -> str:
     """A short, stable, non-reversible name for a secret value, safe for logs and annotations."""
     return hashlib.sha256(secret.encode()).hexdigest()[:8]

@@ -218,9 +218,9 @@ def sync_dir(folder: Path) -> None:
 class FileSink:
     def __init__(self, config: FileSinkConfig) -> None:
         self.config = config
-        self.path = Path(os.path.abspath(config.path))
+        self.path = config.absolute_path
         self.name = f"file:{self.path}"
-        self.meta_path = self.path.with_name(f".{self.path.name}.refresher.json")
+        self.meta_path = config.metadata_file
 
     # ------------------------------------------------------------------------------ write
 
