@@ -47,9 +47,9 @@ def quantiles(values: list[float]) -> tuple[float, float, float]:
     return statistics.median(ordered), p99, ordered[-1]
 
 
-def secret_file(folder: Path) -> Path:
+def secret_file(folder: Path, secret: str = CLIENT_SECRET) -> Path:
     path = folder / "client-secret"
-    path.write_text(CLIENT_SECRET)
+    path.write_text(secret)
     path.chmod(0o600)
     return path
 

@@ -125,14 +125,10 @@ class FileSinkConfig(_Strict):
     @property
     def metadata_file(self) -> Path:
         """`.<name>.refresher.json` beside the token file: where the `raw` and `header`
-        formats, which do not carry the expiry, keep it for restarts."""
+        formats, which do not carry the expiry, keep it for restarts, and where any format
+        notes a token the probe rejected at issue (`Token.unprobeable`)."""
         path = self.absolute_path
         return path.with_name(f".{path.name}.refresher.json")
-
-    @property
-    def metadata_path(self) -> Path | None:
-        """The metadata file when this format writes one; None for `json` and `env`."""
-        return self.metadata_file if self.format in ("raw", "header") else None
 
 
 # Kubernetes object names (DNS subdomain) and Secret data keys.
@@ -164,6 +160,38 @@ class KubernetesSinkConfig(_Strict):
 
 
 SinkConfig = Annotated[FileSinkConfig | KubernetesSinkConfig, Field(discriminator="type")]
+
+
+# ---------------------------------------------------------------------------------- probe
+
+_HEADER_NAME = r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}$"  # an RFC 9110 token
+HeaderName = Annotated[str, Field(pattern=_HEADER_NAME)]
+# Header values are sent to the API as they are: printable ASCII, no line breaks.
+HeaderValue = Annotated[str, Field(pattern=r"^[\x20-\x7e]{0,4096}$")]
+
+
+class ProbeConfig(_Strict):
+    """A request to the real API that tells whether the token is accepted (probe.py)."""
+
+    url: str
+    method: Literal["GET", "HEAD", "POST"] = "GET"
+    headers: dict[HeaderName, HeaderValue] = Field(default_factory=dict)
+    # Header name -> the credentials extra sent in it (Lucidtech: `{x-api-key: api_key}`).
+    credential_headers: dict[HeaderName, str] = Field(default_factory=dict)
+    # At least a second: each probe is a request to the API, made on a refresh thread.
+    interval: Annotated[PositiveDuration, Field(ge=1.0)] | None = None
+    connect_timeout: PositiveDuration = 5.0
+    read_timeout: PositiveDuration = 10.0
+    ca_bundle: Path | None = None
+    allow_insecure_http: bool = False
+
+    @field_validator("headers", "credential_headers")
+    @classmethod
+    def _not_authorization(cls, value: dict[str, str]) -> dict[str, str]:
+        if any(name.lower() == "authorization" for name in value):
+            raise ValueError("`Authorization` carries the token; it is set by the probe")
+        return value
+
 
 # Loc parts pydantic inserts for a discriminated union's tag; not part of the user's path.
 _UNION_TAGS = {"file", "kubernetes"}
@@ -197,6 +225,14 @@ class TokenJobConfig(_Strict):
     ca_bundle: Path | None = None
     allow_insecure_http: bool = False
     revokes_on_reissue: bool = False
+    # Self-healing (probe.py, rule 11 of docs/design.md): the API answers that mean "this
+    # token is dead"; a 5xx, a timeout, a 403 or a 404 never does unless listed.
+    rejected_statuses: list[Annotated[int, Field(ge=400, le=599)]] = Field(
+        default_factory=lambda: [401], min_length=1
+    )
+    probe: ProbeConfig | None = None
+    # Without a probe, a consumer's rejection report refreshes only when this is true.
+    trust_rejection_reports: bool = False
     sinks: list[SinkConfig] = Field(min_length=1)
 
     @model_validator(mode="before")
@@ -248,6 +284,53 @@ class MetricsServerConfig(_Strict):
             ) from None
 
 
+def parse_listen(value: str) -> tuple[str, int]:
+    """`HOST:PORT` or `[V6]:PORT` as (address, port); `localhost` is 127.0.0.1. Raises
+    ValueError with the reason."""
+    host, colon, port_text = value.rpartition(":")
+    if not colon or not port_text.isdigit():
+        raise ValueError(f"expected HOST:PORT or [IPv6]:PORT, not {value!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"an IPv6 address goes in brackets, like [::1]:9465, not {value!r}")
+    if host == "localhost":
+        host = "127.0.0.1"
+    try:
+        address = str(ipaddress.ip_address(host))
+    except ValueError:
+        raise ValueError(f"the host must be an IP address, not {host!r}") from None
+    port = int(port_text)
+    if port > 65535:
+        raise ValueError(f"port {port} is out of range")
+    return address, port
+
+
+class ApiServerConfig(_Strict):
+    """The consumer-facing listener (api.py): rejection reports today."""
+
+    enabled: bool = False
+    listen: str = "127.0.0.1:9465"
+    max_connections: int = Field(default=64, ge=1, le=100_000)
+
+    @field_validator("listen")
+    @classmethod
+    def _loopback_only(cls, value: str) -> str:
+        host, port = parse_listen(value)
+        # Callers on loopback are the pod's own containers; anyone else would need to
+        # authenticate, which this version cannot do yet.
+        if not ipaddress.ip_address(host).is_loopback:
+            raise ValueError(
+                f"{host} is not a loopback address; the API listener takes loopback binds "
+                "only (127.0.0.0/8 or ::1), since it does not authenticate its callers"
+            )
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return parse_listen(self.listen)
+
+
 class KubernetesSettings(_Strict):
     # None: in-cluster config inside a pod, else $KUBECONFIG or ~/.kube/config.
     kubeconfig: Path | None = None
@@ -278,6 +361,7 @@ class Settings(_Strict):
     """Everything in the file besides `tokens`."""
 
     metrics: MetricsServerConfig = Field(default_factory=MetricsServerConfig)
+    api: ApiServerConfig = Field(default_factory=ApiServerConfig)
     kubernetes: KubernetesSettings = Field(default_factory=KubernetesSettings)
     leader_election: LeaderElectionConfig = Field(default_factory=LeaderElectionConfig)
     # Refreshes running at once; a slow IdP ties up at most this many threads.
@@ -332,9 +416,12 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def url_problem(url: str, allow_insecure_http: bool) -> str | None:
-    """Why a token URL must not be used (None when it may): the one rule for `token_url`,
-    for a `credentials_file`'s `auth_endpoint`, and for the IdP client on every attempt."""
+def url_problem(
+    url: str, allow_insecure_http: bool, *, carries: str = "the client secret"
+) -> str | None:
+    """Why a URL must not be used (None when it may): the one rule for `token_url`, for a
+    `credentials_file`'s `auth_endpoint`, for the IdP client on every attempt, and for a
+    probe's `url` (which `carries` the token)."""
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError for a port that is not a number in range
@@ -344,7 +431,7 @@ def url_problem(url: str, allow_insecure_http: bool) -> str | None:
         return "expected an https:// URL"
     if parts.scheme == "http" and not (allow_insecure_http or _is_loopback(parts.hostname)):
         return (
-            "plain http:// would send the client secret unencrypted; use https:// "
+            f"plain http:// would send {carries} unencrypted; use https:// "
             "(or set allow_insecure_http: true)"
         )
     if parts.username or parts.password:
@@ -385,9 +472,28 @@ def _job_problems(job: TokenJobConfig, path: str) -> tuple[list[str], str | None
         problems.append(f"{path}.margin: must be shorter than lifetime ({job.lifetime:g} s)")
     if job.ca_bundle is not None and not job.ca_bundle.is_file():
         problems.append(f"{path}.ca_bundle: no such file {job.ca_bundle}")
+    problems += _probe_problems(job, f"{path}.probe")
 
     client_id = credentials.client_id if credentials is not None else None
     return problems, token_url, client_id
+
+
+def _probe_problems(job: TokenJobConfig, path: str) -> list[str]:
+    probe = job.probe
+    if probe is None:
+        return []
+    problems: list[str] = []
+    problem = url_problem(probe.url, probe.allow_insecure_http, carries="the token")
+    if problem:
+        problems.append(f"{path}.url: {problem}")
+    if probe.ca_bundle is not None and not probe.ca_bundle.is_file():
+        problems.append(f"{path}.ca_bundle: no such file {probe.ca_bundle}")
+    if probe.credential_headers and job.credentials_file is None:
+        problems.append(
+            f"{path}.credential_headers: the credentials' extras come from a "
+            "`credentials_file`, which this job does not have"
+        )
+    return problems
 
 
 def _cross_job_problems(
@@ -456,17 +562,18 @@ def _read_files(
                 add(source.file, f"the file of tokens[{index}].{name}")
         add(job.credentials_file, f"tokens[{index}].credentials_file")
         add(job.ca_bundle, f"tokens[{index}].ca_bundle")
+        if job.probe is not None:
+            add(job.probe.ca_bundle, f"tokens[{index}].probe.ca_bundle")
     return files
 
 
 def _sink_file_problems(
     jobs: list[tuple[int, TokenJobConfig, str | None, str | None]], read: dict[str, str]
 ) -> list[str]:
-    """Each file a file sink writes (the token file; for `raw` and `header` also its metadata
-    file) is compared resolved, so a symlinked folder, `//tmp/x` or a relative path cannot
-    disguise it: it must be written by that sink alone, and be none of the files the
-    refresher reads (`read`: credentials, CA bundles, the config itself), which the first
-    refresh would overwrite."""
+    """Each file a file sink writes (the token file and its metadata file) is compared
+    resolved, so a symlinked folder, `//tmp/x` or a relative path cannot disguise it: it must
+    be written by that sink alone, and be none of the files the refresher reads (`read`:
+    credentials, CA bundles, the config itself), which the first refresh would overwrite."""
     problems: list[str] = []
     written: dict[str, str] = {}
     for index, job, _, _ in jobs:
@@ -474,9 +581,10 @@ def _sink_file_problems(
             if not isinstance(sink, FileSinkConfig):
                 continue
             where = f"tokens[{index}].sinks[{sink_index}]"
-            files = [(sink.path, "", where)]
-            if sink.metadata_path is not None:
-                files.append((sink.metadata_path, "its metadata file ", f"{where} (metadata)"))
+            files = [
+                (sink.path, "", where),
+                (sink.metadata_file, "its metadata file ", f"{where} (metadata)"),
+            ]
             problem = None
             for file, label, writer in files:
                 resolved = _resolved(file)

@@ -45,8 +45,9 @@ from refresher.credentials import CredentialRef
 from refresher.idp import IdPClient, new_session
 from refresher.liveness import Running, heartbeat_interval, is_alive, stuck_after
 from refresher.metrics import JobSnapshot, Metrics
+from refresher.probe import Prober
 from refresher.ratelimit import RateLimits
-from refresher.refresh import JobRunner, Listener
+from refresher.refresh import JobRunner, Listener, ReportTicket
 from refresher.sinks import SinkFactory, describe
 
 if TYPE_CHECKING:
@@ -74,6 +75,7 @@ def build_runners(
     idp = IdPClient(session, clock, rate_limits=limits)
     rng = rng or random.Random()
     sinks = sinks or SinkFactory(config.settings.kubernetes)
+    prober = Prober(session, workers=2 * config.settings.max_concurrent_refreshes)
     return [
         JobRunner(
             job,
@@ -83,6 +85,8 @@ def build_runners(
             rng=rng,  # one generator for all: each holds ~2.5 KB of state
             listeners=listeners,
             may_fetch=may_fetch,
+            prober=prober,
+            takes_reports=config.settings.api.enabled,
         )
         for job in config.jobs
     ]
@@ -140,7 +144,9 @@ class Daemon:
             },
             # The heartbeat has a store of its own: dropping every token job keeps it.
             jobstores={"default": MemoryJobStore(), "heartbeat": MemoryJobStore()},
-            job_defaults={"misfire_grace_time": None, "coalesce": True, "max_instances": 1},
+            # Two instances, so that a run asked for while one is running (a rejection
+            # report) is never dropped by the scheduler; `_run` lets one step run at a time.
+            job_defaults={"misfire_grace_time": None, "coalesce": True, "max_instances": 2},
         )
         # Handed to the pool is no longer held back, even if it waits there for a thread.
         self.scheduler.add_listener(self._submitted, EVENT_JOB_SUBMITTED)
@@ -163,21 +169,41 @@ class Daemon:
         self._last_beat = time.monotonic()
         self._stuck_after = {job.name: stuck_after(job, config.settings) for job in config.jobs}
         self._in_flight: dict[str, float] = {}
+        self._run_again: set[str] = set()  # asked to run while running (`_run`)
         self._in_flight_lock = threading.Lock()
-        serve = config.settings.metrics.enabled if serve_http is None else serve_http
-        # One HTTP stack for every listener; the metrics port is `http` (bound here already,
-        # so a port in use fails before anything starts, and port 0 has its number).
+        self._by_name = {runner.job.name: runner for runner in self.runners}
+        # One HTTP stack for every listener: the metrics port is `http`, the API listener
+        # `api` (each bound here already, so a port in use fails before anything starts, and
+        # port 0 has its number).
         self.server: HttpServer | None = None
         self.http: HttpListener | None = None
-        if serve:
+        self.api: HttpListener | None = None
+        metrics_on = config.settings.metrics.enabled if serve_http is None else serve_http
+        api_on = config.settings.api.enabled and serve_http is not False
+        if metrics_on or api_on:
             from refresher.http import HttpServer, Limits  # aiohttp: 0.3 s to import
+
+            self.server = HttpServer()
+        if metrics_on and self.server is not None:
             from refresher.server import endpoints
 
             settings = config.settings.metrics
-            self.server = HttpServer()
             app = endpoints(self.server, self.metrics.registry, self.healthy, self.ready)
             self.http = self.server.add_listener(
                 settings.bind, settings.port, app, Limits(max_connections=settings.max_connections)
+            )
+        if api_on and self.server is not None:
+            from refresher import api
+
+            host, port = config.settings.api.address
+            self.api = self.server.add_listener(
+                host,
+                port,
+                api.endpoints(self.report, self._accepting_reports),
+                Limits(
+                    max_connections=config.settings.api.max_connections,
+                    request_timeout=api.REQUEST_TIMEOUT,
+                ),
             )
 
     # --------------------------------------------------------------------------- lifecycle
@@ -193,11 +219,15 @@ class Daemon:
             id=HEARTBEAT,
             jobstore="heartbeat",
             executor="heartbeat",
+            max_instances=1,
         )
         self.guard.start()
-        if self.server is not None and self.http is not None:
+        if self.server is not None:
             self.server.start()
+        if self.http is not None:
             log.info("serving metrics", extra={"bind": self.http.host, "port": self.http.port})
+        if self.api is not None:
+            log.info("serving the token API", extra={"bind": self.api.host, "port": self.api.port})
         log.info(
             "started",
             extra={"jobs": len(self.runners), "config": redacted_summary(self.config)},
@@ -356,25 +386,58 @@ class Daemon:
             return  # the daemon stopped leading meanwhile
         log.info(why, extra={"token": name})
 
+    # ------------------------------------------------------------------ rejection reports
+
+    def report(self, name: str, fingerprint: str) -> ReportTicket | None:
+        """A consumer's rejection report (api.py); None when no job has that name."""
+        runner = self._by_name.get(name)
+        if runner is None:
+            return None
+        ticket = runner.report(fingerprint)
+        if ticket.queued:
+            self._run_now(name, "rejection report received; probing the token")
+        return ticket
+
+    def _accepting_reports(self) -> tuple[bool, str]:
+        if self._stopping.is_set():
+            return False, "stopping"
+        if not self.is_leader:
+            return False, "this replica does not refresh tokens (it follows); report to the leader"
+        return True, "ok"
+
     def _submitted(self, event: JobSubmissionEvent) -> None:
         self.guard.disarm(event.job_id)
 
     def _run(self, runner: JobRunner) -> None:
         if self._stopping.is_set() or not self._leading.is_set():
             return
-        self.guard.check_clock()
+        name = runner.job.name
         with self._in_flight_lock:
-            self._in_flight[runner.job.name] = time.monotonic()
+            if name in self._in_flight:
+                # Asked to run while a step of this job runs (a report arrived): one step
+                # per job at a time, so the running one runs again as soon as it ends.
+                self._run_again.add(name)
+                return
+            self._in_flight[name] = time.monotonic()
+        self.guard.check_clock()
         try:
             at = runner.step()
         except Exception:  # step() classifies its own failures; this is a last resort
-            log.exception("runner failed", extra={"token": runner.job.name})
+            log.exception("runner failed", extra={"token": name})
             at = self.clock() + 30.0
         finally:
             with self._in_flight_lock:
-                self._in_flight.pop(runner.job.name, None)
+                self._in_flight.pop(name, None)
+                again = name in self._run_again
+                self._run_again.discard(name)
+        if again:
+            at = min(at, self.clock())
         if self._leading.is_set() and not self._stopping.is_set():
             self._schedule(runner, at)
+            if runner.report_waiting:
+                # A report arrived after the step looked, and its wake-up may have been
+                # overwritten by the schedule just set: wake the job again.
+                self._run_now(name, "answering a rejection report")
 
     # ------------------------------------------------------------------------------ health
 

@@ -342,6 +342,35 @@ def _read_capped(response: requests.Response, deadline: float, host: str) -> byt
     return b"".join(chunks)
 
 
+class SendSettings:
+    """Proxies and CA bundle from the environment (`HTTPS_PROXY`, `NO_PROXY`,
+    `REQUESTS_CA_BUNDLE`), as `requests` would apply them, worked out once per URL:
+    `requests` re-reads the whole environment on every request, a tenth of a millisecond,
+    and a daemon's environment does not change under it. Used for token requests and probes,
+    both of which carry a secret."""
+
+    def __init__(self, session: requests.Session) -> None:
+        self.session = session
+        self._cache: dict[tuple[str, bool | str], dict[str, Any]] = {}
+
+    def for_url(self, url: str, verify: bool | str) -> dict[str, Any]:
+        key = (url, verify)
+        settings = self._cache.get(key)
+        if settings is None:
+            merged = self.session.merge_environment_settings(url, {}, None, verify, None)
+            proxies = merged["proxies"]
+            if urlsplit(url).scheme.lower() != "https":
+                # A plain-http request carries its secret (client credentials, a token) in
+                # clear text: it goes straight to the host the config names (loopback, or
+                # one the operator allowed with `allow_insecure_http`), never through a proxy
+                # from the environment (`HTTP_PROXY`, `ALL_PROXY`) that would read it. An
+                # empty mapping, not None: `Session.send` would look the proxies up again.
+                proxies = {}
+            settings = {"proxies": proxies, "verify": merged["verify"]}
+            self._cache[key] = settings
+        return settings
+
+
 class IdPClient:
     """Sends token requests over one shared `requests.Session` (connection pooling), each
     after its turn in the rate limit of its token endpoint (when `rate_limits` is given)."""
@@ -355,28 +384,7 @@ class IdPClient:
         self.session = session
         self.clock = clock
         self.rate_limits = rate_limits
-        self._environment: dict[tuple[str, bool | str], dict[str, Any]] = {}
-
-    def _environment_settings(self, url: str, verify: bool | str) -> dict[str, Any]:
-        """Proxies and CA bundle from the environment (`HTTPS_PROXY`, `NO_PROXY`,
-        `REQUESTS_CA_BUNDLE`), as `requests` would apply them, worked out once per URL:
-        `requests` re-reads the whole environment on every request, a tenth of a millisecond,
-        and a daemon's environment does not change under it."""
-        key = (url, verify)
-        settings = self._environment.get(key)
-        if settings is None:
-            merged = self.session.merge_environment_settings(url, {}, None, verify, None)
-            proxies = merged["proxies"]
-            if urlsplit(url).scheme.lower() != "https":
-                # A plain-http token request carries the client credentials in clear text:
-                # it goes straight to the host the config names (loopback, or one the
-                # operator allowed with `allow_insecure_http`), never through a proxy from
-                # the environment (`HTTP_PROXY`, `ALL_PROXY`) that would read them. An empty
-                # mapping, not None: `Session.send` would look the proxies up again.
-                proxies = {}
-            settings = {"proxies": proxies, "verify": merged["verify"]}
-            self._environment[key] = settings
-        return settings
+        self._environment = SendSettings(session)
 
     def fetch(
         self, job: TokenJobConfig, *, still_wanted: Callable[[], bool] = lambda: True
@@ -425,7 +433,7 @@ class IdPClient:
                 timeout=(request.connect_timeout, request.read_timeout),
                 allow_redirects=False,
                 stream=True,  # read by `_read_capped`, never whole into memory
-                **self._environment_settings(request.url, request.verify),
+                **self._environment.for_url(request.url, request.verify),
             ) as response:
                 body = _read_capped(response, deadline, host)
                 status, headers = response.status_code, response.headers

@@ -28,6 +28,7 @@ HEARTBEATS_PER_TIMEOUT = 6  # with the default 30 s timeout: a beat every 5 s
 # patches each followed by a re-read, and the last patch (`sinks/kubernetes.py`).
 KUBERNETES_CALLS_PER_SINK = 12
 FILE_SINK_SECONDS = 30.0  # read on start plus temp file, fsync and rename on a slow disk
+PROBES_PER_STEP = 3
 SLACK_SECONDS = 60.0  # name resolution (no timeout of its own), GC, a loaded node
 
 
@@ -47,7 +48,12 @@ def stuck_after(job: TokenJobConfig, settings: Settings) -> float:
         else FILE_SINK_SECONDS
         for sink in job.sinks
     )
-    return queue + idp + sinks + SLACK_SECONDS
+    # A step probes at most three times: the adopted token (on start), a reported one or
+    # the interval's, and the token it has just fetched; each waited for at most its timeouts.
+    probes = (
+        PROBES_PER_STEP * (job.probe.connect_timeout + job.probe.read_timeout) if job.probe else 0
+    )
+    return queue + idp + sinks + probes + SLACK_SECONDS
 
 
 @dataclass(frozen=True)

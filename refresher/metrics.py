@@ -34,6 +34,10 @@ from refresher.errors import Reason
 REFRESH_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 WRITE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 REASONS = tuple(reason.value for reason in Reason)
+# Self-healing (probe.py, refresh.py): fixed label sets, every value exported from the start.
+PROBE_OUTCOMES = ("accepted", "rejected", "error")
+REJECTION_SOURCES = ("probe", "report")
+REPORT_OUTCOMES = ("accepted", "rejected", "error", "ignored", "stale", "limited")
 
 
 class Buckets:
@@ -64,6 +68,8 @@ class JobStats:
     """What one job has done so far; written by the job's runner, read by scrapes."""
 
     sinks: tuple[str, ...] = ()
+    # Has a probe or takes rejection reports: only then are the self-healing series exported.
+    heals: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     attempts: dict[str, int] = field(default_factory=lambda: {"success": 0, "failure": 0})
     failures: dict[str, int] = field(default_factory=dict)
@@ -71,6 +77,22 @@ class JobStats:
     refresh_duration: Buckets = field(default_factory=lambda: Buckets(REFRESH_BUCKETS))
     write_window: Buckets = field(default_factory=lambda: Buckets(WRITE_BUCKETS))
     sink_write_duration: dict[str, Buckets] = field(default_factory=dict)
+    probes: dict[str, int] = field(default_factory=dict)
+    rejections: dict[str, int] = field(default_factory=dict)
+    reports: dict[str, int] = field(default_factory=dict)
+
+    def _count(self, counts: dict[str, int], key: str) -> None:
+        with self.lock:
+            counts[key] = counts.get(key, 0) + 1
+
+    def record_probe(self, outcome: str) -> None:
+        self._count(self.probes, outcome)
+
+    def record_rejection(self, source: str) -> None:
+        self._count(self.rejections, source)
+
+    def record_report(self, outcome: str) -> None:
+        self._count(self.reports, outcome)
 
     def record_attempt(self, outcome: str, reason: str | None = None) -> None:
         with self.lock:
@@ -106,6 +128,7 @@ class JobSnapshot:
     consecutive_failures: int
     last_error: str | None  # the classified reason of the last failure
     ready: bool  # holds a valid token, written to every sink
+    contested: bool = False  # not reacting to rejections: another client fights for the token
     stats: JobStats = field(default_factory=JobStats)
 
 
@@ -150,6 +173,32 @@ _FAMILY_TABLE: dict[str, tuple[_Family, str, str, tuple[str, ...]]] = {
         "invalidate-on-reissue IdP may hold a revoked token.",
         ("token",),
     ),
+    "probes": (
+        CounterMetricFamily,
+        "refresher_probes",
+        "Probes of the held token against the real API, by outcome.",
+        ("token", "outcome"),
+    ),
+    "rejections": (
+        CounterMetricFamily,
+        "refresher_token_rejections",
+        "Times the API rejected the held token: seen by the probe, or reported by a "
+        "consumer and trusted without one.",
+        ("token", "source"),
+    ),
+    "reports": (
+        CounterMetricFamily,
+        "refresher_rejection_reports",
+        "Rejection reports from consumers, by how they were answered.",
+        ("token", "outcome"),
+    ),
+    "contested": (
+        GaugeMetricFamily,
+        "refresher_token_contested",
+        "1 while the job ignores rejections because another client with the same "
+        "credentials and scope keeps revoking its token.",
+        ("token",),
+    ),
     "expiry": (
         GaugeMetricFamily,
         "refresher_token_expiry_timestamp_seconds",
@@ -181,6 +230,14 @@ _FAMILY_TABLE: dict[str, tuple[_Family, str, str, tuple[str, ...]]] = {
         ("token",),
     ),
 }
+
+
+# The self-healing counters: JobStats field (and family key) -> every label value.
+_HEALING_COUNTS = (
+    ("probes", PROBE_OUTCOMES),
+    ("rejections", REJECTION_SOURCES),
+    ("reports", REPORT_OUTCOMES),
+)
 
 
 def _families() -> dict[str, Any]:  # each value a *MetricFamily with its own add_metric
@@ -215,6 +272,10 @@ class _JobCollector(Collector):
                     f["attempts"].add_metric([job.name, outcome], count)
                 for reason in REASONS:
                     f["failures"].add_metric([job.name, reason], s.failures.get(reason, 0))
+                for key, values in _HEALING_COUNTS if s.heals else ():
+                    counts = getattr(s, key)
+                    for value in values:
+                        f[key].add_metric([job.name, value], counts.get(value, 0))
                 for sink in s.sinks:
                     for outcome in ("success", "failure"):
                         f["sink_writes"].add_metric(
@@ -239,6 +300,8 @@ class _JobCollector(Collector):
             if job.last_success_at is not None:
                 f["success"].add_metric(token, job.last_success_at)
             f["consecutive"].add_metric(token, job.consecutive_failures)
+            if job.stats.heals:
+                f["contested"].add_metric(token, 1 if job.contested else 0)
         yield from f.values()
 
 

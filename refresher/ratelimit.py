@@ -29,14 +29,27 @@ class TokenBucket:
         self._updated = monotonic()
         self._lock = threading.Lock()
 
+    def _refill(self) -> None:
+        now = self._monotonic()
+        self._tokens = min(self.burst, self._tokens + (now - self._updated) * self.rate)
+        self._updated = now
+
     def reserve(self) -> float:
         """Take one request's place; return how long the caller must wait before sending."""
         with self._lock:
-            now = self._monotonic()
-            self._tokens = min(self.burst, self._tokens + (now - self._updated) * self.rate)
-            self._updated = now
+            self._refill()
             self._tokens -= 1  # may go negative: later callers queue behind this one
             return 0.0 if self._tokens >= 0 else -self._tokens / self.rate
+
+    def try_take(self) -> float:
+        """Take a place if one is free now and return 0.0; else take nothing and return the
+        seconds until one is (for a `Retry-After`), so refused callers do not queue."""
+        with self._lock:
+            self._refill()
+            if self._tokens >= 1:
+                self._tokens -= 1
+                return 0.0
+            return (1 - self._tokens) / self.rate
 
     def acquire(self) -> float:
         """Wait for a place; return the seconds waited."""

@@ -12,6 +12,11 @@ the IdP has issued is never thrown away because a sink failed, since on an inval
 reissue IdP the previous token is already dead: the runner keeps it and retries the sinks that
 missed it without asking the IdP again. Every error on the way, expected or not, is counted
 as a failed attempt.
+
+Self-healing (rule 11): with a probe configured, the runner asks the real API about a token
+adopted from a sink before trusting it, about every token it has just fetched, every
+`probe.interval`, and when a consumer reports a rejection (`report`). A rejection the plan
+(`schedule.on_rejection`) says to act on makes a refresh due at once.
 """
 
 from __future__ import annotations
@@ -21,18 +26,25 @@ import random
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, replace
-from typing import Protocol
+from typing import Literal, Protocol
 
 from refresher.clock import Clock, format_utc
 from refresher.config import TokenJobConfig
 from refresher.errors import Reason, RefreshError
 from refresher.metrics import JobSnapshot, JobStats
+from refresher.probe import ProbeResult
+from refresher.ratelimit import TokenBucket
 from refresher.schedule import (
+    Rejections,
     adopt,
     after_failure,
+    after_rejection_refresh,
+    after_scheduled_refresh,
     after_success,
     is_due,
+    on_rejection,
     stored_lifetime_bound,
     token_refresh_at,
 )
@@ -70,6 +82,50 @@ class RefreshEvent:
 Listener = Callable[[RefreshEvent], None]
 
 
+class TokenProbe(Protocol):
+    """Asks the real API whether it accepts a token: `probe.Prober` in the product."""
+
+    def probe(self, job: TokenJobConfig, token: Token) -> ProbeResult: ...
+
+
+# How a rejection report was answered: the probe's outcome, `ignored` (no probe and reports
+# not trusted), `stale` (the reported token is not the current one), `limited` (too many),
+# `unavailable` (no token held yet; not counted).
+ReportOutcome = Literal[
+    "accepted", "rejected", "error", "ignored", "stale", "limited", "unavailable"
+]
+# Reports that need a new probe, per job: a flood of reports for one token joins one probe,
+# and this bounds how often the API is probed on consumers' say-so.
+REPORT_RATE = 1.0
+REPORT_BURST = 3
+
+
+@dataclass(frozen=True)
+class ReportAnswer:
+    outcome: ReportOutcome
+    refreshing: bool  # a refresh follows (the sinks will hold a new token)
+    fingerprint: str | None  # of the token judged; of the current one when `stale`
+    retry_after: float | None = None  # when `limited`
+
+
+@dataclass(frozen=True)
+class ReportTicket:
+    answer: Future[ReportAnswer]
+    queued: bool  # a step must run to answer it (the caller wakes the job)
+
+
+@dataclass
+class _Report:
+    token: Token
+    answer: Future[ReportAnswer]
+
+
+def _answered(answer: ReportAnswer) -> ReportTicket:
+    future: Future[ReportAnswer] = Future()
+    future.set_result(answer)
+    return ReportTicket(future, queued=False)
+
+
 @dataclass(frozen=True)
 class SinkWrite:
     sink: Sink
@@ -88,6 +144,8 @@ class JobRunner:
         rng: random.Random | None = None,
         listeners: Sequence[Listener] = (),
         may_fetch: Callable[[], bool] = lambda: True,
+        prober: TokenProbe | None = None,
+        takes_reports: bool = False,
     ) -> None:
         self.job = job
         # Asked right before every IdP request: False once this replica stopped leading.
@@ -109,7 +167,20 @@ class JobRunner:
         self.issued_lifetime: float | None = None  # of the last token the IdP gave this runner
         self._answered_at = 0.0  # perf_counter when the IdP answered with `token`
         self._copied_once = True  # False while an adopted token waits for its first copy
-        self.stats = JobStats(sinks=tuple(sink.name for sink in self.sinks))
+        self.stats = JobStats(
+            sinks=tuple(sink.name for sink in self.sinks),
+            heals=job.probe is not None or takes_reports,
+        )
+        # Self-healing (rule 11 of docs/design.md).
+        self.prober = prober if job.probe is not None else None
+        self.rejections = Rejections()
+        self._probe_at: float | None = None  # the next `probe.interval` probe
+        self._heal_at: float | None = None  # a refresh a rejection made due (or will)
+        self._probe_blind: Token | None = None  # rejected by the probe as soon as issued
+        self._probe_accepted_once = False  # the probe has accepted a token of this job
+        self._last_rejected: str | None = None  # the token the probe last rejected
+        self._report: _Report | None = None  # a rejection report waiting for a step
+        self._report_bucket = TokenBucket(REPORT_RATE, REPORT_BURST)
 
     # ------------------------------------------------------------------------ public API
 
@@ -119,12 +190,21 @@ class JobRunner:
             if not self._started:
                 at = self.start()
                 if at > self.clock():
-                    return at
-            return self.attempt()
+                    return self._unless_reported(at)
+            return self._unless_reported(self.attempt())
         except Exception as err:  # a bug must not stop the job: count it, retry on the plan
             log.exception("unexpected error during refresh", extra={"token": self.job.name})
             error = RefreshError(Reason.INTERNAL, type(err).__name__)
-            return self._failed(error, self.clock(), 0.0, None)
+            return self._unless_reported(self._failed(error, self.clock(), 0.0, None))
+
+    def _unless_reported(self, at: float) -> float:
+        """`at`, or now when a rejection report arrived during the step: it waits for one."""
+        return min(at, self.clock()) if self.report_waiting else at
+
+    @property
+    def report_waiting(self) -> bool:
+        """A rejection report waits for a step to answer it."""
+        return self._report is not None
 
     def restart(self) -> None:
         """Read the sinks again on the next step (another replica may have written them)."""
@@ -154,6 +234,16 @@ class JobRunner:
                 },
             )
         best = adoption.token
+        with self._lock:
+            self._heal_at = None  # decided afresh: another leader may have replaced the token
+        if best is not None and best.unprobeable:
+            self._probe_blind = best  # noted by whoever fetched it: the probe does not fit
+        elif best is not None and self.prober is not None:
+            # Before it is trusted: a predecessor killed between the IdP's answer and its
+            # write leaves a token that its successor's sinks still hold, already revoked.
+            probed = self._probe(best, "adopted")
+            if probed.outcome == "rejected" and self._rejected(best, now, "probe", True):
+                best = None  # dead: the sinks get a new token, not this one
         if best is not self.token:
             self._answered_at = 0.0  # the write window belongs to a token we fetched
         self._copied_once = False
@@ -174,6 +264,11 @@ class JobRunner:
         After that, a due refresh wins over retrying a broken sink: the fetch writes every
         sink anyway."""
         now = self.clock()
+        self._heal(now)
+        if self.failures and self.next_attempt_at is not None and now < self.next_attempt_at:
+            # Woken early (a report, an interval probe) while backing off from a failure:
+            # the retry stays where the plan put it, whatever the IdP's `Retry-After` was.
+            return self.next_attempt_at
         held = self.token
         copy_first = not self._refresh_due(now) or not self._copied_once
         if held is not None and self.pending and held.is_valid(now) and copy_first:
@@ -186,6 +281,44 @@ class JobRunner:
     def refresh_now(self) -> float:
         """Fetch a new token now, whatever the plan says (for a token known to be dead)."""
         return self._fetch_and_write(self.clock())
+
+    def report(self, fingerprint: str) -> ReportTicket:
+        """A consumer says the API rejected the token with this fingerprint. Answered at once
+        when that is not the current token (`stale`) or reports come too fast (`limited`);
+        else by the next step, which probes it (`ticket.queued`: the caller wakes the job).
+        Reports for a token already waiting join its probe."""
+        with self._lock:
+            token = self.token
+            if token is None:
+                # Nothing to re-read yet (the first fetch, or a dead token dropped on start
+                # while the IdP is down): come back shortly.
+                return _answered(ReportAnswer("unavailable", False, None, retry_after=1.0))
+            if token.fingerprint != fingerprint:
+                outcome: ReportOutcome = "stale"
+                return self._counted(ReportAnswer(outcome, False, token.fingerprint))
+            if self.prober is None and not self.job.trust_rejection_reports:
+                log.info(
+                    "rejection report ignored: the job has no probe to confirm it, and "
+                    "trust_rejection_reports is off",
+                    extra={"token": self.job.name, "fingerprint": fingerprint},
+                )
+                return self._counted(ReportAnswer("ignored", False, token.fingerprint))
+            waiting = self._report
+            if waiting is not None and waiting.token.access_token == token.access_token:
+                return ReportTicket(waiting.answer, queued=False)
+            wait = self._report_bucket.try_take()
+            if wait > 0:
+                return self._counted(ReportAnswer("limited", False, token.fingerprint, wait))
+            answer: Future[ReportAnswer] = Future()
+            answer.set_running_or_notify_cancel()  # no waiter can cancel it for the others
+            self._report = _Report(token, answer)
+        if waiting is not None:  # for a token replaced since: its reporters re-read
+            self._resolve(waiting, ReportAnswer("stale", False, token.fingerprint))
+        return ReportTicket(answer, queued=True)
+
+    def _counted(self, answer: ReportAnswer) -> ReportTicket:
+        self.stats.record_report(answer.outcome)
+        return _answered(answer)
 
     def clock_moved(self, seconds: float) -> None:
         """The wall clock jumped by `seconds`. Our times are Unix times read before the jump.
@@ -208,6 +341,14 @@ class JobRunner:
                 self.next_attempt_at += seconds
             if self.last_success_at is not None:
                 self.last_success_at += seconds
+            if self._probe_at is not None:
+                self._probe_at += seconds
+            if self._heal_at is not None:
+                self._heal_at += seconds
+            self.rejections = replace(
+                self.rejections,
+                refreshed_at=tuple(at + seconds for at in self.rejections.refreshed_at),
+            )
 
     @property
     def refresh_point(self) -> float | None:
@@ -232,13 +373,139 @@ class JobRunner:
                 consecutive_failures=self.failures,
                 last_error=self.last_error.reason.value if self.last_error else None,
                 ready=token is not None and token.is_valid(now) and not self.pending,
+                contested=self.rejections.contested,
                 stats=self.stats,
             )
 
     # -------------------------------------------------------------------------- internals
 
     def _refresh_due(self, now: float) -> bool:
-        return is_due(now, self.token, self.refresh_point)
+        healing = self._heal_at is not None and now >= self._heal_at
+        return healing or is_due(now, self.token, self.refresh_point)
+
+    # ------------------------------------------------------------------------ self-healing
+
+    def _heal(self, now: float) -> None:
+        """Answer a waiting rejection report and run a due interval probe; a rejection the
+        plan acts on makes a refresh due (`_heal_at`)."""
+        report = self._report
+        token = self.token
+        if report is not None and (
+            token is None or token.access_token != report.token.access_token
+        ):
+            self._answer(report, ReportAnswer("stale", False, token.fingerprint if token else None))
+            report = None
+        probe_due = self._probe_at is not None and now >= self._probe_at
+        if token is None or (report is None and not probe_due):
+            return
+        answer = ReportAnswer("error", False, token.fingerprint)
+        try:
+            if self.prober is not None:
+                result = self._probe(token, "report" if report is not None else "interval")
+                refreshing = result.outcome == "rejected" and self._rejected(
+                    token, now, "probe", True
+                )
+                answer = ReportAnswer(result.outcome, refreshing, token.fingerprint)
+            elif report is not None:  # trust_rejection_reports (`report` ignores the rest)
+                refreshing = self._rejected(token, now, "report", False)
+                answer = ReportAnswer("rejected", refreshing, token.fingerprint)
+        finally:  # answered whatever happened: its callers are waiting
+            if report is not None:
+                self._answer(report, answer)
+
+    def _answer(self, report: _Report, answer: ReportAnswer) -> None:
+        with self._lock:
+            if self._report is report:
+                self._report = None  # reports arriving from now on need a probe of their own
+        self._resolve(report, answer)
+
+    def _resolve(self, report: _Report, answer: ReportAnswer) -> None:
+        self.stats.record_report(answer.outcome)
+        report.answer.set_result(answer)
+
+    def _probe(self, token: Token, why: str) -> ProbeResult:
+        assert self.prober is not None and self.job.probe is not None
+        result = self.prober.probe(self.job, token)
+        interval = self.job.probe.interval
+        with self._lock:  # against `clock_moved`
+            self._probe_at = self.clock() + interval if interval is not None else None
+        self.stats.record_probe(result.outcome)
+        if result.outcome == "accepted":
+            self._probe_accepted_once = True
+        # A token rejected again (while contested, or while its refresh waits for the IdP)
+        # is said once at warning level, then at debug: every interval would be noise.
+        again = result.outcome == "rejected" and self._last_rejected == token.access_token
+        if result.outcome == "rejected":
+            self._last_rejected = token.access_token
+        log.log(
+            logging.DEBUG if result.outcome == "accepted" or again else logging.WARNING,
+            f"probe: token {result.outcome}",
+            extra={
+                "token": self.job.name,
+                "why": why,
+                "detail": result.detail,
+                "fingerprint": token.fingerprint,
+            },
+        )
+        return result
+
+    def _rejected(self, token: Token, now: float, source: str, confirmed: bool) -> bool:
+        """The API rejected `token` (`source`: the probe, or a trusted report). Returns
+        whether a refresh is now planned for it."""
+        if self._probe_blind is not None and token.access_token == self._probe_blind.access_token:
+            return False  # the probe refused it as soon as it was issued: the probe is wrong
+        self.stats.record_rejection(source)
+        if self._heal_at is not None:
+            return True  # a refresh for it is planned already (perhaps the IdP is down)
+        verdict = on_rejection(
+            self.policy, self.rejections, now=now, held=token, confirmed=confirmed
+        )
+        with self._lock:
+            self.rejections = verdict.state
+        fields = {"token": self.job.name, "source": source, "fingerprint": token.fingerprint}
+        if verdict.newly_contested:
+            log.error(
+                "token contested: another client is using the same credentials and scope "
+                "(each token request revokes the other's token); not reacting to rejections "
+                "until the next scheduled refresh",
+                extra={**fields, "next_refresh_at": self.refresh_point},
+            )
+        if verdict.refresh_at is None:
+            return False
+        with self._lock:
+            self._heal_at = verdict.refresh_at
+        log.warning(
+            "token rejected by the API; refreshing", extra={**fields, "at": verdict.refresh_at}
+        )
+        return True
+
+    def _verify(self, token: Token, now: float) -> None:
+        """Probe a token the IdP has just issued. Rejected now by a probe that has never
+        accepted a token of this job, it was never alive for that probe: the probe URL (or
+        the job's scope) does not fit this API, and refreshing again would not help. Once
+        the probe has accepted one, a rejection of a fresh token is another client's
+        reissue in the few milliseconds since ours (a fight): a rejection like any other."""
+        outcome = self._probe(token, "issued").outcome
+        if outcome != "rejected":
+            self._probe_blind = None
+            return
+        if self._probe_accepted_once:
+            self._rejected(token, now, "probe", True)
+            return
+        self._probe_blind = token
+        log.error(
+            "the probe rejects the token the IdP has just issued: check the probe's url and "
+            "the job's scopes; rejections of this token are not acted on",
+            extra={"token": self.job.name, "fingerprint": token.fingerprint},
+        )
+        # Noted beside the token, so that a restart (or the next `refresher once`) does not
+        # take the probe's word on it and refresh, revoking what consumers hold.
+        for sink in self.sinks:
+            if sink not in self.pending:
+                try:
+                    sink.mark_unprobeable(token)
+                except Exception:  # a hint only; the sink's own errors are logged there
+                    log.exception("cannot note the probe's verdict", extra={"token": self.job.name})
 
     def _read(self, sink: Sink, now: float) -> Token | None:
         try:
@@ -261,6 +528,9 @@ class JobRunner:
             refresh_point = self.refresh_point
             assert refresh_point is not None
             at = after_success(now, refresh_point, sinks_pending=bool(self.pending))
+            for wake in (self._probe_at, self._heal_at):
+                if wake is not None:
+                    at = min(at, max(wake, now))
         self.next_attempt_at = at
         return at
 
@@ -277,14 +547,22 @@ class JobRunner:
         answered = self._answered_at = time.perf_counter()
         duration = answered - started
         self.stats.record_refresh_duration(duration)
+        healing = self._heal_at is not None and now >= self._heal_at
         with self._lock:
             self.token = token
             self.pending = list(self.sinks)
             self.issued_lifetime = token.lifetime
+            if healing:
+                self.rejections = after_rejection_refresh(self.rejections, now)
+            else:
+                self.rejections = after_scheduled_refresh(self.rejections)
+            self._heal_at = None
         results = self._write(token)
         window = time.perf_counter() - answered
         write_error = self._settle(token, results)
         self.stats.record_write_window(window)
+        if self.prober is not None:
+            self._verify(token, self.clock())
         if write_error is not None:
             return self._failed(write_error, self.clock(), duration, window)
         return self._succeeded(token, duration, window)

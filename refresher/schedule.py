@@ -1,5 +1,6 @@
-"""The plan: when to refresh, when to retry, which stored token to keep (rules 2, 4 and 8 of
-docs/design.md). Pure functions of time and state.
+"""The plan: when to refresh, when to retry, which stored token to keep, how to answer a
+token the API rejected (rules 2, 4, 8 and 11 of docs/design.md). Pure functions of time and
+state.
 
 Nothing here reads a clock, sleeps or does I/O: the caller passes `now`, and every random
 choice arrives as a draw `u` in [0, 1). The refresh point's draw is itself a pure function of
@@ -224,3 +225,71 @@ def adopt(
         if token is None or token.access_token != best.access_token
     )
     return Adoption(best, stale, unbelievable)
+
+
+# ---------------------------------------------------------------------------- rejections
+
+# Rejection-driven refreshes allowed within one token lifetime before the job stops reacting
+# to rejections (rule 11 of docs/design.md).
+CONTEST_LIMIT = 3
+
+
+@dataclass(frozen=True)
+class Rejections:
+    """What the contest rule remembers of one job: when its rejection-driven refreshes were,
+    and whether it has stopped reacting to rejections until the next scheduled refresh."""
+
+    refreshed_at: tuple[float, ...] = ()
+    contested: bool = False
+
+
+@dataclass(frozen=True)
+class RejectionVerdict:
+    refresh_at: float | None  # when to refresh for this rejection; None: not at all
+    state: Rejections
+    newly_contested: bool  # this rejection is the one that found the token contested
+
+
+def on_rejection(
+    policy: SchedulePolicy,
+    state: Rejections,
+    *,
+    now: float,
+    held: Token,
+    confirmed: bool,
+) -> RejectionVerdict:
+    """What to do about the API rejecting `held`: refresh now, at the floor, or not at all.
+
+    `confirmed`: the job's own probe saw the rejection. Such a refresh may come before the
+    floor (`min_interval` after the token was issued): the token is known dead, and the
+    contest rule below stops loops better than the floor would. A report nobody confirmed
+    (`trust_rejection_reports`) waits for the floor: a consumer's word is not proof.
+
+    Contest rule: when rejection-driven refreshes already happened `CONTEST_LIMIT` times
+    within one lifetime of `held`, another client is using the same credentials and scope,
+    and every refresh revokes its token, which revokes ours in turn. Refreshing again would
+    only feed that ping-pong (and the IdP's rate limit), so the job stops reacting until its
+    next scheduled refresh (`after_scheduled_refresh`).
+    """
+    if state.contested:
+        return RejectionVerdict(None, state, False)
+    lifetime = max(held.lifetime, policy.min_interval)
+    recent = tuple(at for at in state.refreshed_at if now - at < lifetime)
+    if len(recent) >= CONTEST_LIMIT:
+        return RejectionVerdict(None, Rejections(recent, contested=True), True)
+    at = now if confirmed else max(now, held.issued_at + policy.min_interval)
+    return RejectionVerdict(at, Rejections(recent), False)
+
+
+def after_rejection_refresh(state: Rejections, now: float) -> Rejections:
+    """A refresh a rejection asked for has brought a new token: it counts toward a fight.
+    Only refreshes count, not rejections: while the IdP is down, the same dead token may be
+    rejected many times, and that is no sign of another client."""
+    return replace(state, refreshed_at=(*state.refreshed_at, now))
+
+
+def after_scheduled_refresh(state: Rejections) -> Rejections:
+    """A refresh the plan scheduled (not a rejection) ends a contest: rejections count again.
+    The history stays, so a fight still going on is contested again at its next rejection,
+    without three more refreshes."""
+    return replace(state, contested=False)

@@ -93,6 +93,10 @@ class Token:
     scope: str | None = None
     # Values written beside the token (Lucidtech's `api_key`); secret as well.
     extras: Mapping[str, str] = field(default_factory=dict, repr=False)
+    # The job's probe rejected this token as soon as it was issued: the probe does not fit
+    # the API, so its verdicts on this token are not acted on (rule 11 of docs/design.md).
+    # Kept beside the token by the sinks, so a restarted process knows it too.
+    unprobeable: bool = False
 
     @property
     def fingerprint(self) -> str:

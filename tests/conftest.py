@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 from hypothesis import settings
 
 from refresher.config import Config, validate
@@ -35,6 +36,16 @@ SHAPE_SCOPES: dict[str, list[str]] = {
     "usage-engine": [],
     "generic": ["read"],
 }
+
+
+class FakeClock:
+    """A wall clock that moves only when a test says so."""
+
+    def __init__(self, now: float = 1_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
 
 
 @pytest.fixture(autouse=True)
@@ -105,6 +116,43 @@ def job_for(idp: LocalIdP, secret_file: Path, sink_path: Path, **overrides: Any)
         job["audience"] = AUDIENCE
     job.update(overrides)
     return job
+
+
+def rogue_request(idp: LocalIdP, scopes: list[str] | None = None) -> None:
+    """One token request with the test client's own credentials, as a developer with curl, a
+    second deployment or a staging cluster sharing the client would make it: on a
+    revoke-on-reissue IdP it kills the token a refresher holds."""
+    from refresher.idp import basic_authorization
+
+    answer = requests.post(
+        idp.token_url,
+        params={
+            "grant_type": "client_credentials",
+            "scope": " ".join(scopes or SHAPE_SCOPES[idp.shape.name]),
+        },
+        data={"client": "rogue"},
+        headers={
+            "Accept": "application/json",
+            "Authorization": basic_authorization(CLIENT_ID, CLIENT_SECRET, form_encode=True),
+        },
+        timeout=5,
+    )
+    assert answer.status_code == 200, answer.status_code
+
+
+def offline_job(tmp_path: Path, **overrides: Any) -> dict[str, Any]:
+    """A job that validates without any server: for config and probe tests."""
+    secret = tmp_path / "offline-secret"
+    secret.write_text(CLIENT_SECRET)
+    secret.chmod(0o600)
+    return {
+        "name": "offline",
+        "token_url": "https://idp.example.test/token",
+        "client_id": "client",
+        "client_secret": {"file": str(secret)},
+        "sinks": [{"type": "file", "path": str(tmp_path / "token")}],
+        **overrides,
+    }
 
 
 def config_of(*jobs: dict[str, Any], **settings: Any) -> Config:

@@ -308,3 +308,21 @@ def test_a_nul_in_a_sink_path_is_a_config_error() -> None:
     assert caught.value.problems == [
         "tokens[0].sinks[0].path: a path cannot contain a NUL character"
     ]
+
+
+def test_rejected_statuses_are_error_statuses(tmp_path: Path) -> None:
+    job = {
+        "name": "x",
+        "token_url": "https://i.test/t",
+        "client_id": "a",
+        "client_secret": {"env": "HOME"},
+        "sinks": [{"type": "file", "path": str(tmp_path / "t")}],
+    }
+    assert validate({"tokens": [job]}).jobs[0].rejected_statuses == [401]
+    for statuses, where in (([200, 401], "rejected_statuses[0]"), ([], "rejected_statuses")):
+        with pytest.raises(ConfigError) as caught:
+            validate({"tokens": [{**job, "rejected_statuses": statuses}]})
+        assert caught.value.problems[0].startswith(f"tokens[0].{where}: "), caught.value.problems
+    assert validate({"tokens": [{**job, "rejected_statuses": [401, 403]}]}).jobs[
+        0
+    ].rejected_statuses == [401, 403]

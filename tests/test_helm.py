@@ -179,6 +179,37 @@ def file_only(values: dict[str, Any] | None = None) -> dict[str, Any]:
     }
 
 
+PROBE = {
+    "url": "https://api.example.com:8443/v1/me",
+    "method": "HEAD",
+    "headers": {"x-client": "refresher"},
+    "interval": "1m",
+    "connect_timeout": "2s",
+    "read_timeout": 5,
+    "allow_insecure_http": False,
+}
+
+
+def probed(
+    values: dict[str, Any] | None = None, probe: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """file_only values whose job probes its API (every probe key but the ones naming files),
+    behind a NetworkPolicy that lets the probe out."""
+    result = file_only(
+        {
+            "networkPolicy": {
+                "enabled": True,
+                "probes": {"cidrs": ["203.0.113.0/24"], "ports": [443, 8443]},
+            }
+        }
+    )
+    job = result["config"]["tokens"][0]
+    job["probe"] = probe or PROBE
+    job["rejected_statuses"] = [401, 403]
+    job["trust_rejection_reports"] = False
+    return {**result, **(values or {})}
+
+
 VARIANTS: dict[str, tuple[str | None, dict[str, Any] | None]] = {
     "default": (None, None),
     **{stem: (stem, None) for stem in EXAMPLE_IDS},
@@ -202,6 +233,7 @@ VARIANTS: dict[str, tuple[str | None, dict[str, Any] | None]] = {
             "leaderElection": {"createLease": False},
         },
     ),
+    "probe": (None, probed()),
 }
 
 
@@ -598,6 +630,33 @@ def test_network_policy_allows_only_the_idp_the_api_server_and_dns() -> None:
     assert "networkPolicy.apiServer.cidrs" in error
 
 
+def test_network_policy_lets_the_probes_reach_the_api_they_judge_the_token_by() -> None:
+    idp, probes, dns = one(render_variant("probe"), "NetworkPolicy")["spec"]["egress"]
+    assert [peer["ipBlock"]["cidr"] for peer in idp["to"]] == ["0.0.0.0/0"]
+    assert probes["to"] == [{"ipBlock": {"cidr": "203.0.113.0/24"}}]
+    assert probes["ports"] == [{"port": 443, "protocol": "TCP"}, {"port": 8443, "protocol": "TCP"}]
+    assert "namespaceSelector" in dns["to"][0]
+
+    # A probe of a loopback URL never leaves the pod: no rule, nothing required.
+    loopback = probed(probe={"url": "http://127.0.0.1:8080/health"})
+    loopback["networkPolicy"] = {"enabled": True}
+    assert len(one(render(values=loopback), "NetworkPolicy")["spec"]["egress"]) == 2
+
+    # A policy that would block the probe is refused, never rendered: a blocked probe only
+    # ever errs, and a dead token would go unnoticed.
+    no_cidrs = probed()
+    no_cidrs["networkPolicy"] = {"enabled": True}
+    error = render_error(values=no_cidrs)
+    assert "networkPolicy.probes.cidrs" in error and "config.tokens[0].probe" in error
+    wrong_port = probed()
+    wrong_port["networkPolicy"]["probes"]["ports"] = [443]
+    error = render_error(values=wrong_port)
+    assert "networkPolicy.probes.ports: config.tokens[0].probe.url uses port 8443" in error
+
+    # Sidecar mode renders no policy (the pod is the app's), probe or not.
+    assert not of_kind(render(values={**probed(), "mode": "sidecar"}), "NetworkPolicy")
+
+
 # --------------------------------------------------------------------- rejected values
 
 
@@ -621,6 +680,58 @@ def test_network_policy_allows_only_the_idp_the_api_server_and_dns() -> None:
         ),
         (["--set", "cronjob.pushgateway=pushgateway:9091"], None, ["/cronjob/pushgateway"]),
         (["--set", "logFormat=yaml"], None, ["/logFormat"]),
+        (
+            None,
+            probed(probe={"method": "GET"}),
+            ["/config/tokens/0/probe", "missing property 'url'"],
+        ),
+        (
+            None,
+            probed(probe={**PROBE, "method": "PUT"}),
+            ["/config/tokens/0/probe/method", "'GET', 'HEAD', 'POST'"],
+        ),
+        (
+            None,
+            probed(probe={**PROBE, "timeout": "5s"}),
+            ["/config/tokens/0/probe", "additional properties 'timeout' not allowed"],
+        ),
+        (
+            None,
+            probed(probe={"url": "http://api.example.com/v1/me"}),
+            ["/config/tokens/0/probe/url", "does not match pattern"],
+        ),
+        (
+            None,
+            probed(probe={**PROBE, "interval": "5 minutes"}),
+            ["/config/tokens/0/probe/interval", "does not match pattern"],
+        ),
+        (
+            None,
+            {
+                "config": {
+                    "tokens": [
+                        {
+                            "name": "x",
+                            "sinks": [{"type": "file", "path": "/t"}],
+                            "rejected_statuses": [401, 200],
+                        }
+                    ]
+                }
+            },
+            ["/config/tokens/0/rejected_statuses/1", "minimum: got 200, want 400"],
+        ),
+        (
+            [
+                "--set",
+                "mode=sidecar",
+                "--set",
+                "api.enabled=true",
+                "--set",
+                "api.listen=0.0.0.0:9465",
+            ],
+            None,
+            ["/api/listen", "does not match pattern"],
+        ),
     ],
     ids=[
         "mode",
@@ -632,6 +743,13 @@ def test_network_policy_allows_only_the_idp_the_api_server_and_dns() -> None:
         "sink-name",
         "pushgateway-url",
         "log-format",
+        "probe-without-url",
+        "probe-method",
+        "probe-unknown-key",
+        "probe-plain-http",
+        "probe-interval",
+        "rejected-status-200",
+        "api-not-loopback",
     ],
 )
 def test_schema_rejects_bad_values_with_a_clear_message(
@@ -641,6 +759,39 @@ def test_schema_rejects_bad_values_with_a_clear_message(
     assert "values don't meet the specifications of the schema" in error, error
     for part in expected:
         assert part in error, f"{part!r} not in:\n{error}"
+
+
+# ------------------------------------------------------------------------ the api listener
+
+
+def test_the_api_listener_is_rendered_from_the_api_value_in_sidecar_mode_only(
+    tmp_path: Path,
+) -> None:
+    sidecar = rendered_config(render("sidecar"))
+    assert sidecar["api"] == {"enabled": True, "listen": "127.0.0.1:9465", "max_connections": 64}
+    assert sidecar["tokens"][0]["probe"]["url"].startswith("https://")
+    assert "api" not in rendered_config(render())  # off by default: nothing listens
+
+    ipv6 = {
+        "mode": "sidecar",
+        "api": {"enabled": True, "listen": "[::1]:9000", "maxConnections": 8},
+    }
+    config = rendered_config(render(values=ipv6))
+    assert config["api"] == {"enabled": True, "listen": "[::1]:9000", "max_connections": 8}
+    validate_with_local_files(config, tmp_path)
+
+    # Loopback only: in the other modes no container could ever reach it.
+    for mode in ("deployment", "cronjob"):
+        error = render_error("--set", f"mode={mode}", "--set", "api.enabled=true")
+        assert "api.enabled: the api listener takes loopback addresses only" in error
+        assert f"in {mode} mode there are none" in error
+    error = render_error(
+        "--set", "mode=sidecar", "--set", "api.enabled=true", "--set", "api.listen=127.0.0.1:9464"
+    )
+    assert "api.listen: port 9464 is metrics.port too" in error
+    # One source: a config.api would be silently replaced (and switched off) otherwise.
+    error = render_error("--set", "mode=sidecar", "--set", "config.api.enabled=true")
+    assert "config.api: the chart renders the refresher's api from the `api` value" in error
 
 
 # ------------------------------------------------------------------------ the rendered config
@@ -810,13 +961,20 @@ def test_dashboard_queries_only_metrics_a_running_refresher_serves(
         "refresher_refresh_failures_total",
         "refresher_refresh_duration_seconds_bucket",
         "refresher_leader",
+        "refresher_token_rejections_total",
+        "refresher_probes_total",
+        "refresher_token_contested",
+        "refresher_rejection_reports_total",
     } <= queried
     for panel in dashboard["panels"]:
         if panel["type"] != "row":
             assert panel["targets"] and panel["datasource"]["uid"] == "${datasource}"
 
     idp = make_idp("generic", lifetime=30)
-    job = job_for(idp, secret_file, tmp_path / "token", name="dash")
+    # With a probe: a job that heals is the one that exports the self-healing series.
+    job = job_for(
+        idp, secret_file, tmp_path / "token", name="dash", probe={"url": idp.protected_url}
+    )
     metrics = {"enabled": True, "bind": "127.0.0.1", "port": 0}
     with running(config_of(job, metrics=metrics)) as daemon:
         assert daemon.http is not None

@@ -367,3 +367,39 @@ def test_no_kubernetes_client_config_is_one_line_and_exit_2(
     assert result.returncode == 2, result.stderr
     assert "cannot load the client configuration" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_the_probes_verdict_is_noted_on_the_secret_and_cleared_by_the_next_token(
+    kube: Kube, kube_api: FakeKubeAPI
+) -> None:
+    """A token the probe rejected at issue is noted in an annotation (rule 11), which a
+    restarted process reads back; the next token's write removes the note."""
+    sink = secret_sink(kube, create=True)
+    first = token("opaque-token-1")
+    sink.write(first)
+    sink.mark_unprobeable(first)
+    secret = kube_api.get_object("secrets", NS, "api-token")
+    assert secret is not None
+    assert secret["metadata"]["annotations"]["refresher.io/probe"] == "rejected-at-issue"
+    read = secret_sink(kube).read(time.time())
+    assert read is not None and read.unprobeable
+    second = token("opaque-token-2")
+    sink.write(second)
+    secret = kube_api.get_object("secrets", NS, "api-token")
+    assert secret is not None
+    assert "refresher.io/probe" not in secret["metadata"]["annotations"]
+    read = secret_sink(kube).read(time.time())
+    assert read is not None and not read.unprobeable
+
+
+def test_a_note_on_a_secret_someone_rewrote_meanwhile_is_dropped(
+    kube: Kube, kube_api: FakeKubeAPI
+) -> None:
+    sink = secret_sink(kube, create=True)
+    first = token("opaque-token-1")
+    sink.write(first)
+    secret_sink(kube).write(token("opaque-token-2"))  # another writer: a new resourceVersion
+    sink.mark_unprobeable(first)  # conflicts: the Secret holds another token now
+    secret = kube_api.get_object("secrets", NS, "api-token")
+    assert secret is not None
+    assert "refresher.io/probe" not in secret["metadata"]["annotations"]

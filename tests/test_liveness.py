@@ -77,6 +77,13 @@ def test_the_stuck_bound_covers_every_deadline_a_step_waits_for(
     # 8 threads queued at 0.1 requests/s: the last waits 80 s before it may even ask.
     assert stuck_after(slow_job, slow.settings) >= 80 + 5 + 240 + 12 * 10 + 30
 
+    # A probe that never answers is waited for up to its timeouts, up to three times a step.
+    probed = validate(
+        {"tokens": [job(probe={"url": "https://api.example.test/", "read_timeout": "130s"})]}
+    )
+    (probed_job,) = probed.jobs
+    assert stuck_after(probed_job, probed.settings) >= bound + 3 * (5 + 130)
+
 
 # ------------------------------------------------------------ the heartbeat, end to end
 

@@ -60,6 +60,7 @@ def test_every_alert_has_a_severity_a_summary_and_firing_and_quiet_unit_tests() 
         "RefresherTokenExpired",
         "RefresherTokenMissing",
         "RefresherRefreshFailing",
+        "RefresherTokenContested",
         "RefresherNoLeader",
         "RefresherDown",
         "RefresherAbsent",
@@ -109,6 +110,12 @@ def test_promtool_checks_the_rules_and_their_unit_tests_pass() -> None:
             "refresher_consecutive_failures > 0\n          or on (job, instance)",
         ),
         ("for", "for: 10m", "for: 5m"),
+        # Without the window the alert resolves at each scheduled refresh mid-fight.
+        (
+            "flapping",
+            "max_over_time(refresher_token_contested[15m]) > 0",
+            "refresher_token_contested > 0",
+        ),
     ],
 )
 def test_the_rule_unit_tests_catch_a_broken_rule(

@@ -65,3 +65,16 @@ def test_a_start_up_wave_is_spread_over_time(
     for i, start in enumerate(times):
         in_one_second = sum(1 for t in times[i:] if t < start + 1.0)
         assert in_one_second <= 4 + 10 + 1
+
+
+def test_try_take_never_queues_and_says_how_long_until_a_place() -> None:
+    clock = FakeTime()
+    bucket = TokenBucket(rate=1, burst=2, monotonic=clock.monotonic, sleep=clock.sleep)
+    assert [bucket.try_take() for _ in range(2)] == [0.0, 0.0]
+    assert bucket.try_take() == 1.0
+    assert bucket.try_take() == 1.0  # refused callers take nothing
+    clock.now += 0.5
+    assert bucket.try_take() == 0.5
+    clock.now += 0.5
+    assert bucket.try_take() == 0.0
+    assert clock.slept == []

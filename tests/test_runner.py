@@ -22,16 +22,9 @@ from refresher.schedule import token_refresh_at
 from refresher.sinks import Sink
 from refresher.sinks.file import FileSink
 from refresher.tokens import Token
+from tests.conftest import FakeClock
 
 LIFETIME = 600.0
-
-
-class FakeClock:
-    def __init__(self, now: float = 1_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class ScriptedIdP:

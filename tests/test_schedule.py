@@ -1,4 +1,4 @@
-"""The plan as plain numbers: no clock, no sleeps (rules 2, 4 and 8 of docs/design.md)."""
+"""The plan as plain numbers: no clock, no sleeps (rules 2, 4, 8 and 11 of docs/design.md)."""
 
 from __future__ import annotations
 
@@ -7,13 +7,18 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from refresher.schedule import (
+    CONTEST_LIMIT,
     DEFAULT_STORED_LIFETIME_BOUND,
+    Rejections,
     SchedulePolicy,
     adopt,
     after_failure,
+    after_rejection_refresh,
+    after_scheduled_refresh,
     after_success,
     jitter_draw,
     lead_time,
+    on_rejection,
     refresh_at,
     retry_delay,
     stored_lifetime_bound,
@@ -278,3 +283,90 @@ def test_the_stored_lifetime_bound_prefers_the_jobs_word_then_the_idps() -> None
     assert stored_lifetime_bound(600.0, 3600.0) == 600.0
     assert stored_lifetime_bound(None, 3600.0) == 3600.0
     assert stored_lifetime_bound(None, None) == DEFAULT_STORED_LIFETIME_BOUND == 86400.0
+
+
+# ---------------------------------------------------------------- rejections (rule 11)
+
+
+def _held(issued_at: float, lifetime: float = HOUR) -> Token:
+    return Token("tok", issued_at=issued_at, expires_at=issued_at + lifetime)
+
+
+def test_a_confirmed_rejection_refreshes_now_even_inside_the_floor() -> None:
+    verdict = on_rejection(DEFAULT, Rejections(), now=1005.0, held=_held(1000.0), confirmed=True)
+    assert verdict.refresh_at == 1005.0
+    assert verdict.state == Rejections()  # only a refresh that happened counts toward a fight
+    assert not verdict.newly_contested
+
+
+def test_an_unconfirmed_report_waits_for_the_floor() -> None:
+    inside = on_rejection(DEFAULT, Rejections(), now=1005.0, held=_held(1000.0), confirmed=False)
+    assert inside.refresh_at == 1000.0 + DEFAULT.min_interval
+    outside = on_rejection(DEFAULT, Rejections(), now=1100.0, held=_held(1000.0), confirmed=False)
+    assert outside.refresh_at == 1100.0
+
+
+def test_rejections_of_one_token_that_brought_no_refresh_never_make_a_fight() -> None:
+    """The IdP is down: the dead token is rejected again and again; no refresh happened."""
+    state = Rejections()
+    for second in range(20):
+        now = 1000.0 + second
+        verdict = on_rejection(DEFAULT, state, now=now, held=_held(999.0), confirmed=True)
+        assert verdict.refresh_at == now and not verdict.newly_contested
+        state = verdict.state
+    assert not state.contested
+
+
+def test_the_rejection_after_three_rejection_refreshes_in_a_lifetime_is_contested() -> None:
+    state = Rejections()
+    now = 1000.0
+    for _ in range(CONTEST_LIMIT):
+        verdict = on_rejection(DEFAULT, state, now=now, held=_held(now - 1), confirmed=True)
+        assert verdict.refresh_at == now
+        state = after_rejection_refresh(verdict.state, now)
+        now += 10
+    verdict = on_rejection(DEFAULT, state, now=now, held=_held(now - 1), confirmed=True)
+    assert verdict.refresh_at is None and verdict.newly_contested
+    assert verdict.state.contested
+    again = on_rejection(DEFAULT, verdict.state, now=now + 1, held=_held(now), confirmed=True)
+    assert again.refresh_at is None and not again.newly_contested
+    # A scheduled refresh ends the contest, and rejections count again.
+    ended = after_scheduled_refresh(again.state)
+    assert not ended.contested
+    assert ended.refreshed_at == again.state.refreshed_at
+
+
+def test_rejection_refreshes_older_than_a_lifetime_do_not_count() -> None:
+    state = Rejections(refreshed_at=(1000.0, 1010.0, 1020.0))
+    late = 1015.0 + HOUR
+    verdict = on_rejection(DEFAULT, state, now=late, held=_held(late - 5), confirmed=True)
+    assert verdict.refresh_at == late
+    assert verdict.state.refreshed_at == (1020.0,)  # only the ones within a lifetime
+
+
+@given(
+    gaps=st.lists(st.floats(min_value=0.0, max_value=2 * HOUR), min_size=1, max_size=40),
+    lifetime=st.floats(min_value=1.0, max_value=2 * HOUR),
+)
+def test_never_more_than_the_limit_of_rejection_refreshes_in_any_lifetime(
+    gaps: list[float], lifetime: float
+) -> None:
+    """However rejections arrive (each acted on at once), no window of one lifetime holds
+    more than CONTEST_LIMIT rejection-driven refreshes; scheduled refreshes (every third
+    rejection here) end contests, not the count."""
+    policy = SchedulePolicy(min_interval=0.0)
+    state = Rejections()
+    now = 0.0
+    refreshes: list[float] = []
+    for index, gap in enumerate(gaps):
+        now += gap
+        held = Token("tok", issued_at=now, expires_at=now + lifetime)
+        verdict = on_rejection(policy, state, now=now, held=held, confirmed=True)
+        state = verdict.state
+        if verdict.refresh_at is not None:
+            refreshes.append(verdict.refresh_at)
+            state = after_rejection_refresh(state, verdict.refresh_at)
+        if index % 3 == 2:
+            state = after_scheduled_refresh(state)
+    for start in refreshes:
+        assert sum(start <= at < start + lifetime for at in refreshes) <= CONTEST_LIMIT

@@ -41,6 +41,11 @@ class Sink(Protocol):
         """Follow-up work once every sink shows `token` (durability, metadata); best effort."""
         ...
 
+    def mark_unprobeable(self, token: Token) -> None:
+        """Record beside `token` (which this sink holds) that the probe rejected it as soon
+        as it was issued, so that `read` says so to a restarted process; best effort."""
+        ...
+
     def remove_leftovers(self, now: float) -> None:
         """Clean up what a killed predecessor left behind (a file sink's abandoned temp files).
         Called by the runner on start, never by read-only commands; best effort, never raises."""

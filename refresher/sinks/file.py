@@ -24,7 +24,9 @@ import re
 import secrets
 import stat
 import threading
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from refresher.config import FileSinkConfig
 from refresher.errors import Reason, RefreshError
@@ -257,25 +259,31 @@ class FileSink:
         # The metadata is only a hint for restarts, keyed by fingerprint: if a crash loses it,
         # a restart falls back to the JWT's exp or refreshes. So it is written after the token
         # (outside the write window) and without an fsync of its own.
+        if self.config.format in ("raw", "header") and self._needs_metadata(token):
+            self._write_metadata(token)
+        sync_dir(self.path.parent)  # makes both renames durable
+
+    def mark_unprobeable(self, token: Token) -> None:
+        self._write_metadata(replace(token, unprobeable=True))
+
+    def _write_metadata(self, token: Token) -> None:
+        meta: dict[str, Any] = {
+            "fingerprint": token.fingerprint,
+            "issued_at": token.issued_at,
+            "expires_at": token.expires_at,
+            "scope": token.scope,
+        }
+        if token.unprobeable:
+            meta["unprobeable"] = True
         try:
-            if self.config.format in ("raw", "header") and self._needs_metadata(token):
-                refuse_special(self.meta_path)
-                meta = {
-                    "fingerprint": token.fingerprint,
-                    "issued_at": token.issued_at,
-                    "expires_at": token.expires_at,
-                    "scope": token.scope,
-                }
-                atomic_write(
-                    self.meta_path, json.dumps(meta).encode(), self.config.mode, durable=False
-                )
+            refuse_special(self.meta_path)
+            atomic_write(self.meta_path, json.dumps(meta).encode(), self.config.mode, durable=False)
         except (OSError, RefreshError) as err:
             error = err.message if isinstance(err, RefreshError) else err.strerror
             log.warning(
                 "cannot write token metadata",
                 extra={"path": str(self.meta_path), "error": error or type(err).__name__},
             )
-        sync_dir(self.path.parent)  # makes both renames durable
 
     # ------------------------------------------------------------------------------- read
 
@@ -292,14 +300,20 @@ class FileSink:
         stored = parse(content, self.config.format)
         if stored is None or not stored.access_token or token_problem(stored.access_token):
             return None  # an edited token may carry line breaks into the other sinks' formats
+        meta = self._metadata_of(stored.access_token)
         times, scope = stored.times, stored.scope
         if times is None:
-            times, scope = self._sidecar_times(stored, now)
+            times, scope = self._sidecar_times(stored, meta, now)
         if times is None:
             return None  # unknown expiry: treated as no token, so it gets refreshed
         issued_at, expires_at = times
         return Token(
-            stored.access_token, issued_at, expires_at, scope=scope, extras=dict(stored.extras)
+            stored.access_token,
+            issued_at,
+            expires_at,
+            scope=scope,
+            extras=dict(stored.extras),
+            unprobeable=meta is not None and meta.get("unprobeable") is True,
         )
 
     def remove_leftovers(self, now: float) -> None:
@@ -328,17 +342,23 @@ class FileSink:
                 if stat.S_ISREG(info.st_mode) and now - info.st_mtime > ABANDONED_AFTER:
                     os.unlink(folder / name)
 
-    def _sidecar_times(
-        self, stored: StoredToken, now: float
-    ) -> tuple[tuple[float, float] | None, str | None]:
-        """The times (and scope) of a token whose format does not carry them: from the
-        metadata file when it names this token, else from the JWT's claims."""
+    def _metadata_of(self, access_token: str) -> dict[str, Any] | None:
+        """The metadata file's content when it names this token (else it is stale)."""
         try:
             data = read_regular(self.meta_path)
             meta = None if data is None else json.loads(data)
         except (RefreshError, ValueError, RecursionError):
-            meta = None
-        if isinstance(meta, dict) and meta.get("fingerprint") == fingerprint(stored.access_token):
+            return None
+        if isinstance(meta, dict) and meta.get("fingerprint") == fingerprint(access_token):
+            return meta
+        return None
+
+    def _sidecar_times(
+        self, stored: StoredToken, meta: dict[str, Any] | None, now: float
+    ) -> tuple[tuple[float, float] | None, str | None]:
+        """The times (and scope) of a token whose format does not carry them: from the
+        metadata file when it names this token, else from the JWT's claims."""
+        if meta is not None:
             issued_at, expires_at = number(meta.get("issued_at")), number(meta.get("expires_at"))
             scope = meta.get("scope") if isinstance(meta.get("scope"), str) else None
             if issued_at is not None and expires_at is not None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import logging
 import time
 from typing import Any
 
@@ -25,7 +26,12 @@ from refresher.errors import Reason, RefreshError
 from refresher.kube import Kube
 from refresher.tokens import Token, fingerprint, stored_times, token_problem
 
+log = logging.getLogger(__name__)
+
 ANNOTATION = "refresher.io/"
+# Set while the Secret holds a token the probe rejected as soon as it was issued.
+UNPROBEABLE = f"{ANNOTATION}probe"
+UNPROBEABLE_VALUE = "rejected-at-issue"
 MANAGED_BY = {"app.kubernetes.io/managed-by": "refresher"}
 MAX_CONFLICT_RETRIES = 5
 
@@ -77,7 +83,7 @@ class KubernetesSecretSink:
         return {key: _b64(value) for key, value in values.items()}
 
     def _metadata(self, token: Token) -> dict[str, Any]:
-        annotations = {
+        annotations: dict[str, str | None] = {
             f"{ANNOTATION}expires-at": format_utc(token.expires_at),
             f"{ANNOTATION}issued-at": format_utc(token.issued_at),
             f"{ANNOTATION}refreshed-at": format_utc(time.time()),
@@ -86,6 +92,8 @@ class KubernetesSecretSink:
         }
         if token.scope:
             annotations[f"{ANNOTATION}scope"] = token.scope
+        # A note about the previous token is removed (null deletes in a merge patch).
+        annotations[UNPROBEABLE] = UNPROBEABLE_VALUE if token.unprobeable else None
         return {"labels": dict(MANAGED_BY), "annotations": annotations}
 
     def write(self, token: Token) -> None:
@@ -95,14 +103,7 @@ class KubernetesSecretSink:
             if self._resource_version is not None:
                 metadata["resourceVersion"] = self._resource_version
             try:
-                result = self._call(
-                    "patch",
-                    self._api.patch_namespaced_secret,
-                    self.config.name,
-                    self.namespace,
-                    {"metadata": metadata, "data": data},
-                    _content_type="application/merge-patch+json",
-                )
+                result = self._merge_patch({"metadata": metadata, "data": data})
             except ApiException as err:
                 if err.status == 409:  # someone wrote in between: re-read, then try again
                     self._reread()
@@ -121,6 +122,25 @@ class KubernetesSecretSink:
     def settle(self, token: Token) -> None:
         pass  # the API server made the write durable before it answered
 
+    def mark_unprobeable(self, token: Token) -> None:
+        # One patch of one annotation, on the version this sink wrote: if someone wrote the
+        # Secret since, it may hold another token, and the note is dropped (a hint only).
+        metadata: dict[str, Any] = {"annotations": {UNPROBEABLE: UNPROBEABLE_VALUE}}
+        if self._resource_version is not None:
+            metadata["resourceVersion"] = self._resource_version
+        try:
+            result = self._merge_patch({"metadata": metadata})
+        except (ApiException, RefreshError) as err:
+            log.warning(
+                "cannot note the probe's verdict on the Secret",
+                extra={
+                    "sink": self.name,
+                    "error": getattr(err, "status", None) or type(err).__name__,
+                },
+            )
+            return
+        self._resource_version = result.metadata.resource_version
+
     def remove_leftovers(self, now: float) -> None:
         pass  # a Secret write is one request: nothing is left half done
 
@@ -132,10 +152,13 @@ class KubernetesSecretSink:
                 f"{self._where} does not exist; create it, or set `create: true` on the sink "
                 "(which needs the `create` verb on secrets)",
             )
+        metadata = self._metadata(token)
+        annotations = metadata["annotations"]
+        metadata["annotations"] = {k: v for k, v in annotations.items() if v is not None}
         body = {
             "apiVersion": "v1",
             "kind": "Secret",
-            "metadata": {"name": self.config.name, **self._metadata(token)},
+            "metadata": {"name": self.config.name, **metadata},
             "type": self.config.secret_type,
             "data": data,
         }
@@ -148,6 +171,16 @@ class KubernetesSecretSink:
             raise self._error(err, "create") from None
         self._resource_version = result.metadata.resource_version
         return True
+
+    def _merge_patch(self, body: dict[str, Any]) -> Any:
+        return self._call(
+            "patch",
+            self._api.patch_namespaced_secret,
+            self.config.name,
+            self.namespace,
+            body,
+            _content_type="application/merge-patch+json",
+        )
 
     def _reread(self) -> None:
         secret = self._get()
@@ -179,11 +212,13 @@ class KubernetesSecretSink:
         times = times or stored_times(access_token, now)
         if times is None:
             return None  # opaque and unannotated: unknown expiry, so refresh it
+        noted = annotations.get(f"{ANNOTATION}fingerprint") == fingerprint(access_token)
         return Token(
             access_token,
             times[0],
             times[1],
             scope=annotations.get(f"{ANNOTATION}scope"),
+            unprobeable=noted and annotations.get(UNPROBEABLE) == UNPROBEABLE_VALUE,
         )
 
     def _get(self) -> Any:

@@ -69,7 +69,11 @@ The user's `config` with the chart's overlays, as YAML:
 - deployment mode: leader election is on when replicaCount > 1 (or when the config turns it
   on), with a Lease named after the release in the release namespace unless the config names
   them; other modes: no leader election (a CronJob with concurrencyPolicy Forbid, or one
-  sidecar per pod, is the only writer).
+  sidecar per pod, is the only writer);
+- api: from the `api` value when it is enabled, else absent. `config.api` is refused rather
+  than replaced: replacing it with the disabled default would switch off, without a word, a
+  listener the app counts on. The listener takes loopback addresses only, so only containers
+  of the refresher's own pod can reach it: in any mode but sidecar nothing could.
 */}}
 {{- define "refresher.configData" -}}
 {{- $config := deepCopy (.Values.config | default dict) -}}
@@ -84,6 +88,20 @@ The user's `config` with the chart's overlays, as YAML:
 {{- end -}}
 {{- end -}}
 {{- $_ := set $config "metrics" (dict "enabled" true "bind" .Values.metrics.bind "port" (int .Values.metrics.port)) -}}
+{{- if hasKey $config "api" -}}
+{{- fail "config.api: the chart renders the refresher's api from the `api` value; set api.enabled, api.listen and api.maxConnections instead" -}}
+{{- end -}}
+{{- if .Values.api.enabled -}}
+{{- if ne .Values.mode "sidecar" -}}
+{{- $instead := ternary ", or give the token jobs a probe with an interval (config.tokens[].probe) instead" "" (eq .Values.mode "deployment") -}}
+{{- fail (printf "api.enabled: the api listener takes loopback addresses only, so only containers in the refresher's own pod can reach it, and in %s mode there are none: use mode sidecar%s" .Values.mode $instead) -}}
+{{- end -}}
+{{- $port := regexFind "[0-9]+$" (toString .Values.api.listen) -}}
+{{- if eq $port (toString (int .Values.metrics.port)) -}}
+{{- fail (printf "api.listen: port %s is metrics.port too; give the api listener a port of its own" $port) -}}
+{{- end -}}
+{{- $_ := set $config "api" (dict "enabled" true "listen" (toString .Values.api.listen) "max_connections" (int .Values.api.maxConnections)) -}}
+{{- end -}}
 {{- if eq .Values.mode "deployment" -}}
 {{- $election := get $config "leader_election" | default dict -}}
 {{- if or (gt (int .Values.replicaCount) 1) (get $election "enabled") -}}
@@ -145,6 +163,36 @@ A YAML map:
 {{- $_ := set $plan "lease" (dict "name" $election.name "namespace" $election.namespace) -}}
 {{- end -}}
 {{- toYaml $plan -}}
+{{- end -}}
+
+{{/* ------------------------------------------------------------------ where the probes go
+
+A YAML map `{probes: [{where, port}]}`: every token job's probe whose URL leaves the pod (not
+localhost, 127.x or [::1]), with `where` its path in the config and `port` the URL's TCP port
+(443 or 80 unless it names one; "" when a `${NAME}` hides it). The NetworkPolicy needs them:
+a probe the policy blocks only ever errs, which never refreshes, and self-healing would be
+off without a word.
+*/}}
+{{- define "refresher.probeTargets" -}}
+{{- $config := include "refresher.configData" . | fromYaml -}}
+{{- $probes := list -}}
+{{- range $index, $job := ($config.tokens | default list) -}}
+{{- if and (kindIs "map" $job) (kindIs "map" (get $job "probe")) -}}
+{{- $url := toString (get $job.probe "url") -}}
+{{- $scheme := lower (regexFind "^[A-Za-z][A-Za-z0-9+.-]*://" $url | trimSuffix "://") -}}
+{{- $authority := regexReplaceAll "^[A-Za-z][A-Za-z0-9+.-]*://([^/?#]*).*$" $url "${1}" -}}
+{{- $authority = regexReplaceAll "^.*@" $authority "" | lower -}}
+{{- $host := regexReplaceAll `^(\[[^\]]*\]|[^:]*).*$` $authority "${1}" -}}
+{{- $port := regexFind ":[0-9]+$" (trimPrefix $host $authority) | trimPrefix ":" -}}
+{{- if and (not $port) (not (contains "${" $authority)) -}}
+{{- $port = ternary "80" "443" (eq $scheme "http") -}}
+{{- end -}}
+{{- if not (or (eq $host "localhost") (eq $host "[::1]") (regexMatch `^127\.[0-9]+\.[0-9]+\.[0-9]+$` $host)) -}}
+{{- $probes = append $probes (dict "where" (printf "config.tokens[%d].probe" $index) "port" $port) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- toYaml (dict "probes" $probes) -}}
 {{- end -}}
 
 {{/* Whether the pod talks to the API server at all: "true" or "". */}}
