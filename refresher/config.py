@@ -200,6 +200,42 @@ _UNION_TAGS = {"file", "kubernetes"}
 # ----------------------------------------------------------------------------------- jobs
 
 
+_SERVICE_ACCOUNT = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?/[a-z0-9]([-.a-z0-9]*[a-z0-9])?$"
+
+
+class ConsumersConfig(_Strict):
+    """Who may read a token from the API listener: Kubernetes service accounts (by name or
+    by namespace), proved by a projected token for `audience`; or holders of a shared key."""
+
+    service_accounts: list[Annotated[str, Field(pattern=_SERVICE_ACCOUNT, max_length=317)]] = Field(
+        default_factory=list
+    )
+    namespaces: list[Annotated[str, Field(pattern=_DNS_LABEL, max_length=63)]] = Field(
+        default_factory=list
+    )
+    # The audience consumers' projected service-account tokens are issued for; a token for
+    # another audience (the pod's default API token) is refused.
+    audience: Annotated[str, Field(min_length=1, max_length=253)] | None = None
+    bearer_key_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _complete(self) -> ConsumersConfig:
+        kubernetes = bool(self.service_accounts or self.namespaces)
+        if kubernetes and self.audience is None:
+            raise ValueError("`audience` is required with `service_accounts` or `namespaces`")
+        if self.audience is not None and not kubernetes:
+            raise ValueError("`audience` needs `service_accounts` or `namespaces` to allow")
+        if not kubernetes and self.bearer_key_file is None:
+            raise ValueError(
+                "allow someone: `service_accounts`, `namespaces` or a `bearer_key_file`"
+            )
+        return self
+
+    @property
+    def kubernetes(self) -> bool:
+        return bool(self.service_accounts or self.namespaces)
+
+
 class TokenJobConfig(_Strict):
     """One configured token: where to ask, when to refresh, where to write."""
 
@@ -233,6 +269,8 @@ class TokenJobConfig(_Strict):
     probe: ProbeConfig | None = None
     # Without a probe, a consumer's rejection report refreshes only when this is true.
     trust_rejection_reports: bool = False
+    # Who may read this token from the API listener (api.py, consumers.py).
+    consumers: ConsumersConfig | None = None
     sinks: list[SinkConfig] = Field(min_length=1)
 
     @model_validator(mode="before")
@@ -306,29 +344,39 @@ def parse_listen(value: str) -> tuple[str, int]:
     return address, port
 
 
+class ApiTlsConfig(_Strict):
+    """The API listener's certificate and key (PEM files, re-read when they change)."""
+
+    cert_file: Path
+    key_file: Path
+
+
 class ApiServerConfig(_Strict):
-    """The consumer-facing listener (api.py): rejection reports today."""
+    """The consumer-facing listener (api.py): the token API and rejection reports."""
 
     enabled: bool = False
     listen: str = "127.0.0.1:9465"
     max_connections: int = Field(default=64, ge=1, le=100_000)
+    # A follower whose Secret watch has been broken this long answers 503 for that job
+    # rather than serve a token that may have been replaced.
+    max_staleness: PositiveDuration = 30.0
+    tls: ApiTlsConfig | None = None
 
     @field_validator("listen")
     @classmethod
-    def _loopback_only(cls, value: str) -> str:
+    def _normalized(cls, value: str) -> str:
         host, port = parse_listen(value)
-        # Callers on loopback are the pod's own containers; anyone else would need to
-        # authenticate, which this version cannot do yet.
-        if not ipaddress.ip_address(host).is_loopback:
-            raise ValueError(
-                f"{host} is not a loopback address; the API listener takes loopback binds "
-                "only (127.0.0.0/8 or ::1), since it does not authenticate its callers"
-            )
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
     @property
     def address(self) -> tuple[str, int]:
         return parse_listen(self.listen)
+
+    @property
+    def loopback(self) -> bool:
+        """Bound to loopback: callers are the pod's own containers (`0.0.0.0` and `::` are
+        every address, not loopback)."""
+        return ipaddress.ip_address(self.address[0]).is_loopback
 
 
 class KubernetesSettings(_Strict):
@@ -532,6 +580,39 @@ def _cross_job_problems(
     return problems
 
 
+def _api_problems(
+    jobs: list[tuple[int, TokenJobConfig, str | None, str | None]], settings: Settings
+) -> list[str]:
+    """Rules between the API listener and the jobs it serves."""
+    api = settings.api
+    if not api.enabled:
+        return []
+    problems: list[str] = []
+    for index, job, _, _ in jobs:
+        path = f"tokens[{index}]"
+        if not api.loopback and job.consumers is None:
+            problems.append(
+                f"{path}.consumers: required: api.listen ({api.listen}) is not a loopback "
+                "address, so callers must be authenticated; say who may read this token"
+            )
+        keys = job.consumers.bearer_key_file if job.consumers else None
+        if keys is not None and not keys.is_file():
+            problems.append(f"{path}.consumers.bearer_key_file: no such file {keys}")
+        if settings.leader_election.enabled and not any(
+            isinstance(sink, KubernetesSinkConfig) for sink in job.sinks
+        ):
+            problems.append(
+                f"{path}.sinks: with leader election and the API on, a job needs a Secret "
+                "sink (`type: kubernetes`): followers serve the token they watch there"
+            )
+    if api.tls is not None:
+        for name in ("cert_file", "key_file"):
+            file: Path = getattr(api.tls, name)
+            if not file.is_file():
+                problems.append(f"api.tls.{name}: no such file {file}")
+    return problems
+
+
 def _resolved(path: Path) -> str | None:
     """`path` as the filesystem sees it: absolute, symlinks followed, `//` and `..` gone."""
     try:
@@ -564,6 +645,11 @@ def _read_files(
         add(job.ca_bundle, f"tokens[{index}].ca_bundle")
         if job.probe is not None:
             add(job.probe.ca_bundle, f"tokens[{index}].probe.ca_bundle")
+        if job.consumers is not None:
+            add(job.consumers.bearer_key_file, f"tokens[{index}].consumers.bearer_key_file")
+    if settings.api.tls is not None:
+        add(settings.api.tls.cert_file, "api.tls.cert_file")
+        add(settings.api.tls.key_file, "api.tls.key_file")
     return files
 
 
@@ -632,6 +718,7 @@ def validate(data: Any, *, config_path: Path | None = None) -> Config:
     except ValidationError as err:
         problems += _pydantic_problems(err, "")
     problems += _sink_file_problems(jobs, _read_files(jobs, settings, config_path))
+    problems += _api_problems(jobs, settings)
     if problems:
         raise ConfigError(problems)
     return Config(settings=settings, jobs=tuple(job for _, job, _, _ in jobs))

@@ -18,6 +18,7 @@ neither holds a refresh back nor fires it in a loop (see `clockguard.py`).
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import random
@@ -25,6 +26,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from datetime import UTC, datetime, timedelta
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -38,22 +40,27 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.base import BaseTrigger
 
 from refresher import logs
+from refresher.board import TokenBoard
 from refresher.clock import Clock
 from refresher.clockguard import ClockGuard
 from refresher.config import Config
 from refresher.credentials import CredentialRef
+from refresher.errors import RefreshError
 from refresher.idp import IdPClient, new_session
 from refresher.liveness import Running, heartbeat_interval, is_alive, stuck_after
-from refresher.metrics import JobSnapshot, Metrics
+from refresher.metrics import ApiStats, JobSnapshot, Metrics, WatchStats
 from refresher.probe import Prober
 from refresher.ratelimit import RateLimits
-from refresher.refresh import JobRunner, Listener, ReportTicket
+from refresher.refresh import JobRunner, Listener, ReportAnswer, ReportTicket
 from refresher.sinks import SinkFactory, describe
+from refresher.tokens import Token
+from refresher.watch import SecretWatch
 
 if TYPE_CHECKING:
     from refresher.http import HttpServer
     from refresher.http import Listener as HttpListener
     from refresher.leader import LeaseElector
+    from refresher.sinks.kubernetes import KubernetesSecretSink
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +76,7 @@ def build_runners(
     rng: random.Random | None = None,
     sinks: SinkFactory | None = None,
     may_fetch: Callable[[], bool] = lambda: True,
+    on_token: Callable[[str, Token | None], None] | None = None,
 ) -> list[JobRunner]:
     limits = RateLimits(config.settings.idp_rate_limit, config.settings.idp_rate_burst)
     session = session or new_session(config.settings.max_concurrent_refreshes)
@@ -87,6 +95,7 @@ def build_runners(
             may_fetch=may_fetch,
             prober=prober,
             takes_reports=config.settings.api.enabled,
+            on_token=on_token,
         )
         for job in config.jobs
     ]
@@ -127,6 +136,8 @@ class Daemon:
         self.metrics = metrics or Metrics(clock=clock)
         self.sinks = SinkFactory(config.settings.kubernetes)
         self._leading = threading.Event()
+        # What the token API serves (api.py): each job's current token.
+        self.board = TokenBoard([job.name for job in config.jobs])
         self.runners = build_runners(
             config,
             session=session,
@@ -134,8 +145,12 @@ class Daemon:
             listeners=listeners,
             sinks=self.sinks,
             may_fetch=self._leading.is_set,
+            on_token=self.board.publish,
         )
         self.metrics.bind_jobs(self.snapshots, state_visible=self._leading.is_set)
+        self.api_stats = ApiStats()
+        if config.settings.api.enabled:
+            self.metrics.registry.register(self.api_stats)
         self.scheduler = BackgroundScheduler(
             timezone=UTC,
             executors={
@@ -164,12 +179,21 @@ class Daemon:
                 on_stopped_leading=self._follow,
             )
         self.metrics.leader.set(0)
+        # With leader election and the token API, every replica watches each job's Secret,
+        # and serves what it holds while following (watch.py).
+        self.watches: dict[str, SecretWatch] = {}
+        if election.enabled and config.settings.api.enabled:
+            self.watches = self._secret_watches()
+        self.metrics.registry.register(WatchStats(self._watch_states))
         # Liveness (see liveness.py): the heartbeat's last stamp and the steps in progress.
         self._heartbeat_timeout = config.settings.metrics.heartbeat_timeout
         self._last_beat = time.monotonic()
         self._stuck_after = {job.name: stuck_after(job, config.settings) for job in config.jobs}
         self._in_flight: dict[str, float] = {}
         self._run_again: set[str] = set()  # asked to run while running (`_run`)
+        # Rejection reports sent through the Secret: by this follower, seen by this leader.
+        self._forwarded: dict[str, str] = {}
+        self._forwards_seen: dict[str, str] = {}
         self._in_flight_lock = threading.Lock()
         self._by_name = {runner.job.name: runner for runner in self.runners}
         # One HTTP stack for every listener: the metrics port is `http`, the API listener
@@ -194,17 +218,118 @@ class Daemon:
             )
         if api_on and self.server is not None:
             from refresher import api
+            from refresher.consumers import Gate, TokenReviews
 
-            host, port = config.settings.api.address
+            settings_api = config.settings.api
+            reviews = None
+            if any(job.consumers is not None and job.consumers.kubernetes for job in config.jobs):
+                reviews = TokenReviews(
+                    lambda: self.sinks.kube().authentication(),
+                    config.settings.kubernetes.request_timeout,
+                )
+            gate = Gate(
+                {job.name: job for job in config.jobs},
+                loopback=settings_api.loopback,
+                reviews=reviews,
+            )
+            context = api.ApiContext(
+                server=self.server,
+                gate=gate,
+                board=self.board,
+                report=self.report,
+                accepting=self._accepting_reports,
+                stats=self.api_stats,
+                clock=clock,
+            )
+            host, port = settings_api.address
+            tls = None
+            if settings_api.tls is not None:
+                from refresher.http import TlsFiles
+
+                tls = TlsFiles(settings_api.tls.cert_file, settings_api.tls.key_file)
             self.api = self.server.add_listener(
                 host,
                 port,
-                api.endpoints(self.report, self._accepting_reports),
+                api.endpoints(context),
                 Limits(
                     max_connections=config.settings.api.max_connections,
                     request_timeout=api.REQUEST_TIMEOUT,
                 ),
+                tls,
             )
+
+    def _secret_watches(self) -> dict[str, SecretWatch]:
+        from refresher.sinks.kubernetes import KubernetesSecretSink
+
+        watches: dict[str, SecretWatch] = {}
+        for runner in self.runners:
+            sink = next(
+                (each for each in runner.sinks if isinstance(each, KubernetesSecretSink)), None
+            )
+            assert sink is not None  # config.py: a job served by followers has a Secret sink
+            name = runner.job.name
+            watches[name] = SecretWatch(
+                name,
+                sink.namespace,
+                sink.config.name,
+                core=self.sinks.kube().core,
+                token_of=sink.token_of,
+                publish=functools.partial(self._watched, name),
+                mark_stale=functools.partial(self._watch_stale, name),
+                reported=functools.partial(self._forwarded_report, name, sink),
+                request_timeout=self.config.settings.kubernetes.request_timeout,
+                max_staleness=self.config.settings.api.max_staleness,
+                clock=self.clock,
+            )
+        return watches
+
+    def _forwarded_report(self, name: str, sink: KubernetesSecretSink, secret: Any) -> None:
+        """On the leader: a follower's report found on the Secret; handled as a report made
+        here, once per fingerprint."""
+        fingerprint = sink.reported(secret)
+        if fingerprint is None or not self._leading.is_set():
+            return
+        if self._forwards_seen.get(name) == fingerprint:
+            return
+        self._forwards_seen[name] = fingerprint
+        log.info("rejection report forwarded by a follower", extra={"token": name})
+        self.report(name, fingerprint)
+
+    def _forward(self, runner: JobRunner, fingerprint: str) -> ReportTicket:
+        """On a follower: the report goes to the leader through the Secret it watches."""
+        name = runner.job.name
+        entry = self.board.current(name)
+        token = entry.token if entry is not None else None
+        if token is None:
+            return ReportTicket(_done(ReportAnswer("unavailable", False, None, 1.0)), False)
+        if token.fingerprint != fingerprint:
+            runner.stats.record_report("stale")
+            return ReportTicket(_done(ReportAnswer("stale", False, token.fingerprint)), False)
+        if self._forwarded.get(name) != fingerprint:
+            from refresher.sinks.kubernetes import KubernetesSecretSink
+
+            sink = next(s for s in runner.sinks if isinstance(s, KubernetesSecretSink))
+            try:
+                sink.note_rejected(fingerprint)
+            except RefreshError as err:
+                log.warning("cannot forward a rejection report", extra={"error": err.message})
+                runner.stats.record_report("error")
+                return ReportTicket(_done(ReportAnswer("error", False, fingerprint)), False)
+            self._forwarded[name] = fingerprint
+        runner.stats.record_report("forwarded")
+        # Whether the token is dead is the leader's probe's to say: no promise of a refresh.
+        return ReportTicket(_done(ReportAnswer("forwarded", False, fingerprint)), False)
+
+    def _watched(self, name: str, token: Token | None) -> None:
+        if not self._leading.is_set():  # the leader's runner publishes its own tokens first
+            self.board.publish(name, token)
+
+    def _watch_stale(self, name: str, why: str | None) -> None:
+        if not self._leading.is_set():
+            self.board.mark_stale(name, why)
+
+    def _watch_states(self) -> list[tuple[str, bool, int]]:
+        return [(name, watch.up, watch.restarts) for name, watch in self.watches.items()]
 
     # --------------------------------------------------------------------------- lifecycle
 
@@ -224,6 +349,8 @@ class Daemon:
         self.guard.start()
         if self.server is not None:
             self.server.start()
+            assert self.server.loop is not None
+            self.board.bind(self.server.loop)
         if self.http is not None:
             log.info("serving metrics", extra={"bind": self.http.host, "port": self.http.port})
         if self.api is not None:
@@ -232,7 +359,10 @@ class Daemon:
             "started",
             extra={"jobs": len(self.runners), "config": redacted_summary(self.config)},
         )
+        for watch in self.watches.values():
+            watch.start()
         if self.elector is not None:
+            self._follow()  # until the Lease says otherwise
             self.elector.start()
         else:
             self._lead()
@@ -244,11 +374,14 @@ class Daemon:
         if self._stopping.is_set():
             return
         self._stopping.set()
+        self.board.close()  # long polls are answered now, not at the end of the grace period
         if self.scheduler.running:
             self.scheduler.shutdown(wait=True)
         self.guard.stop()
         if self.elector is not None:
             self.elector.stop()
+        for watch in self.watches.values():
+            watch.stop()
         if self.server is not None:
             self.server.stop()
         self._stopped.set()
@@ -262,6 +395,8 @@ class Daemon:
         self._leading.set()
         self.metrics.leader.set(1)
         for runner in self.runners:
+            self.board.mark_stale(runner.job.name, None)
+        for runner in self.runners:
             runner.restart()
             self._schedule(runner, self.clock())
 
@@ -269,6 +404,14 @@ class Daemon:
         """Stop refreshing at once. A refresh in flight may finish its write; no new one starts."""
         self._leading.clear()
         self.metrics.leader.set(0)
+        for runner in self.runners:
+            name = runner.job.name
+            watch = self.watches.get(name)
+            if watch is None:  # without the API's Secret watch, only the leader can vouch
+                self.board.mark_stale(name, "this replica follows: ask the leader")
+            else:
+                self.board.publish(name, watch.last_token)
+                self.board.mark_stale(name, watch.stale_reason)
         self.scheduler.remove_all_jobs(jobstore="default")
         self.guard.clear()
 
@@ -393,6 +536,8 @@ class Daemon:
         runner = self._by_name.get(name)
         if runner is None:
             return None
+        if not self.is_leader and name in self.watches:
+            return self._forward(runner, fingerprint)
         ticket = runner.report(fingerprint)
         if ticket.queued:
             self._run_now(name, "rejection report received; probing the token")
@@ -401,7 +546,7 @@ class Daemon:
     def _accepting_reports(self) -> tuple[bool, str]:
         if self._stopping.is_set():
             return False, "stopping"
-        if not self.is_leader:
+        if not self.is_leader and not self.watches:
             return False, "this replica does not refresh tokens (it follows); report to the leader"
         return True, "ok"
 
@@ -465,11 +610,20 @@ class Daemon:
 
     def ready(self) -> tuple[bool, str]:
         if self.elector is not None and not self.is_leader:
+            stale = [why for watch in self.watches.values() if (why := watch.stale_reason)]
+            if stale:
+                return False, "follower that cannot serve: " + "; ".join(stale)
             return True, f"follower (leader: {self.elector.holder or 'unknown'})"
         waiting = [job.name for job in self.snapshots() if not job.ready]
         if waiting:
             return False, "no valid token yet: " + ", ".join(waiting)
         return True, "ok"
+
+
+def _done(answer: ReportAnswer) -> Future[ReportAnswer]:
+    future: Future[ReportAnswer] = Future()
+    future.set_result(answer)
+    return future
 
 
 def redacted_summary(config: Config) -> dict[str, Any]:

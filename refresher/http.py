@@ -33,11 +33,13 @@ import logging
 import os
 import resource
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 from aiohttp import web, web_response
@@ -94,6 +96,58 @@ class Limits:
 
 class ListenError(OSError):
     """A listener could not bind; the message says where and why, in one line."""
+
+
+# How often a TLS listener looks at its certificate and key files for a rotation.
+TLS_CHECK_SECONDS = 10.0
+
+
+class TlsFiles:
+    """A listener's certificate and key (PEM), re-read when either file changes: cert-manager
+    or a mounted Secret rotates them in place, and new connections get the new pair. A pair
+    that cannot be loaded is refused (at start, a `ListenError`; later, a log line while the
+    old pair stays in use)."""
+
+    def __init__(self, cert_file: Path, key_file: Path) -> None:
+        self.cert_file = cert_file
+        self.key_file = key_file
+        self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.context.minimum_version = ssl.TLSVersion.TLSv1_2
+        self._seen: tuple[tuple[int, int], tuple[int, int]] | None = None
+        try:
+            self.reload()
+        except (OSError, ssl.SSLError) as err:
+            raise ListenError(
+                errno.EINVAL, f"cannot load the TLS certificate {cert_file}: {_tls_why(err)}"
+            ) from None
+
+    def _stamp(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        cert, key = os.stat(self.cert_file), os.stat(self.key_file)
+        return (cert.st_mtime_ns, cert.st_ino), (key.st_mtime_ns, key.st_ino)
+
+    def reload(self) -> bool:
+        """Load the pair if either file changed; whether it did. Raises on a bad pair."""
+        stamp = self._stamp()
+        if stamp == self._seen:
+            return False
+        self.context.load_cert_chain(self.cert_file, self.key_file)
+        self._seen = stamp
+        return True
+
+    def check(self) -> None:
+        try:
+            if self.reload():
+                log.info("TLS certificate reloaded", extra={"path": str(self.cert_file)})
+        except (OSError, ssl.SSLError) as err:
+            log.warning(
+                "cannot reload the TLS certificate; the previous one stays in use",
+                extra={"path": str(self.cert_file), "error": _tls_why(err)},
+            )
+
+
+def _tls_why(err: OSError | ssl.SSLError) -> str:
+    reason = getattr(err, "reason", None)
+    return str(reason).lower().replace("_", " ") if reason else _why(err)
 
 
 def _bind(host: str, port: int, backlog: int) -> socket.socket:
@@ -211,9 +265,16 @@ class Listener:
     """One bound socket serving one application. `port` is the bound port (useful with 0)."""
 
     def __init__(
-        self, server: HttpServer, host: str, port: int, app: web.Application, limits: Limits
+        self,
+        server: HttpServer,
+        host: str,
+        port: int,
+        app: web.Application,
+        limits: Limits,
+        tls: TlsFiles | None = None,
     ) -> None:
         self.server = server
+        self.tls = tls
         self.host = host
         self.limits = limits
         self.max_connections = limits.max_connections
@@ -257,9 +318,21 @@ class Listener:
         inner = self._runner.server
         assert inner is not None and self._socket is not None
         self._aserver = await self._loop().create_server(
-            lambda: _Connection(self, inner()), sock=self._socket, backlog=limits.backlog
+            lambda: _Connection(self, inner()),
+            sock=self._socket,
+            backlog=limits.backlog,
+            ssl=self.tls.context if self.tls is not None else None,
+            ssl_handshake_timeout=limits.header_timeout if self.tls is not None else None,
         )
+        if self.tls is not None:
+            self._loop().call_later(TLS_CHECK_SECONDS, self._check_tls)
         self._socket = None  # the asyncio server owns and closes it now
+
+    def _check_tls(self) -> None:
+        if self._aserver is None or self.tls is None:
+            return  # stopped
+        self.tls.check()
+        self._loop().call_later(TLS_CHECK_SECONDS, self._check_tls)
 
     async def _stop(self) -> None:
         if self._aserver is not None:
@@ -344,9 +417,14 @@ class HttpServer:
         self._started = threading.Event()
 
     def add_listener(
-        self, host: str, port: int, app: web.Application, limits: Limits | None = None
+        self,
+        host: str,
+        port: int,
+        app: web.Application,
+        limits: Limits | None = None,
+        tls: TlsFiles | None = None,
     ) -> Listener:
-        listener = Listener(self, host, port, app, limits or Limits())
+        listener = Listener(self, host, port, app, limits or Limits(), tls)
         self.listeners.append(listener)
         budget = _descriptor_budget(len(self.listeners))
         for each in self.listeners:

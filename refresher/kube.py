@@ -33,6 +33,11 @@ class Kube:
 
         return kubernetes.client.CoreV1Api(self.api_client)
 
+    def authentication(self) -> Any:
+        import kubernetes
+
+        return kubernetes.client.AuthenticationV1Api(self.api_client)
+
     def coordination(self) -> Any:
         import kubernetes
 

@@ -37,7 +37,7 @@ REASONS = tuple(reason.value for reason in Reason)
 # Self-healing (probe.py, refresh.py): fixed label sets, every value exported from the start.
 PROBE_OUTCOMES = ("accepted", "rejected", "error")
 REJECTION_SOURCES = ("probe", "report")
-REPORT_OUTCOMES = ("accepted", "rejected", "error", "ignored", "stale", "limited")
+REPORT_OUTCOMES = ("accepted", "rejected", "error", "ignored", "stale", "limited", "forwarded")
 
 
 class Buckets:
@@ -319,6 +319,81 @@ class _LogCollector(Collector):
             "Log lines the log stream refused (closed, broken pipe).",
             value=logs.write_errors(),
         )
+
+
+API_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+AUTH_REASONS = ("missing", "invalid", "not_allowed", "review_error", "rate_limited")
+
+
+class ApiStats(Collector):
+    """The API listener's counts (api.py): requests by job and status, their duration (long
+    poll waits excluded), consumers refused by reason. The `token` label is a configured
+    job's name or `(unknown)`, never what a caller typed."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._requests: dict[tuple[str, str], int] = {}
+        self._duration = Buckets(API_BUCKETS)
+        self._auth_failures = dict.fromkeys(AUTH_REASONS, 0)
+
+    def record_request(self, job: str | None, status: int, seconds: float) -> None:
+        key = (job or "(unknown)", str(status))
+        with self._lock:
+            self._requests[key] = self._requests.get(key, 0) + 1
+            self._duration.observe(max(seconds, 0.0))
+
+    def record_auth_failure(self, reason: str) -> None:
+        with self._lock:
+            self._auth_failures[reason] = self._auth_failures.get(reason, 0) + 1
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
+            "refresher_api_requests",
+            "Token API requests by job and HTTP status.",
+            labels=["token", "code"],
+        )
+        duration = HistogramMetricFamily(
+            "refresher_api_request_duration_seconds",
+            "Time to answer a token API request, long-poll waits excluded.",
+        )
+        failures = CounterMetricFamily(
+            "refresher_consumer_auth_failures",
+            "Callers of the API listener refused, by reason.",
+            labels=["reason"],
+        )
+        with self._lock:
+            for (job, code), count in sorted(self._requests.items()):
+                requests.add_metric([job, code], count)
+            duration.add_metric([], self._duration.cumulative(), sum_value=self._duration.total)
+            for reason, count in self._auth_failures.items():
+                failures.add_metric([reason], count)
+        yield requests
+        yield duration
+        yield failures
+
+
+class WatchStats(Collector):
+    """Each replica's Secret watches (watch.py): `(job, up, restarts)` from `source`."""
+
+    def __init__(self, source: Callable[[], Iterable[tuple[str, bool, int]]]) -> None:
+        self._source = source
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily(
+            "refresher_secret_watch_up",
+            "1 while this replica's watch of the job's Secret is connected.",
+            labels=["token"],
+        )
+        restarts = CounterMetricFamily(
+            "refresher_secret_watch_restarts",
+            "Times the watch of the job's Secret listed again after breaking or expiring.",
+            labels=["token"],
+        )
+        for job, connected, count in self._source():
+            up.add_metric([job], 1 if connected else 0)
+            restarts.add_metric([job], count)
+        yield up
+        yield restarts
 
 
 class Metrics:

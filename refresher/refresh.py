@@ -90,9 +90,10 @@ class TokenProbe(Protocol):
 
 # How a rejection report was answered: the probe's outcome, `ignored` (no probe and reports
 # not trusted), `stale` (the reported token is not the current one), `limited` (too many),
-# `unavailable` (no token held yet; not counted).
+# `unavailable` (no token held yet; not counted), `forwarded` (a follower sent it to the
+# leader through the Secret).
 ReportOutcome = Literal[
-    "accepted", "rejected", "error", "ignored", "stale", "limited", "unavailable"
+    "accepted", "rejected", "error", "ignored", "stale", "limited", "unavailable", "forwarded"
 ]
 # Reports that need a new probe, per job: a flood of reports for one token joins one probe,
 # and this bounds how often the API is probed on consumers' say-so.
@@ -146,6 +147,7 @@ class JobRunner:
         may_fetch: Callable[[], bool] = lambda: True,
         prober: TokenProbe | None = None,
         takes_reports: bool = False,
+        on_token: Callable[[str, Token | None], None] | None = None,
     ) -> None:
         self.job = job
         # Asked right before every IdP request: False once this replica stopped leading.
@@ -172,6 +174,8 @@ class JobRunner:
             heals=job.probe is not None or takes_reports,
         )
         # Self-healing (rule 11 of docs/design.md).
+        # Told the token this runner holds whenever it changes: the token API's board.
+        self.on_token = on_token or (lambda name, token: None)
         self.prober = prober if job.probe is not None else None
         self.rejections = Rejections()
         self._probe_at: float | None = None  # the next `probe.interval` probe
@@ -250,6 +254,7 @@ class JobRunner:
         with self._lock:
             self.token = best
             self.pending = [self.sinks[index] for index in adoption.stale] if best else []
+        self.on_token(self.job.name, best)
         at = self._plan(now)
         if best is not None:
             self._emit("reused", None, None, best, at, 0.0, None)
@@ -349,6 +354,8 @@ class JobRunner:
                 self.rejections,
                 refreshed_at=tuple(at + seconds for at in self.rejections.refreshed_at),
             )
+            token = self.token
+        self.on_token(self.job.name, token)
 
     @property
     def refresh_point(self) -> float | None:
@@ -548,6 +555,7 @@ class JobRunner:
         duration = answered - started
         self.stats.record_refresh_duration(duration)
         healing = self._heal_at is not None and now >= self._heal_at
+        self.on_token(self.job.name, token)  # the token API first: it is the fastest sink
         with self._lock:
             self.token = token
             self.pending = list(self.sinks)

@@ -1,12 +1,13 @@
-"""A loopback HTTP server that speaks the Kubernetes API for Secrets and Leases.
+"""A loopback HTTP server that speaks the Kubernetes API for Secrets, Leases and TokenReviews.
 
 Tests and benchmarks point the real ``kubernetes`` client at it (``write_kubeconfig``) and get
 the wire behaviour of a kube-apiserver: the same paths and verbs, ``resourceVersion`` optimistic
 concurrency, the four PATCH content types (JSON patch, merge patch, strategic merge patch and
-server-side apply with field ownership), RBAC denials and ``Status`` bodies with the messages a
-real API server writes.  Faults can be injected: a concurrent writer that makes the next writes
-stale (``inject_conflicts``), error statuses (``inject_errors``) and slow responses
-(``inject_delay``).
+server-side apply with field ownership), watches, TokenReviews, RBAC denials and ``Status``
+bodies with the messages a real API server writes.  Faults can be injected: a concurrent writer
+that makes the next writes stale (``inject_conflicts``), error statuses (``inject_errors``) and
+slow responses (``inject_delay``); the last two apply to lists, watches (a delay holds back the
+response headers) and TokenReviews too.
 
 Where the real server differs from a naive expectation, the fake follows the server:
 ``Lease`` MicroTime fields must carry exactly six fractional digits (what Python's
@@ -15,12 +16,75 @@ a name-restricted RBAC rule does not authorize ``create``, and Secrets/Leases de
 ``Status`` of ``Success``.
 
 The server is a :class:`refresher.loopback.LoopbackServer`: 127.0.0.1 only, HTTP/1.1 with
-keep-alive, and a ``stop()`` that wakes delayed responses and drops kept-alive connections.
+keep-alive, and a ``stop()`` that wakes delayed responses and drops kept-alive connections
+(open watches included: their clients see the connection break, as when a server dies).
+
+Watches (``GET .../secrets?watch=true``, Leases too), as the watch cache of a real server:
+
+* ``resourceVersion`` is one global counter (etcd's revision): every write of any object bumps
+  it, a list answers the current one in ``metadata.resourceVersion``, an object carries the one
+  of its last write.  A watch from ``resourceVersion=RV`` streams every later change of the
+  matching objects in order; with no ``resourceVersion`` (or ``"0"``) it starts with synthetic
+  ``ADDED`` events for the current matching objects.  Events are newline-delimited JSON
+  ``{"type": "ADDED"|"MODIFIED"|"DELETED", "object": {...}}`` (objects with ``kind``,
+  ``apiVersion`` and ``managedFields``), one per chunk of a chunked ``application/json``
+  response.  ``fieldSelector`` and ``labelSelector`` filter as on the server: a change that
+  makes an object stop (start) matching is a ``DELETED`` (``ADDED``) event; a ``DELETED``
+  event carries the last state with the deletion's ``resourceVersion``.
+* The stream ends cleanly (the last chunk) after ``timeoutSeconds`` (``default_watch_timeout``
+  when absent or 0); ``drop_watches()`` and ``stop()`` end it abruptly instead.
+* History is bounded per resource (``watch_history`` events, 100 by default).  A watch from an
+  RV older than the history gets, *like the real server*, ``200 OK`` and a single in-stream
+  event ``{"type": "ERROR", "object": {"kind": "Status", ..., "reason": "Expired", "code": 410,
+  "message": "too old resource version: RV (FLOOR)"}}``, then the end of the stream: a real
+  kube-apiserver answers an expired watch in the stream, not with an HTTP 410.  Set
+  ``expired_watch_as_http_410 = True`` for an HTTP ``410`` ``Status`` body instead, to prove a
+  client handles that form too.  An RV ahead of the server's gets an in-stream ``504`` ("Too
+  large resource version"), at once (the real server waits ~3 s for its cache first).
+* ``allowWatchBookmarks=true`` streams ``BOOKMARK`` events (an object with only
+  ``metadata.resourceVersion``), only when ``send_bookmarks()`` is called.
+* Hooks: ``drop_watches()`` (connections shut down mid-stream), ``expire_watches()`` (an
+  in-stream 410 to every open watch, after ``compact_history()``), ``compact_history()``
+  (advance the RV, as if an unrelated object were written, and forget all history: a watch
+  from any RV obtained before the call gets 410), ``open_watches``, ``wait_for_watches(n)``.
+
+How the real ``kubernetes`` client (37.x, ``kubernetes.watch.Watch().stream``) surfaces them,
+checked in tests/test_kubeapi.py:
+
+* an expired RV, whether in the stream or as an HTTP 410, raises
+  ``kubernetes.client.exceptions.ApiException`` with ``status == 410`` from the generator (the
+  in-stream one has ``body is None`` and ``reason == "Expired: too old resource version: ..."``).
+  Without ``timeout_seconds`` the client first retries once, silently, from the last RV it saw;
+  with ``timeout_seconds`` it never retries;
+* a dropped connection raises ``urllib3.exceptions.ProtocolError`` ("Response ended
+  prematurely") from the generator; so does ``stop()``; a watch that was never answered (the
+  server was down) raises ``urllib3.exceptions.MaxRetryError`` from the first ``next()``;
+* the generator is lazy: the request goes out at the first ``next()``;
+* the end of ``timeoutSeconds`` ends the generator (no exception) when ``timeout_seconds`` was
+  passed; without it the client reconnects by itself from the last RV, forever;
+* an idle stream longer than the client's read timeout (``_request_timeout``) raises
+  ``urllib3.exceptions.ReadTimeoutError``: pass a read timeout above ``timeout_seconds``.
+
+TokenReview (``POST /apis/authentication.k8s.io/v1/tokenreviews``, 201): the fake knows the
+service-account tokens ``issue_service_account_token()`` handed out (JWT-shaped, not verifiable,
+looked up by exact value) and answers like the real authenticator: ``status.authenticated`` is
+true and ``status.user`` is ``system:serviceaccount:NS:NAME`` with its groups, and
+``status.audiences`` is the intersection of the token's audiences with ``spec.audiences`` (with
+the API server's own ``api_audiences`` when ``spec.audiences`` is empty).  An unknown, revoked
+or expired token, or one whose audiences miss the target audiences, answers ``user: {}`` and an
+``error`` (``[invalid bearer token, token audiences ["a"] is invalid for the target audiences
+["b"]]`` and the like), with **no** ``authenticated`` key: false is omitted on the wire, so the
+client's ``status.authenticated`` is ``None``.  The caller needs RBAC ``create`` on
+``tokenreviews`` at the cluster scope (a ``Rule`` whose namespace is ``"*"``, the default).
 
 Scope and simplifications (kept deliberately small):
 
-* only namespaced ``secrets`` (core/v1) and ``leases`` (coordination.k8s.io/v1); no watch, no
-  discovery, no pagination; lists support ``labelSelector`` and ``fieldSelector``;
+* only namespaced ``secrets`` (core/v1) and ``leases`` (coordination.k8s.io/v1), and
+  ``tokenreviews``; no discovery, no pagination, no ``sendInitialEvents``, no watch of a single
+  object by URL (``/secrets/NAME?watch`` or ``/api/v1/watch/...``); lists and watches support
+  ``labelSelector`` and ``fieldSelector`` and ignore ``resourceVersion`` on lists;
+* RBAC rules name a resource and a namespace, not an API group; ``list`` and ``watch`` of a
+  name-restricted rule need ``fieldSelector=metadata.name=<name>``, as with the real authorizer;
 * strategic merge patch behaves as a JSON merge patch plus the ``$patch`` directives and the
   merge keys of ``metadata.ownerReferences`` / ``metadata.finalizers``;
 * server-side apply tracks ownership per leaf field (lists are atomic) and reports conflicts like
@@ -32,13 +96,18 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import copy
 import json
 import re
 import secrets as _random
+import select
+import socket
 import threading
+import time
 import uuid
-from collections.abc import Mapping
+from collections import deque
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http import HTTPStatus
@@ -62,7 +131,7 @@ Resource = Literal["secrets", "leases"]
 JSONObject = dict[str, Any]
 FieldPath = tuple[str, ...]
 
-VERBS = frozenset({"get", "list", "create", "update", "patch", "delete"})
+VERBS = frozenset({"get", "list", "watch", "create", "update", "patch", "delete"})
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 MERGE_PATCH = "application/merge-patch+json"
@@ -167,12 +236,16 @@ class Rule:
 
     ``names`` mirrors ``resourceNames``: ``None`` allows every name.  As in real RBAC a
     name-restricted rule never authorizes ``create`` (the name is not known at authorization
-    time) and authorizes ``list`` only with a ``fieldSelector=metadata.name=<name>``.
+    time) and authorizes ``list`` and ``watch`` only with a ``fieldSelector=metadata.name=<name>``.
+
+    ``namespace="*"`` (the default) is a ClusterRole bound by a ClusterRoleBinding: every
+    namespace and the cluster scope.  Only such a rule authorizes a cluster-scoped resource,
+    e.g. ``Rule(frozenset({"create"}), "tokenreviews")`` (what ``system:auth-delegator`` grants).
     """
 
     verbs: frozenset[str]
     resource: str
-    namespace: str
+    namespace: str = "*"
     names: frozenset[str] | None = None
 
     def __post_init__(self) -> None:
@@ -331,7 +404,12 @@ class _FieldError:
 
 SECRETS = _Kind("secrets", "", "Secret", "/api/v1")
 LEASES = _Kind("leases", "coordination.k8s.io", "Lease", "/apis/coordination.k8s.io/v1")
+TOKEN_REVIEWS = _Kind(
+    "tokenreviews", "authentication.k8s.io", "TokenReview", "/apis/authentication.k8s.io/v1"
+)
 _KINDS: dict[str, _Kind] = {SECRETS.resource: SECRETS, LEASES.resource: LEASES}
+_TOKEN_REVIEW_PATH = re.compile(r"^/apis/authentication\.k8s\.io/v1/tokenreviews/?$")
+DEFAULT_API_AUDIENCE = "https://kubernetes.default.svc"
 _ROUTE = re.compile(
     r"^(?P<prefix>/api/v1|/apis/coordination\.k8s\.io/v1)/namespaces/(?P<namespace>[^/]+)"
     r"/(?P<resource>[^/]+)(?:/(?P<name>[^/]+))?/?$"
@@ -923,6 +1001,139 @@ def _field_value(obj: JSONObject, key: str) -> str:
     return str(obj["metadata"].get(key.split(".", 1)[1], ""))
 
 
+_Matcher = Callable[[JSONObject], bool]
+
+
+def _object_matcher(kind: _Kind, namespace: str, query: dict[str, list[str]]) -> _Matcher:
+    """What a list or watch request selects: its namespace, ``labelSelector``, ``fieldSelector``."""
+    label_matches = _label_matcher(query.get("labelSelector", [""])[0])
+    requirements = _field_requirements(kind, query.get("fieldSelector", [""])[0])
+
+    def matches(obj: JSONObject) -> bool:
+        meta = obj["metadata"]
+        if meta.get("namespace") != namespace or not label_matches(meta.get("labels", {})):
+            return False
+        return all(
+            (_field_value(obj, key) == value) != negated for key, negated, value in requirements
+        )
+
+    return matches
+
+
+# --------------------------------------------------------------------------------------------
+# Watches and service-account tokens
+# --------------------------------------------------------------------------------------------
+
+_WatchEnd = Literal["timeout", "expired", "drop"]
+
+
+def _parse_bool(name: str, value: str) -> bool:
+    """Go's strconv.ParseBool, which the server's query decoder uses."""
+    if value in ("1", "t", "T", "TRUE", "true", "True"):
+        return True
+    if value in ("", "0", "f", "F", "FALSE", "false", "False"):
+        return False
+    raise ApiStatusError(400, f'{name}: Invalid value: "{value}": invalid boolean')
+
+
+def _parse_uint(name: str, value: str) -> int:
+    if not value.isdigit():
+        raise ApiStatusError(
+            400,
+            f'{name}: Invalid value: "{value}": strconv.ParseUint: parsing {json.dumps(value)}'
+            ": invalid syntax",
+        )
+    return int(value)
+
+
+def _go_quote_list(values: list[str]) -> str:
+    """Go's %q of a []string: ``["a" "b"]``."""
+    return "[" + " ".join(json.dumps(v) for v in values) + "]"
+
+
+def _event_line(event_type: str, obj: JSONObject) -> bytes:
+    return (json.dumps({"type": event_type, "object": obj}) + "\n").encode()
+
+
+def _expired(since: int, floor: int) -> ApiStatusError:
+    """The watch cache's answer to a resourceVersion older than its history."""
+    return ApiStatusError(410, f"too old resource version: {since} ({floor})", reason="Expired")
+
+
+def _expired_line(since: int, floor: int) -> bytes:
+    return _event_line("ERROR", _expired(since, floor).status())
+
+
+_CLIENT_GONE_POLL = 0.1  # seconds between checks that an idle watch's client is still there
+
+
+def _client_gone(connection: socket.socket | None) -> bool:
+    """Whether the client closed its end (readable, and nothing to read)."""
+    if connection is None:
+        return False
+    try:
+        readable, _, _ = select.select([connection], [], [], 0)
+        return bool(readable) and connection.recv(1, socket.MSG_PEEK) == b""
+    except (OSError, ValueError):
+        return True
+
+
+@dataclass(frozen=True)
+class _Event:
+    """One change in the watch history: the object after (``None`` once deleted) and before
+    (``None`` when created), both rendered as the API shows them."""
+
+    resource_version: int
+    current: JSONObject | None
+    previous: JSONObject | None
+
+
+@dataclass(eq=False)
+class _Watcher:
+    """One open watch request.  Guarded by the server's lock; the handler thread drains it."""
+
+    kind: _Kind
+    matches: _Matcher
+    bookmarks: bool
+    deadline: float  # time.monotonic()
+    resource_version: int  # the last one sent (or asked for)
+    pending: list[bytes] = field(default_factory=list)
+    end: _WatchEnd | None = None
+    streaming: bool = False  # the response headers went out
+    connection: socket.socket | None = None
+
+    def line_for(self, event: _Event) -> bytes | None:
+        """The event this watcher sees, as the server's cacheWatcher converts it, or None."""
+        now_matches = event.current is not None and self.matches(event.current)
+        was_matching = event.previous is not None and self.matches(event.previous)
+        if now_matches and event.current is not None:
+            return _event_line("MODIFIED" if was_matching else "ADDED", event.current)
+        if was_matching and event.previous is not None:
+            # The last state the watcher saw, at the resourceVersion of the change.
+            gone = copy.deepcopy(event.previous)
+            gone["metadata"]["resourceVersion"] = str(event.resource_version)
+            return _event_line("DELETED", gone)
+        return None
+
+    def close(self, end: _WatchEnd) -> None:
+        if self.end is None or end == "drop":
+            self.end = end
+        if end == "drop" and self.connection is not None:
+            with contextlib.suppress(OSError):
+                self.connection.shutdown(socket.SHUT_RDWR)
+
+
+@dataclass
+class _ServiceAccountToken:
+    namespace: str
+    name: str
+    uid: str
+    audiences: list[str]
+    expires_at: float  # time.time()
+    credential_id: str
+    revoked: bool = False
+
+
 # --------------------------------------------------------------------------------------------
 # The server
 # --------------------------------------------------------------------------------------------
@@ -933,6 +1144,7 @@ class _Response:
     code: int
     body: JSONObject
     headers: dict[str, str] = field(default_factory=dict)
+    stream: _Watcher | None = None  # a watch: the handler streams its events instead of body
 
 
 class FakeKubeAPI(LoopbackServer):
@@ -940,16 +1152,42 @@ class FakeKubeAPI(LoopbackServer):
 
     ``token`` and ``rbac`` are plain attributes and may be changed while running (e.g. to
     rotate the accepted token or revoke a permission).  ``stop()`` drops kept-alive client
-    connections, so clients see the server go away; ``start()`` again serves the same port.
+    connections and open watches, so clients see the server go away; ``start()`` again serves
+    the same port, with the same objects and resourceVersions.
+
+    ``watch_history`` (events kept per resource for watches to resume from),
+    ``default_watch_timeout`` (seconds a watch without ``timeoutSeconds`` lasts),
+    ``expired_watch_as_http_410`` (answer an expired watch with an HTTP 410 instead of the real
+    server's in-stream ERROR event) and ``api_audiences`` (what a TokenReview without
+    ``spec.audiences`` checks against) are plain attributes too.
     """
 
-    def __init__(self, *, token: str = "fake-sa-token", rbac: RBAC | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        token: str = "fake-sa-token",
+        rbac: RBAC | None = None,
+        watch_history: int = 100,
+        default_watch_timeout: float = 1800.0,
+        api_audiences: tuple[str, ...] = (DEFAULT_API_AUDIENCE,),
+    ) -> None:
         super().__init__(_Handler, name="fake-kube-api")
         self.token = token
         self.rbac = rbac
+        self.watch_history = watch_history
+        self.default_watch_timeout = default_watch_timeout
+        self.expired_watch_as_http_410 = False
+        self.api_audiences = list(api_audiences)
         self._lock = threading.RLock()
+        self._watch_changed = threading.Condition(self._lock)
         self._store: dict[tuple[str, str, str], _Stored] = {}
         self._revision = 1000  # etcd's global revision: every write bumps it
+        # Per resource: the recent changes, and the oldest RV a watch may resume from.
+        self._history: dict[str, deque[_Event]] = {resource: deque() for resource in _KINDS}
+        self._history_floor: dict[str, int] = dict.fromkeys(_KINDS, self._revision)
+        self._watchers: set[_Watcher] = set()
+        self._sa_tokens: dict[str, _ServiceAccountToken] = {}
+        self._token_reviews = 0
         self._requests: list[RecordedRequest] = []
         self._internal_errors: list[BaseException] = []
         self._conflicts_left = 0
@@ -959,6 +1197,11 @@ class FakeKubeAPI(LoopbackServer):
         self._delay_seconds = 0.0
 
     # -- lifecycle (start, stop, context manager: refresher.loopback.LoopbackServer) -----------
+
+    def stop(self) -> None:
+        """Stop promptly; open watches break off (no last chunk), as when a server dies."""
+        self.drop_watches()
+        super().stop()
 
     @property
     def url(self) -> str:
@@ -1024,8 +1267,133 @@ class FakeKubeAPI(LoopbackServer):
     def delete_object(self, resource: Resource, namespace: str, name: str) -> None:
         """Delete an object if it exists."""
         with self._lock:
-            if self._store.pop((resource, namespace, name), None) is not None:
+            stored = self._store.pop((resource, namespace, name), None)
+            if stored is not None:
                 self._revision += 1
+                self._record(_KINDS[resource], stored, None)
+
+    # -- watches --------------------------------------------------------------------------------
+
+    @property
+    def open_watches(self) -> int:
+        """Watch responses being streamed now (headers sent, stream not ended)."""
+        with self._lock:
+            return sum(1 for w in self._watchers if w.streaming)
+
+    def wait_for_watches(self, count: int, timeout: float = 5.0) -> bool:
+        """Wait until exactly ``count`` watches are open; False if that took over ``timeout``."""
+        deadline = time.monotonic() + timeout
+        with self._watch_changed:
+            while self.open_watches != count:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._watch_changed.wait(remaining)
+            return True
+
+    def drop_watches(self) -> int:
+        """Shut down the connection of every watch, mid-stream: the client sees a broken
+        chunked response (no last chunk).  Returns how many were dropped."""
+        with self._lock:
+            watchers = [w for w in self._watchers if w.end != "drop"]
+            for watcher in watchers:
+                watcher.close("drop")
+            self._watch_changed.notify_all()
+            return len(watchers)
+
+    def compact_history(self) -> None:
+        """Forget every watch event and advance the resourceVersion (as a write of some other
+        object would): a watch from any resourceVersion obtained before this call is expired
+        (410), while a list made after it returns a resourceVersion to watch from."""
+        with self._lock:
+            self._revision += 1
+            for resource in self._history:
+                self._history[resource].clear()
+                self._history_floor[resource] = self._revision
+
+    def expire_watches(self) -> int:
+        """``compact_history()``, then end every open watch with the in-stream ERROR event
+        (``410``, reason ``Expired``) a real server sends.  Returns how many were expired."""
+        with self._lock:
+            self.compact_history()
+            watchers = [w for w in self._watchers if w.end is None]
+            for watcher in watchers:
+                floor = self._history_floor[watcher.kind.resource]
+                watcher.pending.append(_expired_line(watcher.resource_version, floor))
+                watcher.close("expired")
+            self._watch_changed.notify_all()
+            return len(watchers)
+
+    def send_bookmarks(self) -> int:
+        """Send a ``BOOKMARK`` event (the current resourceVersion) to every open watch that
+        asked for them (``allowWatchBookmarks=true``).  Returns how many were sent."""
+        with self._lock:
+            watchers = [w for w in self._watchers if w.end is None and w.bookmarks]
+            for watcher in watchers:
+                bookmark = {
+                    "kind": watcher.kind.kind,
+                    "apiVersion": watcher.kind.api_version,
+                    "metadata": {"resourceVersion": str(self._revision)},
+                }
+                watcher.pending.append(_event_line("BOOKMARK", bookmark))
+                watcher.resource_version = self._revision
+            self._watch_changed.notify_all()
+            return len(watchers)
+
+    # -- service-account tokens (TokenReview) ---------------------------------------------------
+
+    def issue_service_account_token(
+        self,
+        namespace: str,
+        name: str,
+        *,
+        audiences: list[str] | None = None,
+        expires_in: float = 3600,
+    ) -> str:
+        """A token for service account ``namespace/name`` that TokenReviews accept, as the
+        TokenRequest API (a projected volume) would issue it: for ``audiences`` (default: the
+        API server's, ``api_audiences``), valid for ``expires_in`` seconds (0 or less: already
+        expired).  JWT-shaped, but only this server's memory makes it valid."""
+        audiences = list(self.api_audiences if audiences is None else audiences)
+        now = time.time()
+        uid = str(uuid.uuid5(uuid.NAMESPACE_URL, f"serviceaccount/{namespace}/{name}"))
+        credential_id = str(uuid.uuid4())
+        claims = {
+            "aud": audiences,
+            "exp": int(now + expires_in),
+            "iat": int(now),
+            "iss": DEFAULT_API_AUDIENCE,
+            "jti": credential_id,
+            "kubernetes.io": {
+                "namespace": namespace,
+                "serviceaccount": {"name": name, "uid": uid},
+            },
+            "nbf": int(now),
+            "sub": f"system:serviceaccount:{namespace}:{name}",
+        }
+        parts = [
+            json.dumps({"alg": "RS256", "kid": "fake-kube-api"}, separators=(",", ":")).encode(),
+            json.dumps(claims, separators=(",", ":")).encode(),
+            _random.token_bytes(256),
+        ]
+        token = ".".join(base64.urlsafe_b64encode(p).rstrip(b"=").decode() for p in parts)
+        with self._lock:
+            self._sa_tokens[token] = _ServiceAccountToken(
+                namespace, name, uid, audiences, now + expires_in, credential_id
+            )
+        return token
+
+    def revoke_token(self, token: str) -> None:
+        """From now on TokenReviews refuse ``token`` (as when its pod or Secret is deleted)."""
+        with self._lock:
+            if token in self._sa_tokens:
+                self._sa_tokens[token].revoked = True
+
+    @property
+    def token_reviews(self) -> int:
+        """TokenReviews answered (authorized ones, whatever their verdict)."""
+        with self._lock:
+            return self._token_reviews
 
     # -- fault injection ------------------------------------------------------------------------
 
@@ -1060,12 +1428,13 @@ class FakeKubeAPI(LoopbackServer):
             self._requests.clear()
 
     def write_count(self, resource: str | None = None) -> int:
-        """Number of POST/PUT/PATCH/DELETE requests received (optionally for one resource)."""
+        """Number of POST/PUT/PATCH/DELETE requests received (optionally for one resource);
+        TokenReviews are not counted."""
         with self._lock:
             count = 0
             for request in self._requests:
-                if request.method not in WRITE_METHODS:
-                    continue
+                if request.method not in WRITE_METHODS or _TOKEN_REVIEW_PATH.match(request.path):
+                    continue  # a TokenReview changes nothing
                 route = _route(request.path)
                 if resource is None or (route is not None and route[0].resource == resource):
                     count += 1
@@ -1135,9 +1504,10 @@ class FakeKubeAPI(LoopbackServer):
         rbac = self.rbac
         if rbac is None or rbac.allows(verb, kind.resource, namespace, name):
             return
+        scope = f'in the namespace "{namespace}"' if namespace else "at the cluster scope"
         who = (
             f'User "{rbac.user}" cannot {verb} resource "{kind.resource}" in API group '
-            f'"{kind.group}" in the namespace "{namespace}"'
+            f'"{kind.group}" {scope}'
         )
         target = f'{kind.qualified} "{name}"' if name else kind.qualified
         raise ApiStatusError(403, f"{target} is forbidden: {who}", details=kind.details(name))
@@ -1154,6 +1524,15 @@ class FakeKubeAPI(LoopbackServer):
         if injected is not None:
             raise injected
         self._authenticate(headers)
+        if _TOKEN_REVIEW_PATH.match(path):
+            if method != "POST":
+                raise ApiStatusError(
+                    405,
+                    "the server does not allow this method on the requested resource",
+                    details=TOKEN_REVIEWS.details(""),
+                )
+            self._authorize("create", TOKEN_REVIEWS, "", "")
+            return self._token_review(body, headers.get("content-type", "application/json"))
         route = _route(path)
         if route is None:
             raise ApiStatusError(404, "the server could not find the requested resource")
@@ -1170,9 +1549,12 @@ class FakeKubeAPI(LoopbackServer):
                 "the server does not allow this method on the requested resource",
                 details=kind.details(name),
             )
+        if verb == "list" and _parse_bool("watch", query.get("watch", [""])[0]):
+            verb = "watch"
         field_selector = query.get("fieldSelector", [""])[0]
         auth_name = name
-        if verb == "list":
+        if verb in ("list", "watch"):
+            # The authorizer sees the name a field selector pins (RequestInfo.Name).
             requirements = _field_requirements(kind, field_selector)
             names = [v for k, negated, v in requirements if k == "metadata.name" and not negated]
             auth_name = names[0] if len(names) == 1 else ""
@@ -1186,6 +1568,8 @@ class FakeKubeAPI(LoopbackServer):
                 return _Response(200, self._render(kind, self._get(kind, namespace, name)))
             if verb == "list":
                 return self._list(kind, namespace, query)
+            if verb == "watch":
+                return self._watch(kind, namespace, query)
             if verb == "create":
                 obj = self._decode(kind, body, content_type)
                 return self._post(kind, namespace, obj, manager, dry_run)
@@ -1233,20 +1617,12 @@ class FakeKubeAPI(LoopbackServer):
         return obj
 
     def _list(self, kind: _Kind, namespace: str, query: dict[str, list[str]]) -> _Response:
-        label_matches = _label_matcher(query.get("labelSelector", [""])[0])
-        requirements = _field_requirements(kind, query.get("fieldSelector", [""])[0])
-        items = []
-        for (resource, ns, _name), stored in sorted(self._store.items()):
-            if resource != kind.resource or ns != namespace:
-                continue
-            if not label_matches(stored.obj["metadata"].get("labels", {})):
-                continue
-            if any(
-                (_field_value(stored.obj, key) == value) == negated
-                for key, negated, value in requirements
-            ):
-                continue
-            items.append(self._render(kind, stored, in_list=True))
+        matches = _object_matcher(kind, namespace, query)
+        items = [
+            self._render(kind, stored, in_list=True)
+            for (resource, _ns, _name), stored in sorted(self._store.items())
+            if resource == kind.resource and matches(stored.obj)
+        ]
         body = {
             "kind": f"{kind.kind}List",
             "apiVersion": kind.api_version,
@@ -1254,6 +1630,184 @@ class FakeKubeAPI(LoopbackServer):
             "items": items,
         }
         return _Response(200, body)
+
+    def _watch(self, kind: _Kind, namespace: str, query: dict[str, list[str]]) -> _Response:
+        """Register a watch; the handler streams what it collects (see ``_next_events``)."""
+        matches = _object_matcher(kind, namespace, query)
+        timeout = _parse_uint("timeoutSeconds", query.get("timeoutSeconds", ["0"])[0] or "0")
+        bookmarks = _parse_bool("allowWatchBookmarks", query.get("allowWatchBookmarks", [""])[0])
+        requested = query.get("resourceVersion", [""])[0]
+        watcher = _Watcher(
+            kind,
+            matches,
+            bookmarks,
+            deadline=time.monotonic() + (timeout or self.default_watch_timeout),
+            resource_version=self._revision,
+        )
+        if requested in ("", "0"):
+            # "Get state and start at most recent": synthetic ADDED events first.
+            for (resource, _ns, _name), stored in sorted(self._store.items()):
+                if resource == kind.resource and matches(stored.obj):
+                    watcher.pending.append(_event_line("ADDED", self._render(kind, stored)))
+        else:
+            since = _parse_uint("resourceVersion", requested)
+            floor = self._history_floor[kind.resource]
+            if since < floor:
+                if self.expired_watch_as_http_410:
+                    raise _expired(since, floor)
+                watcher.pending.append(_expired_line(since, floor))
+                watcher.end = "expired"
+            elif since > self._revision:
+                too_large = ApiStatusError(
+                    504,
+                    f"Timeout: Too large resource version: {since}, current: {self._revision}",
+                    reason="Timeout",
+                    details={
+                        "causes": [
+                            {
+                                "reason": "ResourceVersionTooLarge",
+                                "message": "Too large resource version",
+                            }
+                        ],
+                        "retryAfterSeconds": 1,
+                    },
+                )
+                watcher.pending.append(_event_line("ERROR", too_large.status()))
+                watcher.end = "expired"
+            else:
+                watcher.resource_version = since
+                for event in self._history[kind.resource]:
+                    if event.resource_version > since:
+                        line = watcher.line_for(event)
+                        if line is not None:
+                            watcher.pending.append(line)
+                            watcher.resource_version = event.resource_version
+        self._watchers.add(watcher)
+        return _Response(200, {}, stream=watcher)
+
+    def _record(self, kind: _Kind, previous: _Stored | None, current: _Stored | None) -> None:
+        """A write just took ``self._revision``: keep it in the history and tell the watches."""
+        if kind.resource not in self._history:
+            return
+        event = _Event(
+            self._revision,
+            None if current is None else self._render(kind, current),
+            None if previous is None else self._render(kind, previous),
+        )
+        history = self._history[kind.resource]
+        history.append(event)
+        if len(history) > max(self.watch_history, 0):
+            while len(history) > max(self.watch_history, 0):
+                history.popleft()
+            # The real watch cache: a watch may resume from the oldest event kept, minus one.
+            oldest = history[0].resource_version if history else self._revision + 1
+            self._history_floor[kind.resource] = oldest - 1
+        for watcher in self._watchers:
+            if watcher.kind is kind and watcher.end is None:
+                line = watcher.line_for(event)
+                if line is not None:
+                    watcher.pending.append(line)
+                    watcher.resource_version = event.resource_version
+        self._watch_changed.notify_all()
+
+    def _next_events(self, watcher: _Watcher) -> tuple[list[bytes], _WatchEnd | None]:
+        """Wait for a watch's next events, or its end (called by its handler thread)."""
+        with self._watch_changed:
+            while not watcher.pending and watcher.end is None:
+                remaining = watcher.deadline - time.monotonic()
+                if remaining <= 0:
+                    watcher.end = "timeout"
+                elif self.stopping.is_set() or _client_gone(watcher.connection):
+                    watcher.end = "drop"  # as Go's server cancels a request whose client left
+                else:
+                    self._watch_changed.wait(min(remaining, _CLIENT_GONE_POLL))
+            lines, watcher.pending = watcher.pending, []
+            return ([] if watcher.end == "drop" else lines), watcher.end
+
+    def _watch_streaming(self, watcher: _Watcher, connection: socket.socket) -> bool:
+        """The handler is about to send the headers; False if the watch was dropped first."""
+        with self._lock:
+            watcher.connection = connection
+            if watcher.end == "drop":
+                return False
+            watcher.streaming = True
+            self._watch_changed.notify_all()
+            return True
+
+    def _watch_ended(self, watcher: _Watcher) -> None:
+        with self._lock:
+            self._watchers.discard(watcher)
+            watcher.streaming = False
+            self._watch_changed.notify_all()
+
+    def _token_review(self, body: bytes, content_type: str) -> _Response:
+        """``POST tokenreviews``: what kube-apiserver's TokenReview storage and its
+        service-account authenticator answer."""
+        review = self._decode(TOKEN_REVIEWS, body, content_type)
+        spec = review.get("spec")
+        if spec is None:
+            spec = {}
+        _expect(TOKEN_REVIEWS, spec, dict, "TokenReview.spec", "v1.TokenReviewSpec")
+        token = spec.get("token") or ""
+        _expect(TOKEN_REVIEWS, token, str, "TokenReviewSpec.spec.token", "string")
+        wanted = spec.get("audiences") or []
+        _expect(TOKEN_REVIEWS, wanted, list, "TokenReviewSpec.spec.audiences", "[]string")
+        for audience in wanted:
+            _expect(TOKEN_REVIEWS, audience, str, "TokenReviewSpec.spec.audiences", "string")
+        if not token:
+            raise ApiStatusError(400, "token is required for TokenReview in authentication")
+        targets = list(wanted) or list(self.api_audiences)
+        with self._lock:
+            self._token_reviews += 1
+            known = self._sa_tokens.get(token)
+            known = None if known is None else copy.deepcopy(known)
+        status: JSONObject = {"user": {}}
+        problem: str | None = None
+        if known is None:
+            problem = "token lookup failed"
+        else:
+            granted = [a for a in targets if a in known.audiences]  # Audiences.Intersect
+            if not granted:
+                problem = (
+                    f"token audiences {_go_quote_list(known.audiences)} is invalid for the "
+                    f"target audiences {_go_quote_list(targets)}"
+                )
+            elif time.time() >= known.expires_at:
+                problem = "service account token has expired"
+            elif known.revoked:
+                problem = "service account token has been invalidated"
+            else:
+                status = {
+                    "authenticated": True,
+                    "user": {
+                        "username": f"system:serviceaccount:{known.namespace}:{known.name}",
+                        "uid": known.uid,
+                        "groups": [
+                            "system:serviceaccounts",
+                            f"system:serviceaccounts:{known.namespace}",
+                            "system:authenticated",
+                        ],
+                        "extra": {
+                            "authentication.kubernetes.io/credential-id": [
+                                f"JTI={known.credential_id}"
+                            ]
+                        },
+                    },
+                    "audiences": granted,
+                }
+        if problem is not None:
+            status["error"] = f"[invalid bearer token, {problem}]"
+        answer_spec: JSONObject = {"token": token}
+        if wanted:
+            answer_spec["audiences"] = list(wanted)
+        answer = {
+            "kind": TOKEN_REVIEWS.kind,
+            "apiVersion": TOKEN_REVIEWS.api_version,
+            "metadata": review.get("metadata") or {},
+            "spec": answer_spec,
+            "status": status,
+        }
+        return _Response(201, answer)
 
     def _decode(self, kind: _Kind, body: bytes, content_type: str) -> JSONObject:
         media_type = content_type.split(";", 1)[0].strip().lower()
@@ -1366,6 +1920,7 @@ class FakeKubeAPI(LoopbackServer):
         candidate["metadata"]["resourceVersion"] = str(self._revision)
         stored = _Stored(candidate, managers)
         self._store[key] = stored
+        self._record(kind, None, stored)
         return _Response(201, self._render(kind, stored), _warning_headers(normalizer.warnings))
 
     def _concurrent_write(self, kind: _Kind, namespace: str, name: str) -> None:
@@ -1418,6 +1973,7 @@ class FakeKubeAPI(LoopbackServer):
         candidate["metadata"]["resourceVersion"] = str(self._revision)
         updated = _Stored(candidate, managers)
         self._store[(kind.resource, namespace, name)] = updated
+        self._record(kind, stored, updated)
         return self._render(kind, updated)
 
     def _put(
@@ -1628,6 +2184,7 @@ class FakeKubeAPI(LoopbackServer):
         if not dry_run:
             del self._store[(kind.resource, namespace, name)]
             self._revision += 1
+            self._record(kind, stored, None)
         details = kind.details(name)
         details["uid"] = current["uid"]
         body_out = {
@@ -1769,6 +2326,9 @@ class _Handler(QuietHandler):
         body = self._read_body()
         headers = {name.lower(): value for name, value in self.headers.items()}
         response = self.api._serve(self.command, self.path, headers, body)
+        if response.stream is not None:
+            self._stream(response.stream)
+            return
         payload = (json.dumps(response.body) + "\n").encode()
         self.send_response(response.code)
         self.send_header("Content-Type", "application/json")
@@ -1780,5 +2340,40 @@ class _Handler(QuietHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(payload)
+
+    def _stream(self, watcher: _Watcher) -> None:
+        """A watch response: one chunk per event, the last chunk when the watch ends cleanly
+        (timeout, expiry), none when it is dropped (the connection is shut down instead)."""
+        api = self.api
+        clean = False
+        try:
+            if not api._watch_streaming(watcher, self.connection):
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Cache-Control", "no-cache, private")
+            self.send_header("Audit-Id", str(uuid.uuid4()))
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            while True:
+                lines, end = api._next_events(watcher)
+                if end == "drop":
+                    return
+                chunks = b"".join(b"%x\r\n%s\r\n" % (len(line), line) for line in lines)
+                if end is not None:
+                    chunks += b"0\r\n\r\n"
+                if chunks:
+                    self.wfile.write(chunks)
+                if end is not None:
+                    clean = True
+                    return
+        except OSError:
+            return  # the client went away, or the watch was dropped mid-write
+        finally:
+            api._watch_ended(watcher)
+            if not clean:
+                self.close_connection = True
+                with contextlib.suppress(OSError):
+                    self.connection.shutdown(socket.SHUT_RDWR)
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _dispatch

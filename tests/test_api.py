@@ -136,7 +136,8 @@ def test_unknown_names_methods_and_paths_are_refused(
         assert daemon.api is not None
         base = f"http://127.0.0.1:{daemon.api.port}"
         assert requests.get(base + "/metrics", timeout=5).status_code == 404
-        assert requests.post(base + "/v1/tokens/x", timeout=5).status_code == 404
+        assert requests.post(base + "/v1/tokens/x", timeout=5).status_code == 405  # GET only
+        assert requests.get(base + "/v1/tokens/x/y", timeout=5).status_code == 404
 
 
 def test_a_flood_of_reports_joins_one_probe_and_is_then_rate_limited(
@@ -187,21 +188,26 @@ def test_a_follower_sends_reports_to_the_leader(
         assert answer.headers["Retry-After"] == "5"
 
 
-def test_the_api_listener_is_loopback_only_until_it_authenticates(tmp_path: Path) -> None:
+def test_the_api_listen_address_is_parsed_and_anonymous_callers_only_on_loopback(
+    tmp_path: Path,
+) -> None:
     job = offline_job(tmp_path)
+    # Not loopback (`0.0.0.0` and `::` are every address; an IPv4-mapped ::1 is not ::1):
+    # callers must authenticate, so every job must say who may read it.
     for listen in ("0.0.0.0:9465", "[::]:9465", "10.0.0.5:9465", "[::ffff:127.0.0.1]:1"):
         with pytest.raises(ConfigError) as caught:
             validate({"tokens": [job], "api": {"enabled": True, "listen": listen}})
         (problem,) = caught.value.problems
-        assert problem.startswith("api.listen: ") and "loopback" in problem, problem
+        assert problem.startswith("tokens[0].consumers: required") and "loopback" in problem
     for listen, address in (
         ("127.0.0.1:9465", ("127.0.0.1", 9465)),
         ("[::1]:0", ("::1", 0)),
         ("localhost:80", ("127.0.0.1", 80)),
         ("127.1.2.3:9", ("127.1.2.3", 9)),
     ):
-        config = validate({"tokens": [job], "api": {"listen": listen}})
+        config = validate({"tokens": [job], "api": {"enabled": True, "listen": listen}})
         assert config.settings.api.address == address
+        assert config.settings.api.loopback
     for listen in ("9465", "127.0.0.1", "::1:9465", "host:1", "127.0.0.1:65536"):
         with pytest.raises(ConfigError) as caught:
             validate({"tokens": [job], "api": {"listen": listen}})

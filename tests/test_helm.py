@@ -6,8 +6,10 @@ object is validated against Kubernetes' own OpenAPI schemas (`kubernetes-validat
 the Prometheus Operator objects against their shape; then the properties the chart promises
 are asserted: a non-root read-only pod without capabilities, RBAC limited to the named
 Secrets and the Lease, secrets only as files, leader election with several replicas, the
-CronJob's single writer, values rejected by the schema, a dashboard that queries only
-metrics a running refresher serves, and a rendered config the refresher itself accepts.
+CronJob's single writer, the token API (its own Service of ready pods, list/watch and the
+TokenReview binding only when it needs them, a NetworkPolicy admitting only the chosen
+clients), values rejected by the schema, a dashboard that queries only metrics a running
+refresher serves, and a rendered config the refresher itself accepts.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 import yaml
 
 from refresher import __version__
@@ -49,8 +52,14 @@ FULLNAME = "rel-refresher"
 UID = 65532
 
 # Verbs the refresher uses: it reads (get), writes JSON merge patches (patch) and, only
-# when asked, creates. Nothing may list, watch, update, delete or use a wildcard.
+# when asked, creates. Nothing may update, delete or use a wildcard, and nothing may list or
+# watch, except for the one case in WATCH_VERBS.
 ALLOWED_VERBS = {"get", "patch", "create"}
+# The token API with leader election: every replica lists, then watches, the target Secrets
+# by name (followers serve what the leader writes; the leader sees the followers' reports).
+WATCH_VERBS = ["list", "watch"]
+# Objects without a namespace (the TokenReview binding).
+CLUSTER_SCOPED = {"ClusterRoleBinding"}
 
 Doc = dict[str, Any]
 
@@ -210,6 +219,58 @@ def probed(
     return {**result, **(values or {})}
 
 
+def example_values(stem: str) -> dict[str, Any]:
+    values: dict[str, Any] = yaml.safe_load((CHART / "examples" / f"{stem}.yaml").read_text())
+    return values
+
+
+def bearer_api() -> dict[str, Any]:
+    """One replica (no leader election) serving the token API over TLS on IPv6 to consumers
+    outside Kubernetes, by bearer key: no list/watch, no TokenReview."""
+    return {
+        "credentials": {"existingSecret": "idp-client"},
+        "api": {
+            "enabled": True,
+            "listen": "[::]:8443",
+            "maxStaleness": 10,
+            "tls": {"existingSecret": "refresher-api-tls"},
+            "service": {"type": "LoadBalancer", "port": 443, "annotations": {"a": "b"}},
+            "allowedClients": {"ipBlocks": ["203.0.113.0/24"], "namespaceSelector": None},
+        },
+        "networkPolicy": {"enabled": True, "apiServer": {"cidrs": ["10.0.0.1/32"]}},
+        "config": {
+            "tokens": [
+                {
+                    "name": "billing",
+                    "token_url": "https://idp.example.com/oauth2/token",
+                    "client_id": "billing",
+                    "client_secret": {"file": "/etc/refresher/secrets/client-secret"},
+                    "consumers": {"bearer_key_file": "/etc/refresher/secrets/consumer-key"},
+                    "sinks": [{"type": "kubernetes", "name": "billing-token"}],
+                }
+            ]
+        },
+    }
+
+
+def elected_cross_namespace_api() -> dict[str, Any]:
+    """The cross-namespace example with two replicas and the token API: list/watch in every
+    namespace with a target Secret; consumers by namespace (a TokenReview binding)."""
+    values = example_values("cross-namespace")
+    values["replicaCount"] = 2
+    values["api"] = {"enabled": True, "listen": "0.0.0.0:9465"}
+    for job in values["config"]["tokens"]:
+        job["consumers"] = {"namespaces": ["team-a", "team-b"], "audience": "refresher"}
+    return values
+
+
+def consumers(who: dict[str, Any]) -> dict[str, Any]:
+    """file_only values whose job names these consumers."""
+    values = file_only()
+    values["config"]["tokens"][0]["consumers"] = who
+    return values
+
+
 VARIANTS: dict[str, tuple[str | None, dict[str, Any] | None]] = {
     "default": (None, None),
     **{stem: (stem, None) for stem in EXAMPLE_IDS},
@@ -234,6 +295,8 @@ VARIANTS: dict[str, tuple[str | None, dict[str, Any] | None]] = {
         },
     ),
     "probe": (None, probed()),
+    "api-bearer-tls": (None, bearer_api()),
+    "api-cross-namespace": (None, elected_cross_namespace_api()),
 }
 
 
@@ -261,8 +324,9 @@ def test_helm_lint_strict_passes(example: str | None) -> None:
 def check_service_monitor(doc: Doc, docs: list[Doc]) -> None:
     spec = doc["spec"]
     assert set(spec) <= {"jobLabel", "namespaceSelector", "selector", "endpoints"}
-    service = one(docs, "Service")
-    assert spec["jobLabel"] in service["metadata"]["labels"]
+    (service,) = [
+        s for s in of_kind(docs, "Service") if spec["jobLabel"] in s["metadata"]["labels"]
+    ]
     assert spec["namespaceSelector"] == {"matchNames": [doc["metadata"]["namespace"]]}
     assert spec["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
     port_names = {port["name"] for port in service["spec"]["ports"]}
@@ -270,6 +334,12 @@ def check_service_monitor(doc: Doc, docs: list[Doc]) -> None:
         assert endpoint["port"] in port_names
         assert endpoint["path"] == "/metrics"
         assert re.fullmatch(r"\d+[smh]", endpoint["interval"])
+    # Other Services the selector matches (the API Service) have no port of that name, so
+    # nothing is scraped twice.
+    for other in of_kind(docs, "Service"):
+        if other is not service:
+            names = {port["name"] for port in other["spec"]["ports"]}
+            assert not names & {endpoint["port"] for endpoint in spec["endpoints"]}
 
 
 def check_prometheus_rule(doc: Doc) -> None:
@@ -295,7 +365,10 @@ def test_every_rendered_object_validates_against_the_kubernetes_schemas(variant:
         key = (doc["kind"], doc["metadata"].get("namespace"), doc["metadata"]["name"])
         assert key not in seen, f"rendered twice: {key}"
         seen.add(key)
-        assert doc["metadata"].get("namespace"), f"{key}: no namespace"
+        if doc["kind"] in CLUSTER_SCOPED:
+            assert "namespace" not in doc["metadata"], f"{key}: cluster-scoped"
+        else:
+            assert doc["metadata"].get("namespace"), f"{key}: no namespace"
         if doc["apiVersion"] == "monitoring.coreos.com/v1":
             if doc["kind"] == "ServiceMonitor":
                 check_service_monitor(doc, docs)
@@ -424,11 +497,36 @@ def secrets_by_namespace(config: dict[str, Any]) -> dict[str, set[str]]:
     return wanted
 
 
+def watched_secrets(config: dict[str, Any]) -> dict[str, set[str]]:
+    """What the replicas list and watch: each job's first Secret sink, by namespace."""
+    watched: dict[str, set[str]] = {}
+    for job in config["tokens"]:
+        first = next((s for s in job["sinks"] if s["type"] == "kubernetes"), None)
+        if first is not None:
+            watched.setdefault(first["namespace"], set()).add(first["name"])
+    return watched
+
+
+def watches_secrets(config: dict[str, Any]) -> bool:
+    """The token API with leader election: every replica lists and watches the Secrets."""
+    api_on = bool(config.get("api", {}).get("enabled"))
+    return api_on and bool(config.get("leader_election", {}).get("enabled"))
+
+
+def reviews_tokens(config: dict[str, Any]) -> bool:
+    """The api is on and some job's consumers authenticate by service account."""
+    return bool(config.get("api", {}).get("enabled")) and any(
+        (job.get("consumers") or {}).get("service_accounts")
+        or (job.get("consumers") or {}).get("namespaces")
+        for job in config["tokens"]
+    )
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_roles_grant_only_the_named_secrets_and_the_lease(variant: str) -> None:
     docs = render_variant(variant)
-    assert not of_kind(docs, "ClusterRole") and not of_kind(docs, "ClusterRoleBinding")
     config = rendered_config(docs)
+    assert not of_kind(docs, "ClusterRole")  # never one of the chart's own
     wanted = secrets_by_namespace(config)
     election = config.get("leader_election", {})
     if election.get("enabled"):
@@ -438,15 +536,24 @@ def test_roles_grant_only_the_named_secrets_and_the_lease(variant: str) -> None:
     creating = {s["namespace"] for s in kubernetes_sinks(config) if s.get("create")}
     _, values = VARIANTS[variant]
     lease_created_by_chart = ((values or {}).get("leaderElection") or {}).get("createLease", True)
+    watching = watches_secrets(config)
 
     for namespace, role in roles.items():
         secrets: set[str] = set()
+        watched: set[str] = set()
         leases: set[str] = set()
         for rule in role["rules"]:
             text = json.dumps(rule)
             assert "*" not in text, f"wildcard in {rule}"
-            assert set(rule["verbs"]) <= ALLOWED_VERBS, rule
             (resource,) = rule["resources"]
+            if rule["verbs"] == WATCH_VERBS:
+                # Only for the token API with leader election, on the named Secrets only.
+                assert watching, f"list/watch granted without the token API and election: {rule}"
+                assert resource == "secrets" and rule["apiGroups"] == [""]
+                assert rule["resourceNames"]
+                watched |= set(rule["resourceNames"])
+                continue
+            assert set(rule["verbs"]) <= ALLOWED_VERBS, rule
             if "create" in rule["verbs"]:
                 # RBAC cannot limit create by name: granted alone, and only when asked.
                 assert rule["verbs"] == ["create"] and "resourceNames" not in rule
@@ -463,6 +570,7 @@ def test_roles_grant_only_the_named_secrets_and_the_lease(variant: str) -> None:
                 assert resource == "leases" and rule["apiGroups"] == ["coordination.k8s.io"]
                 leases |= set(rule["resourceNames"])
         assert secrets == wanted[namespace]
+        assert watched == (watched_secrets(config).get(namespace, set()) if watching else set())
         if election.get("enabled") and election["namespace"] == namespace:
             assert leases == {election["name"]}
         else:
@@ -482,6 +590,67 @@ def test_roles_grant_only_the_named_secrets_and_the_lease(variant: str) -> None:
         }
         (subject,) = binding["subjects"]
         assert subject["kind"] == "ServiceAccount" and subject["namespace"] == NAMESPACE
+
+    # TokenReviews for service-account consumers: the built-in auth-delegator, and only then.
+    cluster_bindings = of_kind(docs, "ClusterRoleBinding")
+    if reviews_tokens(config):
+        (cluster_binding,) = cluster_bindings
+        assert cluster_binding["roleRef"] == {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": "ClusterRole",
+            "name": "system:auth-delegator",
+        }
+        assert cluster_binding["subjects"] == [
+            {"kind": "ServiceAccount", "name": FULLNAME, "namespace": NAMESPACE}
+        ]
+        assert NAMESPACE in cluster_binding["metadata"]["name"]  # unique across namespaces
+    else:
+        assert not cluster_bindings
+
+
+def test_list_watch_and_token_reviews_are_granted_only_for_the_token_api() -> None:
+    # The example: two replicas, service-account consumers: both.
+    docs = render("token-api")
+    (role,) = of_kind(docs, "Role")
+    assert {
+        "apiGroups": [""],
+        "resources": ["secrets"],
+        "resourceNames": ["lucidworks-predict-token"],
+        "verbs": WATCH_VERBS,
+    } in role["rules"]
+    assert len(of_kind(docs, "ClusterRoleBinding")) == 1
+    (_, spec) = next(pod_specs(docs))
+    assert spec["automountServiceAccountToken"] is True
+
+    # One replica: nobody follows, nobody watches; bearer keys only: no TokenReview.
+    docs = render_variant("api-bearer-tls")
+    for role in of_kind(docs, "Role"):
+        assert all({"list", "watch"}.isdisjoint(rule["verbs"]) for rule in role["rules"])
+    assert not of_kind(docs, "ClusterRoleBinding")
+
+    # Two replicas without the api: no list, no watch (the multi-replica example).
+    for role in of_kind(render("multi-replica"), "Role"):
+        assert all({"list", "watch"}.isdisjoint(rule["verbs"]) for rule in role["rules"])
+
+    # Consumers configured but the api off: no binding.
+    values = example_values("token-api")
+    values["api"]["enabled"] = False
+    assert not of_kind(render(values=values), "ClusterRoleBinding")
+
+    # TokenReviews alone (file sinks, sidecar mode) still need the API server: an identity
+    # for the app's pod and the binding, but no Role.
+    sidecar = file_only({"mode": "sidecar", "api": {"enabled": True, "listen": "127.0.0.1:9465"}})
+    sidecar["config"]["tokens"][0]["consumers"] = {
+        "service_accounts": ["app/worker"],
+        "audience": "refresher",
+    }
+    docs = render(values=sidecar)
+    assert one(docs, "ServiceAccount") and one(docs, "ClusterRoleBinding")
+    assert not of_kind(docs, "Role")
+
+    # rbac.create: false renders none of it.
+    docs = render("token-api", {"rbac": {"create": False}})
+    assert not of_kind(docs, "Role") and not of_kind(docs, "ClusterRoleBinding")
 
 
 def test_create_is_granted_only_when_a_sink_asks_for_it() -> None:
@@ -657,6 +826,51 @@ def test_network_policy_lets_the_probes_reach_the_api_they_judge_the_token_by() 
     assert not of_kind(render(values={**probed(), "mode": "sidecar"}), "NetworkPolicy")
 
 
+def test_network_policy_admits_the_api_port_only_from_the_chosen_clients() -> None:
+    policy = one(render("token-api"), "NetworkPolicy")["spec"]
+    metrics, api = policy["ingress"]
+    assert metrics["ports"] == [{"port": 9464, "protocol": "TCP"}]
+    assert api["ports"] == [{"port": 9465, "protocol": "TCP"}]  # the pod's port, not the Service's
+    clients = example_values("token-api")["api"]["allowedClients"]
+    assert api["from"] == [
+        {"podSelector": clients["podSelector"], "namespaceSelector": clients["namespaceSelector"]}
+    ]
+    # TokenReviews and the watch go to the API server.
+    assert any(
+        peer.get("ipBlock", {}).get("cidr") == "10.0.0.1/32"
+        for rule in policy["egress"]
+        for peer in rule["to"]
+    )
+
+    # The default: pods labelled refresher.io/client=true in any namespace; null: this one
+    # only; ipBlocks for consumers outside the cluster.
+    _, api = one(render_variant("api-bearer-tls"), "NetworkPolicy")["spec"]["ingress"]
+    assert api["ports"] == [{"port": 8443, "protocol": "TCP"}]
+    assert api["from"] == [
+        {"podSelector": {"matchLabels": {"refresher.io/client": "true"}}},
+        {"ipBlock": {"cidr": "203.0.113.0/24"}},
+    ]
+    values = example_values("token-api")
+    del values["api"]["allowedClients"]
+    _, api = one(render(values=values), "NetworkPolicy")["spec"]["ingress"]
+    assert api["from"] == [
+        {"podSelector": {"matchLabels": {"refresher.io/client": "true"}}, "namespaceSelector": {}}
+    ]
+
+    # No selector would admit every pod: refused.
+    values = example_values("token-api")
+    values["api"]["allowedClients"]["podSelector"] = None
+    error = render_error(values=values)
+    assert (
+        "api.allowedClients.podSelector: the NetworkPolicy admits the token API's consumers"
+        in error
+    )
+
+    # Without the token API: the metrics port only.
+    (ingress,) = one(render("multi-replica"), "NetworkPolicy")["spec"]["ingress"]
+    assert ingress["ports"] == [{"port": 9464, "protocol": "TCP"}]
+
+
 # --------------------------------------------------------------------- rejected values
 
 
@@ -727,10 +941,61 @@ def test_network_policy_lets_the_probes_reach_the_api_they_judge_the_token_by() 
                 "--set",
                 "api.enabled=true",
                 "--set",
-                "api.listen=0.0.0.0:9465",
+                "api.listen=tokens.example.com:9465",
             ],
             None,
             ["/api/listen", "does not match pattern"],
+        ),
+        (["--set", "api.listen=0.0.0.0:70000"], None, ["/api/listen", "does not match pattern"]),
+        (["--set", "api.maxStaleness=30sec"], None, ["/api/maxStaleness", "does not match"]),
+        (["--set", "api.service.type=ExternalName"], None, ["/api/service/type"]),
+        (["--set", "api.tls.existingSecret=API_TLS"], None, ["/api/tls/existingSecret"]),
+        (["--set", "api.tls.certFile=/x"], None, ["additional properties 'certFile' not allowed"]),
+        (
+            None,
+            # (values merge into the default's matchLabels: only null removes them)
+            {"api": {"allowedClients": {"podSelector": {"matchLabels": None}}}},
+            ["/api/allowedClients/podSelector", "minProperties"],
+        ),
+        (
+            None,
+            consumers({"service_accounts": ["app/worker"]}),
+            ["/config/tokens/0/consumers", "'audience' required"],
+        ),
+        (
+            None,
+            consumers({"namespaces": ["app"]}),
+            ["/config/tokens/0/consumers", "'audience' required"],
+        ),
+        (
+            None,
+            consumers({"service_accounts": ["worker"], "audience": "refresher"}),
+            ["/config/tokens/0/consumers/service_accounts/0", "does not match pattern"],
+        ),
+        (
+            None,
+            consumers({"namespaces": ["Team_A"], "audience": "refresher"}),
+            ["/config/tokens/0/consumers/namespaces/0", "does not match pattern"],
+        ),
+        (
+            None,
+            consumers({"bearer_key_file": "keys/consumer"}),
+            ["/config/tokens/0/consumers/bearer_key_file", "does not match pattern"],
+        ),
+        (
+            None,
+            consumers({"users": ["app/worker"], "audience": "refresher"}),
+            ["/config/tokens/0/consumers", "additional properties 'users' not allowed"],
+        ),
+        (
+            None,
+            consumers({"audience": "refresher"}),
+            ["/config/tokens/0/consumers", "missing property 'bearer_key_file'"],
+        ),
+        (
+            None,
+            consumers({"audience": "refresher", "bearer_key_file": "/etc/refresher/k"}),
+            ["/config/tokens/0/consumers", "missing property 'service_accounts'"],
         ),
     ],
     ids=[
@@ -749,7 +1014,21 @@ def test_network_policy_lets_the_probes_reach_the_api_they_judge_the_token_by() 
         "probe-plain-http",
         "probe-interval",
         "rejected-status-200",
-        "api-not-loopback",
+        "api-listen-hostname",
+        "api-listen-port",
+        "api-max-staleness",
+        "api-service-type",
+        "api-tls-secret-name",
+        "api-tls-unknown-key",
+        "api-clients-everyone",
+        "consumers-accounts-without-audience",
+        "consumers-namespaces-without-audience",
+        "consumers-account-without-namespace",
+        "consumers-namespace-name",
+        "consumers-relative-key-file",
+        "consumers-unknown-key",
+        "consumers-nobody",
+        "consumers-audience-for-nobody",
     ],
 )
 def test_schema_rejects_bad_values_with_a_clear_message(
@@ -764,27 +1043,72 @@ def test_schema_rejects_bad_values_with_a_clear_message(
 # ------------------------------------------------------------------------ the api listener
 
 
-def test_the_api_listener_is_rendered_from_the_api_value_in_sidecar_mode_only(
-    tmp_path: Path,
-) -> None:
+def test_the_api_listener_is_rendered_from_the_api_value(tmp_path: Path) -> None:
     sidecar = rendered_config(render("sidecar"))
-    assert sidecar["api"] == {"enabled": True, "listen": "127.0.0.1:9465", "max_connections": 64}
+    assert sidecar["api"] == {
+        "enabled": True,
+        "listen": "127.0.0.1:9465",
+        "max_connections": 64,
+        "max_staleness": "30s",
+    }
     assert sidecar["tokens"][0]["probe"]["url"].startswith("https://")
     assert "api" not in rendered_config(render())  # off by default: nothing listens
 
     ipv6 = {
         "mode": "sidecar",
-        "api": {"enabled": True, "listen": "[::1]:9000", "maxConnections": 8},
+        "api": {"enabled": True, "listen": "[::1]:9000", "maxConnections": 8, "maxStaleness": 5},
     }
     config = rendered_config(render(values=ipv6))
-    assert config["api"] == {"enabled": True, "listen": "[::1]:9000", "max_connections": 8}
+    assert config["api"] == {
+        "enabled": True,
+        "listen": "[::1]:9000",
+        "max_connections": 8,
+        "max_staleness": 5,
+    }
     validate_with_local_files(config, tmp_path)
 
-    # Loopback only: in the other modes no container could ever reach it.
-    for mode in ("deployment", "cronjob"):
-        error = render_error("--set", f"mode={mode}", "--set", "api.enabled=true")
-        assert "api.enabled: the api listener takes loopback addresses only" in error
-        assert f"in {mode} mode there are none" in error
+    served = rendered_config(render("token-api"))["api"]
+    assert served == {
+        "enabled": True,
+        "listen": "0.0.0.0:9465",
+        "max_connections": 64,
+        "max_staleness": "30s",
+    }
+    assert rendered_config(render_variant("api-bearer-tls"))["api"]["tls"] == {
+        "cert_file": "/etc/refresher/api-tls/tls.crt",
+        "key_file": "/etc/refresher/api-tls/tls.key",
+    }
+
+
+def test_an_api_nothing_could_reach_or_anyone_could_read_is_refused() -> None:
+    # cronjob: `refresher once` serves nothing.
+    error = render_error("--set", "mode=cronjob", "--set", "api.enabled=true")
+    assert "api.enabled: in cronjob mode `refresher once` exits after one pass" in error
+    # deployment: the consumers are in other pods, a loopback listener is out of their reach.
+    error = render_error("--set", "api.enabled=true")
+    assert "api.listen: 127.0.0.1:9465 is a loopback address, and in deployment mode" in error
+    assert "listen on 0.0.0.0:PORT (or [::]:PORT)" in error
+    # reachable from other pods: every job says who may read it.
+    values = example_values("token-api")
+    anyone = {k: v for k, v in values["config"]["tokens"][0].items() if k != "consumers"}
+    values["config"]["tokens"].append({**anyone, "name": "anyone"})
+    error = render_error(values=values)
+    assert (
+        "config.tokens[1] (anyone): api.listen 0.0.0.0:9465 is reachable from other pods" in error
+    )
+    assert "give it `consumers`" in error
+    # the same in sidecar mode, which may listen on the pod's address too
+    error = render_error(
+        "--set", "mode=sidecar", "--set", "api.enabled=true", "--set", "api.listen=0.0.0.0:9465"
+    )
+    assert "config.tokens[0] (example): api.listen 0.0.0.0:9465 is reachable" in error
+    # with leader election, followers serve from the job's Secret: a job needs one.
+    values = example_values("token-api")
+    values["config"]["tokens"][0]["sinks"] = [{"type": "file", "path": "/var/run/tokens/t"}]
+    error = render_error(values=values)
+    assert "config.tokens[0] (lucidworks-predict): with leader election and the api on" in error
+    assert "give the job a `type: kubernetes` sink" in error
+    # one port each
     error = render_error(
         "--set", "mode=sidecar", "--set", "api.enabled=true", "--set", "api.listen=127.0.0.1:9464"
     )
@@ -794,24 +1118,101 @@ def test_the_api_listener_is_rendered_from_the_api_value_in_sidecar_mode_only(
     assert "config.api: the chart renders the refresher's api from the `api` value" in error
 
 
+def test_the_token_api_is_served_to_other_pods_through_a_service_of_ready_pods() -> None:
+    docs = render("token-api")
+    (metadata, spec) = next(pod_specs(docs))
+    (container,) = spec["containers"]
+    assert container["ports"] == [
+        {"name": "metrics", "containerPort": 9464, "protocol": "TCP"},
+        {"name": "api", "containerPort": 9465, "protocol": "TCP"},
+    ]
+    # Readiness stays on the metrics port: /readyz says whether this replica can serve.
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+
+    services = {s["metadata"]["name"]: s for s in of_kind(docs, "Service")}
+    assert set(services) == {FULLNAME, f"{FULLNAME}-api"}
+    api = services[f"{FULLNAME}-api"]["spec"]
+    # Consumers reach ready replicas only, unlike the scrapes of the metrics Service.
+    assert not api.get("publishNotReadyAddresses")
+    assert services[FULLNAME]["spec"]["publishNotReadyAddresses"] is True
+    assert api["selector"].items() <= metadata["labels"].items()
+    assert api["selector"] == services[FULLNAME]["spec"]["selector"]
+    assert api["type"] == "ClusterIP"
+    assert api["ports"] == [
+        {"name": "api", "port": 9465, "targetPort": "api", "protocol": "TCP", "appProtocol": "http"}
+    ]
+    assert "refresher.io/scrape-job" not in services[f"{FULLNAME}-api"]["metadata"]["labels"]
+
+    # TLS, another port, another Service type.
+    docs = render_variant("api-bearer-tls")
+    (_, spec) = next(pod_specs(docs))
+    (container,) = spec["containers"]
+    assert {"name": "api", "containerPort": 8443, "protocol": "TCP"} in container["ports"]
+    api_service = next(
+        s for s in of_kind(docs, "Service") if s["metadata"]["name"].endswith("-api")
+    )
+    assert api_service["spec"]["type"] == "LoadBalancer"
+    assert api_service["metadata"]["annotations"] == {"a": "b"}
+    (port,) = api_service["spec"]["ports"]
+    assert (port["port"], port["targetPort"], port["appProtocol"]) == (443, "api", "https")
+
+    # Switched off, or a loopback listener (sidecar): no Service, no port.
+    docs = render("token-api", {"api": {"service": {"enabled": False}}})
+    assert [s["metadata"]["name"] for s in of_kind(docs, "Service")] == [FULLNAME]
+    assert {"name": "api", "containerPort": 9465, "protocol": "TCP"} in next(pod_specs(docs))[1][
+        "containers"
+    ][0]["ports"]
+    assert not of_kind(render("sidecar"), "Service")
+
+
+def test_the_api_certificate_is_mounted_read_only_from_its_tls_secret() -> None:
+    (_, spec) = next(pod_specs(render_variant("api-bearer-tls")))
+    volume = next(v for v in spec["volumes"] if v["name"] == "api-tls")
+    assert volume["secret"] == {"secretName": "refresher-api-tls", "defaultMode": 0o440}
+    (mount,) = [m for m in spec["containers"][0]["volumeMounts"] if m["name"] == "api-tls"]
+    # No subPath: the kubelet's updates of a rotated certificate reach the refresher.
+    assert mount == {"name": "api-tls", "mountPath": "/etc/refresher/api-tls", "readOnly": True}
+    (_, spec) = next(pod_specs(render("token-api")))
+    assert all(v["name"] != "api-tls" for v in spec["volumes"])  # plain HTTP by default
+
+
 # ------------------------------------------------------------------------ the rendered config
 
 
 def validate_with_local_files(config: dict[str, Any], tmp_path: Path) -> None:
-    """refresher.config.validate on the rendered config, with every credential file it names
-    moved under tmp_path (the pod's /etc/refresher/secrets is a mounted Secret)."""
+    """refresher.config.validate on the rendered config, with every file it names moved
+    under tmp_path: credentials and consumers' bearer keys (the pod's /etc/refresher/secrets
+    is a mounted Secret) and the api's certificate and key (a real pair, from trustme)."""
     config = copy.deepcopy(config)
+
+    def local(path: str) -> Path:
+        target = tmp_path / path.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return target
 
     def relocate(source: Any) -> None:
         if isinstance(source, dict) and "file" in source:
-            target = tmp_path / source["file"].lstrip("/")
-            target.parent.mkdir(parents=True, exist_ok=True)
+            target = local(source["file"])
             target.write_text("value\n")
             source["file"] = str(target)
 
     for job in config["tokens"]:
         relocate(job.get("client_id"))
         relocate(job.get("client_secret"))
+        who = job.get("consumers") or {}
+        if "bearer_key_file" in who:
+            key = local(who["bearer_key_file"])
+            key.write_text("a-shared-consumer-key\n")
+            who["bearer_key_file"] = str(key)
+    tls = config.get("api", {}).get("tls")
+    if tls:
+        import trustme
+
+        issued = trustme.CA().issue_cert("localhost")
+        cert, key = local(tls["cert_file"]), local(tls["key_file"])
+        issued.cert_chain_pems[0].write_to_path(str(cert))
+        issued.private_key_pem.write_to_path(str(key))
+        tls.update(cert_file=str(cert), key_file=str(key))
     validate(config)
 
 
@@ -825,8 +1226,13 @@ def test_rendered_config_passes_the_refreshers_own_validation(variant: str, tmp_
 
 @pytest.mark.parametrize(
     ("example", "values"),
-    [("cross-namespace", {"replicaCount": 2}), (None, VARIANTS["create-true"][1])],
-    ids=["cross-namespace-elected", "create-true"],
+    [
+        ("cross-namespace", {"replicaCount": 2}),
+        (None, VARIANTS["create-true"][1]),
+        ("token-api", None),
+        (None, VARIANTS["api-cross-namespace"][1]),
+    ],
+    ids=["cross-namespace-elected", "create-true", "token-api-elected", "api-cross-namespace"],
 )
 def test_the_rendered_rbac_is_enough_for_a_running_refresher(
     example: str | None,
@@ -836,7 +1242,8 @@ def test_the_rendered_rbac_is_enough_for_a_running_refresher(
 ) -> None:
     """Against a local API server that enforces exactly the rendered Roles, holding what the
     chart creates (the empty target Secrets, the Lease), a refresher running the rendered
-    config elects itself and writes every target Secret, using no other verb."""
+    config elects itself and writes every target Secret, using no other verb. With the token
+    API it also lists and watches each target Secret, by name only."""
     from testdoubles.kubeapi import RBAC, FakeKubeAPI, Rule
 
     docs = render(example, values)
@@ -846,6 +1253,10 @@ def test_the_rendered_rbac_is_enough_for_a_running_refresher(
     for job in config["tokens"]:
         job["token_url"] = idp.token_url
         job["scopes"] = ["read"]
+        job["provider"] = "generic"  # the local IdP's shape; RBAC is the point here
+        job.pop("probe", None)  # it would call the real API the token is for
+    if "api" in config:
+        config["api"]["listen"] = "127.0.0.1:0"
     with FakeKubeAPI() as api:
         api.rbac = RBAC(
             [
@@ -883,14 +1294,39 @@ def test_the_rendered_rbac_is_enough_for_a_running_refresher(
             found = [api.get_object("secrets", ns, name) for ns, name in targets]
             return all(secret and "token" in secret.get("data", {}) for secret in found)
 
+        def secret_collection_reads() -> list[Any]:
+            return [
+                r
+                for r in api.requests
+                if r.method == "GET" and r.path.rstrip("/").endswith("/secrets")
+            ]
+
+        def watching_every_target() -> bool:
+            watched = set()
+            for request in secret_collection_reads():
+                if request.query.get("watch", [""])[0].lower() in ("true", "1"):
+                    namespace = request.path.rstrip("/").split("/")[-2]
+                    selector = request.query.get("fieldSelector", [""])[0]
+                    watched.add((namespace, selector.removeprefix("metadata.name=")))
+            firsts = watched_secrets(config)
+            return watched >= {(ns, name) for ns, names in firsts.items() for name in names}
+
         with running(validate(config)) as daemon:
             wait_for(all_written, timeout=15)
+            if watches_secrets(config):
+                wait_for(watching_every_target, timeout=15)
             if "leader_election" in config:
                 assert daemon.is_leader
                 election = config["leader_election"]
                 lease = api.get_object("leases", election["namespace"], election["name"])
                 assert lease is not None and lease["spec"]["holderIdentity"]
         assert not api.internal_errors
+        # Lists and watches name their Secret: a resourceNames rule authorizes nothing else.
+        for request in secret_collection_reads():
+            selector = request.query.get("fieldSelector", [""])[0]
+            assert selector.startswith("metadata.name="), request
+        if not watches_secrets(config):
+            assert not secret_collection_reads()
         statuses = {r.method for r in api.requests}
         assert statuses <= {"GET", "PATCH", "POST"}
         if not any(s.get("create") for s in kubernetes_sinks(config)):
@@ -965,26 +1401,48 @@ def test_dashboard_queries_only_metrics_a_running_refresher_serves(
         "refresher_probes_total",
         "refresher_token_contested",
         "refresher_rejection_reports_total",
+        "refresher_api_requests_total",
+        "refresher_api_request_duration_seconds_bucket",
+        "refresher_consumer_auth_failures_total",
+        "refresher_secret_watch_up",
+        "refresher_secret_watch_restarts_total",
     } <= queried
     for panel in dashboard["panels"]:
         if panel["type"] != "row":
             assert panel["targets"] and panel["datasource"]["uid"] == "${datasource}"
 
+    from testdoubles.kubeapi import FakeKubeAPI
+
     idp = make_idp("generic", lifetime=30)
-    # With a probe: a job that heals is the one that exports the self-healing series.
+    # With a probe: a job that heals is the one that exports the self-healing series. As in
+    # examples/token-api.yaml, leader election, a Secret sink and the token API: the replica
+    # watches the Secret, so it exports the watch series too.
     job = job_for(
         idp, secret_file, tmp_path / "token", name="dash", probe={"url": idp.protected_url}
     )
+    job["sinks"].append({"type": "kubernetes", "name": "dash-token", "create": True})
     metrics = {"enabled": True, "bind": "127.0.0.1", "port": 0}
-    with running(config_of(job, metrics=metrics)) as daemon:
-        assert daemon.http is not None
-        url = f"http://127.0.0.1:{daemon.http.port}/metrics"
+    api = {"enabled": True, "listen": "127.0.0.1:0"}
+    with FakeKubeAPI() as kube:
+        kubeconfig = kube.write_kubeconfig(tmp_path / "kubeconfig", namespace=NAMESPACE)
+        config = config_of(
+            job,
+            metrics=metrics,
+            api=api,
+            kubernetes={"kubeconfig": str(kubeconfig), "request_timeout": 2},
+            leader_election={"enabled": True, "namespace": NAMESPACE, "identity": "dash"},
+        )
+        with running(config) as daemon:
+            assert daemon.http is not None and daemon.api is not None
+            url = f"http://127.0.0.1:{daemon.http.port}/metrics"
 
-        def served() -> set[str]:
-            return {sample.name for sample in scrape(url)}
+            def served() -> set[str]:
+                return {sample.name for sample in scrape(url)}
 
-        wait_for(lambda: "refresher_token_ttl_seconds" in served(), timeout=10)
-        names = served()
+            wait_for(lambda: "refresher_token_ttl_seconds" in served(), timeout=10)
+            # The token API's request series exist once it has answered a request.
+            requests.get(f"http://127.0.0.1:{daemon.api.port}/v1/tokens/dash", timeout=10)
+            names = served()
     missing = queried - names
     assert not missing, f"the dashboard queries metrics the refresher does not serve: {missing}"
 
@@ -1021,3 +1479,58 @@ def test_chart_readme_documents_every_value() -> None:
     assert not missing, f"undocumented in helm/refresher/README.md: {missing}"
     schema = json.loads((CHART / "values.schema.json").read_text())
     assert set(values) <= set(schema["properties"])
+
+
+def test_the_readme_consumer_example_matches_the_token_api_example() -> None:
+    """The chart README's worked example (a consumer Deployment, Python, curl) is a valid
+    Deployment that examples/token-api.yaml lets in: its service account is a consumer, its
+    projected token has the consumers' audience, its labels and namespace are the
+    NetworkPolicy's chosen clients, and it asks the API Service for that job's token."""
+    import kubernetes_validate
+    from kubernetes_validate.utils import latest_version
+
+    readme = (CHART / "README.md").read_text()
+    section = readme[readme.index("## Token API") : readme.index("## Values")]
+    blocks = re.findall(r"```(\w+)\n(.*?)```", section, re.S)
+    (deployment,) = [
+        yaml.safe_load(text)
+        for lang, text in blocks
+        if lang == "yaml" and "kind: Deployment" in text
+    ]
+    kubernetes_validate.validate(deployment, latest_version(), strict=True)
+    values = example_values("token-api")
+    (job,) = values["config"]["tokens"]
+    namespace = deployment["metadata"]["namespace"]
+    pod = deployment["spec"]["template"]
+    assert (
+        f"{namespace}/{pod['spec']['serviceAccountName']}" in job["consumers"]["service_accounts"]
+    )
+    (volume,) = pod["spec"]["volumes"]
+    (source,) = volume["projected"]["sources"]
+    assert source["serviceAccountToken"] == {
+        "audience": job["consumers"]["audience"],
+        "expirationSeconds": 3600,
+        "path": "token",
+    }
+    clients = values["api"]["allowedClients"]
+    assert clients["podSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    assert clients["namespaceSelector"] == {
+        "matchLabels": {"kubernetes.io/metadata.name": namespace}
+    }
+    (container,) = pod["spec"]["containers"]
+    (mount,) = container["volumeMounts"]
+    sa_token = f"{mount['mountPath']}/{source['serviceAccountToken']['path']}"
+    env = {item["name"]: item["value"] for item in container["env"]}
+    # Installed as release `refresher` in namespace `tokens`: the Service is refresher-api.
+    port = values["api"]["service"]["port"]
+    assert env["TOKEN_API"] == f"http://refresher-api.tokens.svc:{port}/v1/tokens/{job['name']}"
+
+    python = [text for lang, text in blocks if lang == "python"]
+    shell = [text for lang, text in blocks if lang == "sh" and "curl" in text]
+    assert python and shell
+    for text in python:
+        compile(text, "README.md", "exec")
+        assert f'"{sa_token}"' in text and "If-None-Match" in text and '"timeout": 30' in text
+    for text in shell:
+        assert f"SA_TOKEN={sa_token}" in text and "If-None-Match" in text
+        assert "?timeout=30" in text

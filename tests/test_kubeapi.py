@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as dt
 import http.client
 import json
@@ -19,14 +20,18 @@ import pytest
 import urllib3
 from kubernetes.client import (
     ApiClient,
+    AuthenticationV1Api,
     CoordinationV1Api,
     CoreV1Api,
     V1Lease,
     V1LeaseSpec,
     V1ObjectMeta,
     V1Secret,
+    V1TokenReview,
+    V1TokenReviewSpec,
 )
 from kubernetes.client.exceptions import ApiException
+from kubernetes.watch import Watch
 
 from testdoubles.kubeapi import RBAC, FakeKubeAPI, Rule
 
@@ -819,3 +824,521 @@ def test_stop_is_prompt_and_a_restart_serves_the_same_url(
     kube.start()
     assert kube.url == url
     assert core.read_namespaced_secret("tok", NS, _request_timeout=T).metadata.name == "tok"
+
+
+# --------------------------------------------------------------------------------------------
+# Watches (issue 15): list, then watch from the list's resourceVersion
+# --------------------------------------------------------------------------------------------
+
+WATCH_READ_TIMEOUT = 10  # above every timeout_seconds below: an idle stream is not a timeout
+
+
+@contextlib.contextmanager
+def watching(core: CoreV1Api, **kwargs: Any) -> Iterator[Iterator[dict[str, Any]]]:
+    """The real client's watch of Secrets in NS; ends after 5 s unless told otherwise."""
+    kwargs.setdefault("timeout_seconds", 5)
+    stream = Watch().stream(
+        core.list_namespaced_secret, NS, _request_timeout=(T, WATCH_READ_TIMEOUT), **kwargs
+    )
+    with contextlib.closing(stream):
+        yield stream
+
+
+def seen(event: dict[str, Any]) -> tuple[str, str, str]:
+    raw = event["raw_object"]
+    return event["type"], raw["metadata"]["name"], raw["metadata"]["resourceVersion"]
+
+
+def raw_watch(kube: FakeKubeAPI, query: str) -> tuple[http.client.HTTPResponse, Any]:
+    connection = http.client.HTTPConnection(kube.host, kube.port, timeout=T)
+    connection.request(
+        "GET",
+        f"/api/v1/namespaces/{NS}/secrets?{query}",
+        headers={"Authorization": "Bearer fake-sa-token"},
+    )
+    return connection.getresponse(), connection
+
+
+def test_list_then_watch_streams_every_later_change_in_order(
+    kube: FakeKubeAPI, core: CoreV1Api
+) -> None:
+    seed_secret(kube, "tok", token="v1")
+    seed_secret(kube, "other")
+    listed = core.list_namespaced_secret(NS, field_selector="metadata.name=tok", _request_timeout=T)
+    assert [s.metadata.name for s in listed.items] == ["tok"]
+    rv = listed.metadata.resource_version
+    assert rv == str(max(int(s["metadata"]["resourceVersion"]) for s in kube_secrets(kube)))
+
+    # Changes between the list and the watch are not lost: the watch resumes from rv.
+    patched = core.patch_namespaced_secret(
+        "tok", NS, {"data": {"token": b64("v2")}}, _request_timeout=T
+    )
+    kube.put_object("secrets", NS, "other", {"data": {"x": b64("filtered out")}})
+    patched.data["token"] = b64("v3")
+    replaced = core.replace_namespaced_secret("tok", NS, patched, _request_timeout=T)
+    applied = apply_secret(core, {"token": b64("v4")}, force=True)
+
+    with watching(core, field_selector="metadata.name=tok", resource_version=rv) as stream:
+        history = [next(stream) for _ in range(3)]
+        assert [seen(e) for e in history] == [
+            ("MODIFIED", "tok", patched.metadata.resource_version),
+            ("MODIFIED", "tok", replaced.metadata.resource_version),
+            ("MODIFIED", "tok", applied.metadata.resource_version),
+        ]
+        secret = history[-1]["object"]
+        assert isinstance(secret, V1Secret) and secret.data["token"] == b64("v4")
+        assert history[-1]["raw_object"]["kind"] == "Secret"
+        assert kube.open_watches == 1
+
+        # Live: every write path is an event, in order; the other Secret never shows.
+        core.delete_namespaced_secret("tok", NS, _request_timeout=T)
+        deleted = next(stream)
+        assert deleted["type"] == "DELETED"
+        assert deleted["object"].data["token"] == b64("v4")  # the last state...
+        assert int(deleted["object"].metadata.resource_version) > int(
+            applied.metadata.resource_version
+        )  # ...at the deletion's resourceVersion
+        kube.put_object("secrets", NS, "other", {"data": {}})
+        core.create_namespaced_secret(NS, {"metadata": {"name": "tok"}}, _request_timeout=T)
+        kube.put_object("secrets", NS, "tok", {"data": {"token": b64("v5")}})
+        kube.delete_object("secrets", NS, "tok")
+        live = [seen(next(stream)) for _ in range(3)]
+        assert [kind for kind, _, _ in live] == ["ADDED", "MODIFIED", "DELETED"]
+        versions = [int(v) for _, _, v in live]
+        assert versions == sorted(versions) and len(set(versions)) == 3
+
+    request = [r for r in kube.requests if r.query.get("watch")][-1]
+    assert request.query["watch"] == ["true"]
+    assert request.query["resourceVersion"] == [rv]
+    assert request.query["fieldSelector"] == ["metadata.name=tok"]
+    assert kube.wait_for_watches(0)
+
+
+def kube_secrets(kube: FakeKubeAPI) -> list[dict[str, Any]]:
+    return [kube.get_object("secrets", NS, name) or {} for name in ("tok", "other")]
+
+
+def test_watch_without_resource_version_starts_with_the_current_objects(
+    kube: FakeKubeAPI, core: CoreV1Api
+) -> None:
+    for name, app in (("a", "x"), ("b", "x"), ("c", "y")):
+        kube.put_object("secrets", NS, name, {"metadata": {"labels": {"app": app}}})
+    kube.put_object("secrets", "elsewhere", "d", {"metadata": {"labels": {"app": "x"}}})
+    with watching(core, label_selector="app=x") as stream:
+        assert [seen(next(stream))[:2] for _ in range(2)] == [("ADDED", "a"), ("ADDED", "b")]
+        # An object that stops (starts) matching the selector is a DELETED (ADDED) event.
+        kube.put_object("secrets", NS, "b", {"metadata": {"labels": {"app": "y"}}})
+        kube.put_object("secrets", NS, "c", {"metadata": {"labels": {"app": "x"}}})
+        assert [seen(next(stream))[:2] for _ in range(2)] == [("DELETED", "b"), ("ADDED", "c")]
+    with watching(core, field_selector="metadata.name=c", resource_version="0") as stream:
+        assert seen(next(stream))[:2] == ("ADDED", "c")
+
+
+def test_watch_wire_format_and_timeout_seconds_end_the_stream_cleanly(
+    kube: FakeKubeAPI,
+) -> None:
+    seed_secret(kube, "tok")
+    started = time.monotonic()
+    response, connection = raw_watch(
+        kube, "watch=1&fieldSelector=metadata.name%3Dtok&timeoutSeconds=1"
+    )
+    assert response.status == 200
+    assert response.getheader("Content-Type") == "application/json"
+    assert response.getheader("Transfer-Encoding") == "chunked"
+    body = response.read()  # returns at the last chunk: the server ended the stream
+    elapsed = time.monotonic() - started
+    assert 0.9 < elapsed < 3
+    [line] = body.decode().splitlines()
+    event = json.loads(line)
+    assert event["type"] == "ADDED" and event["object"]["metadata"]["name"] == "tok"
+    assert event["object"]["kind"] == "Secret" and event["object"]["apiVersion"] == "v1"
+    # A clean end keeps the connection: the next request goes over it.
+    connection.request(
+        "GET",
+        f"/api/v1/namespaces/{NS}/secrets/tok",
+        headers={"Authorization": "Bearer fake-sa-token"},
+    )
+    again = connection.getresponse()
+    assert again.status == 200 and json.loads(again.read())["metadata"]["name"] == "tok"
+    connection.close()
+    assert kube.open_watches == 0
+
+
+def test_the_client_generator_ends_after_timeout_seconds(
+    kube: FakeKubeAPI, core: CoreV1Api
+) -> None:
+    started = time.monotonic()
+    with watching(core, field_selector="metadata.name=nothing", timeout_seconds=1) as stream:
+        assert list(stream) == []
+    assert 0.9 < time.monotonic() - started < 3
+    assert kube.wait_for_watches(0)
+
+
+def test_a_watch_from_a_compacted_resource_version_is_expired(
+    kube: FakeKubeAPI, core: CoreV1Api
+) -> None:
+    seed_secret(kube, "tok")
+    rv = core.list_namespaced_secret(NS, _request_timeout=T).metadata.resource_version
+    kube.compact_history()
+    floor = int(rv) + 1
+
+    # The real server answers 200 and one ERROR event; the client raises it as a 410.
+    with watching(core, resource_version=rv) as stream, pytest.raises(ApiException) as caught:
+        next(stream)
+    assert caught.value.status == 410
+    assert caught.value.reason == f"Expired: too old resource version: {rv} ({floor})"
+    assert caught.value.body is None
+    response, connection = raw_watch(kube, f"watch=true&resourceVersion={rv}")
+    assert response.status == 200
+    [line] = response.read().decode().splitlines()
+    connection.close()
+    assert json.loads(line) == {
+        "type": "ERROR",
+        "object": {
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Failure",
+            "message": f"too old resource version: {rv} ({floor})",
+            "reason": "Expired",
+            "code": 410,
+        },
+    }
+
+    # Optionally an HTTP 410 with a Status body instead.
+    kube.expired_watch_as_http_410 = True
+    with watching(core, resource_version=rv) as stream, pytest.raises(ApiException) as caught:
+        next(stream)
+    assert caught.value.status == 410
+    assert status_of(caught.value)["reason"] == "Expired"
+    assert status_of(caught.value)["message"] == f"too old resource version: {rv} ({floor})"
+    kube.expired_watch_as_http_410 = False
+
+    # Re-list, and watch from the new resourceVersion: that one is served.
+    relisted = core.list_namespaced_secret(NS, _request_timeout=T)
+    assert relisted.metadata.resource_version == str(floor)
+    with watching(core, resource_version=relisted.metadata.resource_version) as stream:
+        kube.put_object("secrets", NS, "tok", {"data": {"k": b64("v")}})
+        assert seen(next(stream))[:2] == ("MODIFIED", "tok")
+
+
+def test_the_history_is_bounded(kube: FakeKubeAPI, core: CoreV1Api) -> None:
+    kube.watch_history = 3
+    rv = int(core.list_namespaced_secret(NS, _request_timeout=T).metadata.resource_version)
+    for index in range(4):
+        seed_secret(kube, f"s{index}")  # rv+1 .. rv+4; rv+2 .. rv+4 are kept
+    with watching(core, resource_version=str(rv)) as stream, pytest.raises(ApiException) as caught:
+        next(stream)
+    assert caught.value.status == 410
+    assert caught.value.reason == f"Expired: too old resource version: {rv} ({rv + 1})"
+    with watching(core, resource_version=str(rv + 1)) as stream:
+        assert [seen(next(stream))[1] for _ in range(3)] == ["s1", "s2", "s3"]
+    # An RV ahead of the server's is refused too (the real server first waits ~3 s).
+    with (
+        watching(core, resource_version=str(rv + 100)) as stream,
+        pytest.raises(ApiException) as caught,
+    ):
+        next(stream)
+    assert caught.value.status == 504
+
+
+def test_expire_watches_sends_an_in_stream_410(kube: FakeKubeAPI, core: CoreV1Api) -> None:
+    seed_secret(kube, "tok")
+    with watching(core, field_selector="metadata.name=tok") as stream:
+        assert seen(next(stream))[0] == "ADDED"
+        assert kube.expire_watches() == 1
+        with pytest.raises(ApiException) as caught:
+            next(stream)
+    assert caught.value.status == 410
+    assert caught.value.reason.startswith("Expired: too old resource version: ")
+    assert kube.wait_for_watches(0)
+
+    # Without timeout_seconds the client first retries once, silently, from the last RV it
+    # saw: that one is expired too (the history was compacted), so the client raises.
+    rv = core.list_namespaced_secret(NS, _request_timeout=T).metadata.resource_version
+    kube.clear_requests()
+    stream = Watch().stream(
+        core.list_namespaced_secret,
+        NS,
+        resource_version=rv,
+        _request_timeout=(T, WATCH_READ_TIMEOUT),
+    )
+    with contextlib.closing(stream):
+        kube.put_object("secrets", NS, "tok", {"data": {"k": b64("v")}})
+        assert seen(next(stream))[0] == "MODIFIED"
+        kube.expire_watches()
+        with pytest.raises(ApiException) as caught:
+            next(stream)
+    assert caught.value.status == 410
+    assert [r.query["resourceVersion"] for r in kube.requests] == [
+        [rv],
+        [kube.get_object("secrets", NS, "tok")["metadata"]["resourceVersion"]],
+    ]
+
+
+def test_a_dropped_watch_breaks_the_stream_and_loses_nothing(
+    kube: FakeKubeAPI, core: CoreV1Api
+) -> None:
+    seed_secret(kube, "tok")
+    with watching(core, field_selector="metadata.name=tok") as stream:
+        last = seen(next(stream))[2]
+        assert kube.wait_for_watches(1)
+        assert kube.drop_watches() == 1
+        with pytest.raises(urllib3.exceptions.ProtocolError):
+            next(stream)
+    assert kube.wait_for_watches(0)
+    kube.put_object("secrets", NS, "tok", {"data": {"k": b64("while away")}})
+    with watching(core, field_selector="metadata.name=tok", resource_version=last) as stream:
+        event = next(stream)
+        assert event["type"] == "MODIFIED" and event["object"].data == {"k": b64("while away")}
+
+
+def test_stop_ends_open_watches_promptly(kube: FakeKubeAPI, core: CoreV1Api) -> None:
+    seed_secret(kube, "tok")
+    with watching(core, field_selector="metadata.name=tok", timeout_seconds=30) as stream:
+        last = seen(next(stream))[2]
+        assert kube.wait_for_watches(1)
+        started = time.monotonic()
+        kube.stop()
+        assert time.monotonic() - started < 1.0
+        with pytest.raises(urllib3.exceptions.ProtocolError):
+            next(stream)
+    kube.start()  # same port, same objects and resourceVersions
+    assert kube.open_watches == 0
+    kube.put_object("secrets", NS, "tok", {"data": {"k": b64("after restart")}})
+    with watching(core, field_selector="metadata.name=tok", resource_version=last) as stream:
+        assert seen(next(stream))[0] == "MODIFIED"
+
+
+def test_a_client_that_leaves_ends_its_watch(kube: FakeKubeAPI, core: CoreV1Api) -> None:
+    with watching(core, field_selector="metadata.name=tok") as stream:
+        kube.put_object("secrets", NS, "tok", {})
+        next(stream)
+        assert kube.open_watches == 1
+    assert kube.wait_for_watches(0, timeout=2)  # noticed without a write to send
+
+
+def test_bookmarks_only_when_asked_for(kube: FakeKubeAPI, core: CoreV1Api) -> None:
+    seed_secret(kube, "tok")
+    rv = core.list_namespaced_secret(NS, _request_timeout=T).metadata.resource_version
+    with (
+        watching(core, resource_version=rv, allow_watch_bookmarks=True) as with_bookmarks,
+        watching(core, resource_version=rv) as without,
+    ):
+        kube.put_object("secrets", NS, "tok", {"data": {"k": b64("1")}})
+        # The client's generator sends its request at the first next().
+        assert seen(next(with_bookmarks))[0] == seen(next(without))[0] == "MODIFIED"
+        kube.compact_history()  # moves the resourceVersion on
+        assert kube.send_bookmarks() == 1
+        bookmark = next(with_bookmarks)
+        assert bookmark["type"] == "BOOKMARK"
+        assert bookmark["raw_object"] == {
+            "kind": "Secret",
+            "apiVersion": "v1",
+            "metadata": {"resourceVersion": str(int(rv) + 2)},
+        }
+        kube.put_object("secrets", NS, "tok", {"data": {"k": b64("2")}})
+        assert seen(next(without))[0] == seen(next(with_bookmarks))[0] == "MODIFIED"
+
+
+def test_injected_errors_and_delays_apply_to_lists_and_watches(
+    kube: FakeKubeAPI, core: CoreV1Api
+) -> None:
+    kube.inject_errors(2, status=503)
+    with pytest.raises(ApiException) as caught:
+        core.list_namespaced_secret(NS, _request_timeout=T)
+    assert caught.value.status == 503
+    with watching(core) as stream, pytest.raises(ApiException) as caught:
+        next(stream)
+    assert caught.value.status == 503
+
+    seed_secret(kube, "tok")
+    kube.inject_delay(1, 0.5)
+    started = time.monotonic()
+    with watching(core, field_selector="metadata.name=tok") as stream:
+        assert seen(next(stream))[0] == "ADDED"
+        assert time.monotonic() - started >= 0.5
+
+
+def test_rbac_by_name_for_list_and_watch(kube: FakeKubeAPI, tmp_path: Path) -> None:
+    kube.rbac = RBAC(
+        rules=[
+            Rule(frozenset({"get", "list", "watch"}), "secrets", NS, frozenset({"tok"})),
+            Rule(frozenset({"list"}), "secrets", NS, frozenset({"listed-only"})),
+        ]
+    )
+    seed_secret(kube, "tok")
+    seed_secret(kube, "other")
+    with client_for(kube, tmp_path) as client:
+        core = CoreV1Api(client)
+        listed = core.list_namespaced_secret(
+            NS, field_selector="metadata.name=tok", _request_timeout=T
+        )
+        with watching(
+            core,
+            field_selector="metadata.name=tok",
+            resource_version=listed.metadata.resource_version,
+        ) as stream:
+            kube.put_object("secrets", NS, "tok", {"data": {"k": b64("v")}})
+            assert seen(next(stream))[:2] == ("MODIFIED", "tok")
+
+        for selector, target in (
+            (None, "secrets"),
+            ("metadata.name=other", 'secrets "other"'),
+            ("metadata.name=listed-only", 'secrets "listed-only"'),
+            ("metadata.name!=tok", "secrets"),
+        ):
+            options = {} if selector is None else {"field_selector": selector}
+            with watching(core, **options) as stream, pytest.raises(ApiException) as caught:
+                next(stream)
+            assert caught.value.status == 403
+            assert status_of(caught.value)["message"] == (
+                f'{target} is forbidden: User "{USER}" cannot watch resource "secrets" '
+                f'in API group "" in the namespace "{NS}"'
+            )
+        with pytest.raises(ApiException) as caught:
+            core.list_namespaced_secret(
+                NS, field_selector="metadata.name=other", _request_timeout=T
+            )
+        assert caught.value.status == 403
+        assert "cannot list resource" in status_of(caught.value)["message"]
+
+
+# --------------------------------------------------------------------------------------------
+# TokenReview (issue 15)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def authn(api_client: ApiClient) -> AuthenticationV1Api:
+    return AuthenticationV1Api(api_client)
+
+
+def review(authn: AuthenticationV1Api, token: str, audiences: list[str] | None = None) -> Any:
+    body = V1TokenReview(spec=V1TokenReviewSpec(token=token, audiences=audiences))
+    return authn.create_token_review(body, _request_timeout=T).status
+
+
+def test_token_review_authenticates_a_service_account_token(
+    kube: FakeKubeAPI, authn: AuthenticationV1Api
+) -> None:
+    token = kube.issue_service_account_token("team", "reader", audiences=["refresher", "x"])
+    assert token.count(".") == 2 and len(token) > 500  # shaped like a projected token
+    body = V1TokenReview(spec=V1TokenReviewSpec(token=token, audiences=["other", "refresher"]))
+    review_, code, _headers = authn.create_token_review_with_http_info(body, _request_timeout=T)
+    assert code == 201
+    request = last_request(kube, "POST")
+    assert request.path == "/apis/authentication.k8s.io/v1/tokenreviews"
+    assert request.json()["spec"] == {"token": token, "audiences": ["other", "refresher"]}
+    assert review_.kind == "TokenReview" and review_.api_version == "authentication.k8s.io/v1"
+    status = review_.status
+    assert status.authenticated is True
+    assert status.error is None
+    assert status.audiences == ["refresher"]  # the intersection
+    user = status.user
+    assert user.username == "system:serviceaccount:team:reader"
+    assert user.groups == [
+        "system:serviceaccounts",
+        "system:serviceaccounts:team",
+        "system:authenticated",
+    ]
+    assert user.uid
+    [credential] = user.extra["authentication.kubernetes.io/credential-id"]
+    assert credential.startswith("JTI=")
+
+    again = review(
+        authn, kube.issue_service_account_token("team", "reader", audiences=["x"]), ["x"]
+    )
+    assert again.user.uid == user.uid  # one service account, one uid
+    assert kube.token_reviews == 2
+    assert kube.write_count() == 0  # a TokenReview writes nothing
+
+
+def test_token_review_refusals(kube: FakeKubeAPI, authn: AuthenticationV1Api) -> None:
+    valid = kube.issue_service_account_token("team", "reader", audiences=["refresher"])
+    expired = kube.issue_service_account_token(
+        "team", "reader", audiences=["refresher"], expires_in=0
+    )
+    revoked = kube.issue_service_account_token("team", "reader", audiences=["refresher"])
+    kube.revoke_token(revoked)
+    cases = {
+        "unknown-token": "[invalid bearer token, token lookup failed]",
+        valid[:-1]
+        + ("A" if valid[-1] != "A" else "B"): "[invalid bearer token, token lookup failed]",
+        expired: "[invalid bearer token, service account token has expired]",
+        revoked: "[invalid bearer token, service account token has been invalidated]",
+    }
+    for token, error in cases.items():
+        status = review(authn, token, ["refresher"])
+        assert status.authenticated is None  # false is omitted on the wire
+        assert status.error == error
+        assert status.user.username is None and status.audiences is None
+    wrong = review(authn, valid, ["vault"])
+    assert wrong.authenticated is None
+    assert wrong.error == (
+        '[invalid bearer token, token audiences ["refresher"] is invalid for the target '
+        'audiences ["vault"]]'
+    )
+    assert review(authn, valid, ["refresher"]).authenticated is True
+    assert kube.token_reviews == len(cases) + 2
+
+    with pytest.raises(ApiException) as caught:
+        review(authn, "")
+    assert caught.value.status == 400
+    assert (
+        status_of(caught.value)["message"] == "token is required for TokenReview in authentication"
+    )
+
+
+def test_token_review_default_audience(kube: FakeKubeAPI, authn: AuthenticationV1Api) -> None:
+    default = kube.issue_service_account_token("team", "app")  # the pod's API token
+    custom = kube.issue_service_account_token("team", "app", audiences=["refresher"])
+
+    # Without spec.audiences the review checks the API server's own audience.
+    status = review(authn, default)
+    assert status.authenticated is True
+    assert status.audiences == ["https://kubernetes.default.svc"]
+    status = review(authn, custom)
+    assert status.authenticated is None
+    assert status.error == (
+        '[invalid bearer token, token audiences ["refresher"] is invalid for the target '
+        'audiences ["https://kubernetes.default.svc"]]'
+    )
+    # With spec.audiences, the pod's API token is refused: the point of setting them.
+    status = review(authn, default, ["refresher"])
+    assert status.authenticated is None
+    assert status.error == (
+        '[invalid bearer token, token audiences ["https://kubernetes.default.svc"] is invalid '
+        'for the target audiences ["refresher"]]'
+    )
+    assert review(authn, custom, ["refresher"]).authenticated is True
+
+
+def test_token_review_needs_create_on_tokenreviews_at_the_cluster_scope(
+    kube: FakeKubeAPI, tmp_path: Path
+) -> None:
+    token = kube.issue_service_account_token("team", "reader", audiences=["refresher"])
+    # A Role (namespaced rule) cannot grant a cluster-scoped resource.
+    kube.rbac = RBAC([Rule(frozenset({"create", "get"}), "tokenreviews", NS)])
+    with client_for(kube, tmp_path) as client:
+        authn = AuthenticationV1Api(client)
+        with pytest.raises(ApiException) as caught:
+            review(authn, token, ["refresher"])
+        assert caught.value.status == 403
+        body = status_of(caught.value)
+        assert body["message"] == (
+            f'tokenreviews.authentication.k8s.io is forbidden: User "{USER}" cannot create '
+            'resource "tokenreviews" in API group "authentication.k8s.io" at the cluster scope'
+        )
+        assert body["details"] == {"group": "authentication.k8s.io", "kind": "tokenreviews"}
+        assert kube.token_reviews == 0
+
+        # What system:auth-delegator grants, through a ClusterRoleBinding.
+        kube.rbac = RBAC([Rule(frozenset({"create"}), "tokenreviews")])
+        assert review(authn, token, ["refresher"]).authenticated is True
+        assert kube.token_reviews == 1
+
+        kube.token = "rotated"  # the caller itself must authenticate
+        with pytest.raises(ApiException) as caught:
+            review(authn, token, ["refresher"])
+        assert caught.value.status == 401

@@ -64,13 +64,16 @@ def test_every_alert_has_a_severity_a_summary_and_firing_and_quiet_unit_tests() 
         "RefresherNoLeader",
         "RefresherDown",
         "RefresherAbsent",
+        "RefresherSecretWatchDown",
+        "RefresherConsumerAuthFailures",
     }
     assert len(names) == len(set(names))
     cases = _alert_tests()
     for rule in rules:
         assert rule["labels"]["severity"] in {"warning", "critical"}, rule["alert"]
         assert {"summary", "description"} <= set(rule["annotations"]), rule["alert"]
-        if "refresher_token_" in rule["expr"] or "refresher_consecutive_failures" in rule["expr"]:
+        per_token = ("refresher_token_", "refresher_consecutive_failures", "refresher_secret_watch")
+        if any(name in rule["expr"] for name in per_token):
             for text in rule["annotations"].values():
                 assert "{{ $labels.token }}" in text, rule["alert"]
         own = [case for case in cases if case["alertname"] == rule["alert"]]
@@ -116,6 +119,26 @@ def test_promtool_checks_the_rules_and_their_unit_tests_pass() -> None:
             "max_over_time(refresher_token_contested[15m]) > 0",
             "refresher_token_contested > 0",
         ),
+        # A watch's routine reconnects are not an outage.
+        (
+            "watch-blips",
+            "expr: refresher_secret_watch_up == 0\n        for: 2m",
+            "expr: refresher_secret_watch_up == 0\n        for: 30s",
+        ),
+        # Each replica's broken watch is its own alert, not one per token across replicas.
+        (
+            "watch-aggregated",
+            "expr: refresher_secret_watch_up == 0",
+            "expr: min by (job, token) (refresher_secret_watch_up) == 0",
+        ),
+        # Per replica, a consumer's failures spread over two replicas stay below the
+        # threshold on each; per replica and summed, one cause would alert once per replica.
+        (
+            "auth-per-replica",
+            "sum by (job, namespace) (rate(refresher_consumer_auth_failures_total[5m]))",
+            "sum by (job, instance) (rate(refresher_consumer_auth_failures_total[5m]))",
+        ),
+        ("auth-burst", "> 0.2\n        for: 10m", "> 0.2\n        for: 2m"),
     ],
 )
 def test_the_rule_unit_tests_catch_a_broken_rule(

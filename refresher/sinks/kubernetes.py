@@ -32,6 +32,8 @@ ANNOTATION = "refresher.io/"
 # Set while the Secret holds a token the probe rejected as soon as it was issued.
 UNPROBEABLE = f"{ANNOTATION}probe"
 UNPROBEABLE_VALUE = "rejected-at-issue"
+# A follower's rejection report for the leader (the fingerprint of the token rejected).
+REJECTED = f"{ANNOTATION}rejected"
 MANAGED_BY = {"app.kubernetes.io/managed-by": "refresher"}
 MAX_CONFLICT_RETRIES = 5
 
@@ -94,6 +96,7 @@ class KubernetesSecretSink:
             annotations[f"{ANNOTATION}scope"] = token.scope
         # A note about the previous token is removed (null deletes in a merge patch).
         annotations[UNPROBEABLE] = UNPROBEABLE_VALUE if token.unprobeable else None
+        annotations[REJECTED] = None  # a report about the previous token is answered
         return {"labels": dict(MANAGED_BY), "annotations": annotations}
 
     def write(self, token: Token) -> None:
@@ -121,6 +124,21 @@ class KubernetesSecretSink:
 
     def settle(self, token: Token) -> None:
         pass  # the API server made the write durable before it answered
+
+    def note_rejected(self, fingerprint_: str) -> None:
+        """A follower's rejection report, for the leader, which watches this Secret: one
+        patch of one annotation. Raises RefreshError(SINK)."""
+        try:
+            self._merge_patch({"metadata": {"annotations": {REJECTED: fingerprint_}}})
+        except ApiException as err:
+            raise self._error(err, "patch") from None
+
+    @staticmethod
+    def reported(secret: Any) -> str | None:
+        """The fingerprint a follower reported on this Secret object, if any."""
+        annotations = (secret.metadata.annotations or {}) if secret.metadata else {}
+        value = annotations.get(REJECTED)
+        return value if isinstance(value, str) else None
 
     def mark_unprobeable(self, token: Token) -> None:
         # One patch of one annotation, on the version this sink wrote: if someone wrote the
@@ -193,6 +211,12 @@ class KubernetesSecretSink:
         if secret is None:
             return None
         self._resource_version = secret.metadata.resource_version
+        return self.token_of(secret, now)
+
+    def token_of(self, secret: Any, now: float) -> Token | None:
+        """The token a Secret object (`V1Secret`, from a read or a watch event) holds under
+        this sink's key, with the times its annotations give; None when it holds none this
+        refresher should hand anyone."""
         encoded = (secret.data or {}).get(self.config.token_key)
         if not encoded:
             return None

@@ -72,8 +72,11 @@ The user's `config` with the chart's overlays, as YAML:
   sidecar per pod, is the only writer);
 - api: from the `api` value when it is enabled, else absent. `config.api` is refused rather
   than replaced: replacing it with the disabled default would switch off, without a word, a
-  listener the app counts on. The listener takes loopback addresses only, so only containers
-  of the refresher's own pod can reach it: in any mode but sidecar nothing could.
+  listener the consumers count on. Refused too, each with its reason: the api in cronjob mode
+  (`refresher once` serves nothing); a loopback listener in deployment mode (the consumers run
+  in other pods: nothing could reach it); a port equal to metrics.port; a listener other pods
+  can reach while a token job lacks `consumers` (who may read it); and, with leader election,
+  a job without a `type: kubernetes` sink (a follower serves what it watches in that Secret).
 */}}
 {{- define "refresher.configData" -}}
 {{- $config := deepCopy (.Values.config | default dict) -}}
@@ -92,15 +95,31 @@ The user's `config` with the chart's overlays, as YAML:
 {{- fail "config.api: the chart renders the refresher's api from the `api` value; set api.enabled, api.listen and api.maxConnections instead" -}}
 {{- end -}}
 {{- if .Values.api.enabled -}}
-{{- if ne .Values.mode "sidecar" -}}
-{{- $instead := ternary ", or give the token jobs a probe with an interval (config.tokens[].probe) instead" "" (eq .Values.mode "deployment") -}}
-{{- fail (printf "api.enabled: the api listener takes loopback addresses only, so only containers in the refresher's own pod can reach it, and in %s mode there are none: use mode sidecar%s" .Values.mode $instead) -}}
+{{- $listen := toString .Values.api.listen -}}
+{{- $loopback := include "refresher.apiLoopback" . -}}
+{{- if eq .Values.mode "cronjob" -}}
+{{- fail "api.enabled: in cronjob mode `refresher once` exits after one pass and serves nothing; the token API needs mode deployment (or sidecar)" -}}
 {{- end -}}
-{{- $port := regexFind "[0-9]+$" (toString .Values.api.listen) -}}
+{{- if and (eq .Values.mode "deployment") $loopback -}}
+{{- fail (printf "api.listen: %s is a loopback address, and in deployment mode the consumers run in other pods, so nothing could reach it: listen on 0.0.0.0:PORT (or [::]:PORT) and give every token job `consumers`, or use mode sidecar" $listen) -}}
+{{- end -}}
+{{- $port := include "refresher.apiPort" . -}}
 {{- if eq $port (toString (int .Values.metrics.port)) -}}
 {{- fail (printf "api.listen: port %s is metrics.port too; give the api listener a port of its own" $port) -}}
 {{- end -}}
-{{- $_ := set $config "api" (dict "enabled" true "listen" (toString .Values.api.listen) "max_connections" (int .Values.api.maxConnections)) -}}
+{{- if not $loopback -}}
+{{- range $index, $job := (get $config "tokens" | default list) -}}
+{{- if and (kindIs "map" $job) (not (get $job "consumers")) -}}
+{{- fail (printf "config.tokens[%d] (%s): api.listen %s is reachable from other pods, so every token job must say who may read its token: give it `consumers` (service_accounts or namespaces with an audience, or a bearer_key_file)" $index (toString (get $job "name")) $listen) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- $api := dict "enabled" true "listen" $listen "max_connections" (int .Values.api.maxConnections) "max_staleness" .Values.api.maxStaleness -}}
+{{- with .Values.api.tls.existingSecret -}}
+{{- $mount := trimSuffix "/" $.Values.api.tls.mountPath -}}
+{{- $_ := set $api "tls" (dict "cert_file" (printf "%s/tls.crt" $mount) "key_file" (printf "%s/tls.key" $mount)) -}}
+{{- end -}}
+{{- $_ := set $config "api" $api -}}
 {{- end -}}
 {{- if eq .Values.mode "deployment" -}}
 {{- $election := get $config "leader_election" | default dict -}}
@@ -119,7 +138,44 @@ The user's `config` with the chart's overlays, as YAML:
 {{- else -}}
 {{- $_ := unset $config "leader_election" -}}
 {{- end -}}
+{{- if and .Values.api.enabled (get (get $config "leader_election" | default dict) "enabled") -}}
+{{- range $index, $job := (get $config "tokens" | default list) -}}
+{{- if kindIs "map" $job -}}
+{{- $secretSink := false -}}
+{{- range $sink := (get $job "sinks" | default list) -}}
+{{- if and (kindIs "map" $sink) (eq (toString (get $sink "type")) "kubernetes") -}}
+{{- $secretSink = true -}}
+{{- end -}}
+{{- end -}}
+{{- if not $secretSink -}}
+{{- fail (printf "config.tokens[%d] (%s): with leader election and the api on, every replica serves the token and a follower serves what it watches in the job's Secret: give the job a `type: kubernetes` sink" $index (toString (get $job "name"))) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
 {{- toYaml $config -}}
+{{- end -}}
+
+{{/* ------------------------------------------------------------------ the api listener
+
+refresher.apiPort: the port of api.listen. refresher.apiLoopback: "true" when its host is a
+loopback address (localhost, 127.x.x.x, [::1]): only the pod's own containers can connect,
+and the refresher serves them without authentication. refresher.apiServed: "true" when the
+api is on and other pods can reach it (0.0.0.0, [::] or another address): then the container
+gets an `api` port, and in deployment mode the API Service and the NetworkPolicy's ingress
+rule exist.
+*/}}
+{{- define "refresher.apiPort" -}}
+{{- regexFind "[0-9]+$" (toString .Values.api.listen) -}}
+{{- end -}}
+
+{{- define "refresher.apiLoopback" -}}
+{{- $host := regexReplaceAll ":[0-9]+$" (toString .Values.api.listen) "" | lower -}}
+{{- if or (eq $host "localhost") (eq $host "[::1]") (regexMatch `^127\.[0-9]+\.[0-9]+\.[0-9]+$` $host) -}}true{{- end -}}
+{{- end -}}
+
+{{- define "refresher.apiServed" -}}
+{{- if and .Values.api.enabled (not (include "refresher.apiLoopback" .)) -}}true{{- end -}}
 {{- end -}}
 
 {{/* ------------------------------------------------------------------ what Kubernetes access the config needs
@@ -128,21 +184,40 @@ A YAML map:
   namespaces:            one entry per namespace the refresher touches
     <namespace>:
       secrets: [names]   target Secrets (get, patch)
+      watchSecrets: [n]  the Secret each job's replicas list and watch by name (list,
+                         watch), its first `type: kubernetes` sink: the token API with leader
+                         election (followers serve what the leader writes; the leader
+                         watches for the followers' rejection reports)
       createSecrets: b   a sink there says `create: true` (create on secrets: RBAC cannot limit it by name)
       leases: [names]    the Lease (get, patch)
       createLeases: b    the chart does not create the Lease (create on leases)
   precreate: [{name, namespace, type}]  target Secrets the chart may create
   lease: {name, namespace} or absent
+  tokenReview: b         the api is on and a job's consumers name service_accounts or
+                         namespaces: the refresher checks their tokens with TokenReviews
+                         (a ClusterRoleBinding to system:auth-delegator)
 */}}
 {{- define "refresher.kubePlan" -}}
 {{- $config := include "refresher.configData" . | fromYaml -}}
 {{- $namespaces := dict -}}
 {{- $precreate := list -}}
+{{- $apiOn := ($config.api | default dict).enabled -}}
+{{- $watching := and $apiOn ($config.leader_election | default dict).enabled -}}
+{{- $tokenReview := false -}}
 {{- range $job := ($config.tokens | default list) -}}
+{{- $consumers := $job.consumers | default dict -}}
+{{- if and $apiOn (kindIs "map" $consumers) (or $consumers.service_accounts $consumers.namespaces) -}}
+{{- $tokenReview = true -}}
+{{- end -}}
+{{- $watched := false -}}
 {{- range $sink := ($job.sinks | default list) -}}
 {{- if eq (toString $sink.type) "kubernetes" -}}
-{{- $entry := get $namespaces $sink.namespace | default (dict "secrets" (list) "createSecrets" false "leases" (list) "createLeases" false) -}}
+{{- $entry := get $namespaces $sink.namespace | default (dict "secrets" (list) "watchSecrets" (list) "createSecrets" false "leases" (list) "createLeases" false) -}}
 {{- $_ := set $entry "secrets" (append $entry.secrets $sink.name | uniq) -}}
+{{- if and $watching (not $watched) -}}
+{{- $_ := set $entry "watchSecrets" (append $entry.watchSecrets $sink.name | uniq) -}}
+{{- $watched = true -}}
+{{- end -}}
 {{- if $sink.create -}}
 {{- $_ := set $entry "createSecrets" true -}}
 {{- end -}}
@@ -151,10 +226,10 @@ A YAML map:
 {{- end -}}
 {{- end -}}
 {{- end -}}
-{{- $plan := dict "namespaces" $namespaces "precreate" $precreate -}}
+{{- $plan := dict "namespaces" $namespaces "precreate" $precreate "tokenReview" $tokenReview -}}
 {{- $election := $config.leader_election | default dict -}}
 {{- if $election.enabled -}}
-{{- $entry := get $namespaces $election.namespace | default (dict "secrets" (list) "createSecrets" false "leases" (list) "createLeases" false) -}}
+{{- $entry := get $namespaces $election.namespace | default (dict "secrets" (list) "watchSecrets" (list) "createSecrets" false "leases" (list) "createLeases" false) -}}
 {{- $_ := set $entry "leases" (append $entry.leases $election.name | uniq) -}}
 {{- if not $.Values.leaderElection.createLease -}}
 {{- $_ := set $entry "createLeases" true -}}
@@ -195,10 +270,10 @@ off without a word.
 {{- toYaml (dict "probes" $probes) -}}
 {{- end -}}
 
-{{/* Whether the pod talks to the API server at all: "true" or "". */}}
+{{/* Whether the pod talks to the API server at all (Secrets, the Lease, TokenReviews): "true" or "". */}}
 {{- define "refresher.usesKubernetes" -}}
 {{- $plan := include "refresher.kubePlan" . | fromYaml -}}
-{{- if $plan.namespaces -}}true{{- end -}}
+{{- if or $plan.namespaces $plan.tokenReview -}}true{{- end -}}
 {{- end -}}
 
 {{/* ------------------------------------------------------------------ the pod */}}
@@ -267,6 +342,12 @@ spec:
         - name: metrics
           containerPort: {{ .Values.metrics.port }}
           protocol: TCP
+        {{- if include "refresher.apiServed" . }}
+        # The token API (the API Service's target); readiness stays /readyz on metrics.
+        - name: api
+          containerPort: {{ include "refresher.apiPort" . }}
+          protocol: TCP
+        {{- end }}
       {{- with .Values.livenessProbe }}
       livenessProbe:
         {{- toYaml . | nindent 8 }}
@@ -292,6 +373,13 @@ spec:
           mountPath: {{ .Values.credentials.mountPath }}
           readOnly: true
         {{- end }}
+        {{- if and .Values.api.enabled .Values.api.tls.existingSecret }}
+        # Not a subPath: the kubelet updates the files when the Secret rotates, and the
+        # refresher re-reads them.
+        - name: api-tls
+          mountPath: {{ .Values.api.tls.mountPath }}
+          readOnly: true
+        {{- end }}
         - name: tmp
           mountPath: /tmp
         {{- with .Values.extraVolumeMounts }}
@@ -305,6 +393,12 @@ spec:
     - name: credentials
       secret:
         secretName: {{ . }}
+        defaultMode: 0440
+    {{- end }}
+    {{- if and .Values.api.enabled .Values.api.tls.existingSecret }}
+    - name: api-tls
+      secret:
+        secretName: {{ .Values.api.tls.existingSecret }}
         defaultMode: 0440
     {{- end }}
     - name: tmp
