@@ -97,7 +97,7 @@ BLIND = "the probe rejects the token the IdP has just issued"
 # --------------------------------------------------------------------------- plumbing
 
 
-def _session() -> requests.Session:
+def loopback_session() -> requests.Session:
     session = requests.Session()
     session.trust_env = False  # loopback only: no proxy from the environment in between
     return session
@@ -122,7 +122,7 @@ def _wait(
         time.sleep(interval)
 
 
-def _log_time(record: dict[str, Any]) -> float:
+def log_time(record: dict[str, Any]) -> float:
     return datetime.fromisoformat(str(record["time"]).replace("Z", "+00:00")).timestamp()
 
 
@@ -205,7 +205,7 @@ def scrape(port: int) -> dict[str, dict[str, float]]:
         "refresher_rejection_reports_total",
         "refresher_token_contested",
     }
-    with _session() as session:
+    with loopback_session() as session:
         body = session.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
     series: dict[str, dict[str, float]] = {}
     for family in text_string_to_metric_families(body):
@@ -218,7 +218,7 @@ def scrape(port: int) -> dict[str, dict[str, float]]:
 
 def rogue_reissue(idp: LocalIdP) -> str:
     """One token request with the refresher's client and scope: revokes the token it holds."""
-    with _session() as session:
+    with loopback_session() as session:
         answer = session.post(
             idp.token_url,
             params={"grant_type": "client_credentials", "scope": SCOPE},
@@ -315,7 +315,7 @@ class Consumer(threading.Thread):
             return None
 
     def run(self) -> None:
-        session = _session()
+        session = loopback_session()
         while not self.stop.is_set():
             held = self._read()
             if held is None:
@@ -580,14 +580,14 @@ def fight(seconds: float, root: Path) -> Scenario:
     per: list[dict[str, Any]] = []
     refreshed = [fighter.logged("token refreshed") for fighter in fighters]
     # The fight begins with the second refresher's first token.
-    fight_began = _log_time(refreshed[-1][0]) if len(refreshed) == 2 and refreshed[-1] else None
+    fight_began = log_time(refreshed[-1][0]) if len(refreshed) == 2 and refreshed[-1] else None
     for index, fighter in enumerate(fighters):
         seen = contested_seen[index]
         records = fighter.records()
         messages = [str(r.get("message", "")) for r in records]
         contest = next((i for i, m in enumerate(messages) if m.startswith(CONTESTED)), None)
         before = messages[:contest] if contest is not None else messages
-        rejection_times = [_log_time(r) for r in records if r.get("message") == REJECTED_REFRESHING]
+        rejection_times = [log_time(r) for r in records if r.get("message") == REJECTED_REFRESHING]
         per.append(
             {
                 "name": fighter.name,
@@ -598,7 +598,7 @@ def fight(seconds: float, root: Path) -> Scenario:
                 "contested_logged": contest is not None,
                 "contested_lines": sum(1 for m in messages if m.startswith(CONTESTED)),
                 "contest_level": records[contest].get("level") if contest is not None else None,
-                "contested_after": _log_time(records[contest]) - fight_began
+                "contested_after": log_time(records[contest]) - fight_began
                 if contest is not None and fight_began is not None
                 else None,
                 "rejection_refreshes_before_contest": before.count(REJECTED_REFRESHING),
@@ -636,13 +636,13 @@ def fight(seconds: float, root: Path) -> Scenario:
 # --------------------------------------------------------------------------- successor
 
 
-def _holder(kube: FakeKubeAPI) -> str | None:
+def holder(kube: FakeKubeAPI) -> str | None:
     lease = kube.get_object("leases", NAMESPACE, "refresher")
     return None if lease is None else lease["spec"].get("holderIdentity")
 
 
-def _secret_token(kube: FakeKubeAPI) -> str | None:
-    secret = kube.get_object("secrets", NAMESPACE, SECRET)
+def secret_token(kube: FakeKubeAPI, name: str = SECRET) -> str | None:
+    secret = kube.get_object("secrets", NAMESPACE, name)
     if secret is None or "token" not in secret.get("data", {}):
         return None
     return base64.b64decode(secret["data"]["token"]).decode()
@@ -681,20 +681,20 @@ def successor(rounds: int, rng: random.Random, root: Path) -> Scenario:
             return token is not None and idp.token_status(token) == "valid"
 
         def leads(process: Refresher) -> Callable[[], bool]:
-            return lambda: _holder(kube) == process.name
+            return lambda: holder(kube) == process.name
 
         def replaced(dead: str) -> Callable[[], bool]:
-            return lambda: (token := _secret_token(kube)) != dead and live(token)
+            return lambda: (token := secret_token(kube)) != dead and live(token)
 
         try:
             first = replica()
             _wait(leads(first), 30, "the first replica leads")
-            _wait(lambda: live(_secret_token(kube)), 30, "a token in the Secret")
+            _wait(lambda: live(secret_token(kube)), 30, "a token in the Secret")
             replica().wait_logged("leader election started")
             for number in range(1, rounds + 1):
                 leader, follower = replicas[-2], replicas[-1]
                 time.sleep(rng.uniform(0.3, 1.0))  # the follower campaigns; nothing in flight
-                victim = _secret_token(kube)
+                victim = secret_token(kube)
                 assert victim is not None and live(victim)
                 leader.kill()
                 killed = time.monotonic()
@@ -720,7 +720,7 @@ def successor(rounds: int, rng: random.Random, root: Path) -> Scenario:
                         - 1
                         - asked_before,
                         "adopted_token_probed_rejected": bool(probed),
-                        "dead_token_replaced": _secret_token(kube) != victim,
+                        "dead_token_replaced": secret_token(kube) != victim,
                     }
                 )
                 replica().wait_logged("leader election started")
@@ -810,7 +810,7 @@ def _s(values: list[float]) -> str:
     return f"{one(statistics.median(values))} / {one(max(values))}"
 
 
-def _table(title: str, header: list[str], rows: list[list[Any]]) -> str:
+def table(title: str, header: list[str], rows: list[list[Any]]) -> str:
     cells = [header, *[[str(c) for c in row] for row in rows]]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
     lines = [f"\n## {title}\n"]
@@ -849,7 +849,7 @@ def report(figures: dict[str, Any]) -> str:
                 ]
             )
         out.append(
-            _table(
+            table(
                 f"Rogue reissues (tokens live {LIFETIME:g} s, refreshed {MARGIN:g} s before "
                 f"expiry; {CONSUMERS} consumers read every {READ_EVERY * 1000:.0f} ms; "
                 "times from the revocation, median / max)",
@@ -892,7 +892,7 @@ def report(figures: dict[str, Any]) -> str:
             for r in f["refreshers"]
         ]
         out.append(
-            _table(
+            table(
                 f"Fight: two refreshers, one client and scope, probing every "
                 f"{FIGHT_PROBE_INTERVAL:g} s, for {f['seconds']:.0f} s",
                 [
@@ -930,7 +930,7 @@ def report(figures: dict[str, Any]) -> str:
             for r in rounds
         ]
         out.append(
-            _table(
+            table(
                 "Successor: the leader killed -9, the Secret's token revoked, the follower "
                 f"takes over (lease {LEASE['lease_duration']:g} s)",
                 [
@@ -946,14 +946,28 @@ def report(figures: dict[str, Any]) -> str:
                 rows,
             )
         )
-    out.append(
+    out += log_findings(figures)
+    return "\n".join(out)
+
+
+def log_findings(figures: dict[str, Any]) -> list[str]:
+    """The lines every harness ends its report with: leaks, stray lines, problems."""
+    lines = [
         f"\nsecrets in {figures['log_lines']} log lines: {figures['secret_leaks']}"
         + (f" ({', '.join(figures['leaking_logs'])})" if figures["leaking_logs"] else "")
         + f"; lines that are not JSON: {figures['stray_log_lines']}"
-    )
-    for problem in figures["problems"][:20]:
-        out.append(f"  problem: {problem}")
-    return "\n".join(out)
+    ]
+    lines += [f"  problem: {problem}" for problem in figures["problems"][:20]]
+    return lines
+
+
+def emit(figures: dict[str, Any], text: str, *, as_json: bool) -> None:
+    """The tables on stdout; with `--json` the figures there and the tables on stderr."""
+    if as_json:
+        print(text, file=sys.stderr)
+        print(json.dumps(figures))
+    else:
+        print(text)
 
 
 def main() -> None:
@@ -986,11 +1000,7 @@ def main() -> None:
         args.sequential,
         args.logs,
     )
-    if args.json:
-        print(report(figures), file=sys.stderr)
-        print(json.dumps(figures))
-    else:
-        print(report(figures))
+    emit(figures, report(figures), as_json=args.json)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -44,7 +45,7 @@ from refresher.board import TokenBoard
 from refresher.clock import Clock
 from refresher.clockguard import ClockGuard
 from refresher.config import Config
-from refresher.credentials import CredentialRef
+from refresher.credentials import CredentialRef, read_credentials
 from refresher.errors import RefreshError
 from refresher.idp import IdPClient, new_session
 from refresher.liveness import Running, heartbeat_interval, is_alive, stuck_after
@@ -136,6 +137,8 @@ class Daemon:
         self.metrics = metrics or Metrics(clock=clock)
         self.sinks = SinkFactory(config.settings.kubernetes)
         self._leading = threading.Event()
+        # Taken to change leadership and to publish a watched token (`_watched`).
+        self._board_lock = threading.Lock()
         # What the token API serves (api.py): each job's current token.
         self.board = TokenBoard([job.name for job in config.jobs])
         self.runners = build_runners(
@@ -321,12 +324,24 @@ class Daemon:
         return ReportTicket(_done(ReportAnswer("forwarded", False, fingerprint)), False)
 
     def _watched(self, name: str, token: Token | None) -> None:
-        if not self._leading.is_set():  # the leader's runner publishes its own tokens first
-            self.board.publish(name, token)
+        job = self._by_name[name].job
+        if token is not None and not token.extras and job.credentials_file is not None:
+            # A Secret does not say which of its keys are credential extras (Lucidtech's
+            # `api_key`); the credentials do, and the token API serves them beside the token.
+            try:
+                token = replace(token, extras=read_credentials(job).extras)
+            except RefreshError as err:
+                log.warning("cannot read the credentials' extras", extra={"error": err.message})
+        # Under the lock `_lead` takes to become leader: a watch event that saw a follower
+        # cannot land after the new leader's runner published its own token.
+        with self._board_lock:
+            if not self._leading.is_set():  # the leader's runner publishes its own tokens
+                self.board.publish(name, token)
 
     def _watch_stale(self, name: str, why: str | None) -> None:
-        if not self._leading.is_set():
-            self.board.mark_stale(name, why)
+        with self._board_lock:
+            if not self._leading.is_set():
+                self.board.mark_stale(name, why)
 
     def _watch_states(self) -> list[tuple[str, bool, int]]:
         return [(name, watch.up, watch.restarts) for name, watch in self.watches.items()]
@@ -392,18 +407,26 @@ class Daemon:
     def _lead(self) -> None:
         """This replica refreshes from now on; every job re-reads its sinks first, since the
         previous leader may have refreshed them."""
-        self._leading.set()
+        with self._board_lock:
+            self._leading.set()
+            for runner in self.runners:
+                self.board.mark_stale(runner.job.name, None)
         self.metrics.leader.set(1)
-        for runner in self.runners:
-            self.board.mark_stale(runner.job.name, None)
         for runner in self.runners:
             runner.restart()
             self._schedule(runner, self.clock())
 
     def _follow(self) -> None:
         """Stop refreshing at once. A refresh in flight may finish its write; no new one starts."""
-        self._leading.clear()
+        with self._board_lock:
+            self._leading.clear()
+            self._show_watched()
         self.metrics.leader.set(0)
+        self.scheduler.remove_all_jobs(jobstore="default")
+        self.guard.clear()
+
+    def _show_watched(self) -> None:
+        """A follower serves what its watches hold (called under `_board_lock`)."""
         for runner in self.runners:
             name = runner.job.name
             watch = self.watches.get(name)
@@ -412,8 +435,6 @@ class Daemon:
             else:
                 self.board.publish(name, watch.last_token)
                 self.board.mark_stale(name, watch.stale_reason)
-        self.scheduler.remove_all_jobs(jobstore="default")
-        self.guard.clear()
 
     @property
     def is_leader(self) -> bool:

@@ -39,6 +39,7 @@ import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -73,6 +74,27 @@ PROTOCOL_LOG.addFilter(_OneLine())
 # aiohttp puts `Python/3.x aiohttp/3.y` into every answer it makes itself (a 400 for a
 # malformed request never reaches a handler or a middleware), so its default goes too.
 setattr(web_response, "SERVER_SOFTWARE", SERVER_NAME)  # noqa: B010 - not re-exported
+
+_aiohttp_handle_error = RequestHandler.handle_error
+
+
+def _handle_error_quietly(
+    self: RequestHandler,
+    request: Any,
+    status: int = 500,
+    exc: BaseException | None = None,
+    message: str | None = None,
+) -> web.StreamResponse:
+    """aiohttp's own answer to a request it could not parse quotes what it could not parse
+    (`Got more than 4096 bytes when reading: b'Bearer ...'`): a credential sent in an
+    oversized header would come back in the body. Answer with the status phrase alone."""
+    if status != 500:
+        phrase = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else ""
+        message = f"{status} {phrase}".strip() + "\n"
+    return _aiohttp_handle_error(self, request, status, exc, message)
+
+
+RequestHandler.handle_error = _handle_error_quietly  # type: ignore[method-assign]
 
 
 @dataclass(frozen=True)

@@ -505,7 +505,9 @@ def test_opaque_tokens_expire_server_side(
 
 
 def test_real_clock_short_lifetime(make_idp: MakeIdP, http: requests.Session) -> None:
-    idp = make_idp("generic", lifetime=1, clock=time.time)
+    # `exp` is whole seconds (int(now + lifetime)): with 2.5 s the token lives at least 1.5 s,
+    # time enough for the first call on a loaded machine (1 s could leave it 0.01 s).
+    idp = make_idp("generic", lifetime=2.5, clock=time.time)
     token = get_token(http, idp)
     assert call_api(http, idp, token) == 200
     time.sleep(max(0.0, claims(token)["exp"] - time.time()) + 0.01)

@@ -186,6 +186,7 @@ def test_a_bearer_key_opens_its_job_and_nothing_else(
         for header in (
             None,
             f"Bearer {key[:-1]}",
+            f"Bearer {key[:-1]}{chr(ord(key[-1]) ^ 1)}",  # the same length, one byte off
             f"Bearer {key}x",
             f"Basic {key}",
             "Bearer",
@@ -431,3 +432,23 @@ def test_an_unloadable_certificate_is_a_clear_start_error(tmp_path: Path) -> Non
     with pytest.raises(ListenError) as caught:
         TlsFiles(cert, key)
     assert str(cert) in caught.value.strerror
+
+
+def test_an_oversized_credential_is_refused_without_being_echoed(
+    idp: LocalIdP, secret_file: Path, tmp_path: Path
+) -> None:
+    import socket
+
+    credential = "SECRETCREDENTIAL" + "d" * 6000
+    with _serving(idp, secret_file, tmp_path) as (daemon, _):
+        assert daemon.api is not None
+        with socket.create_connection(("127.0.0.1", daemon.api.port), timeout=5) as sock:
+            sock.sendall(
+                b"GET /v1/tokens/lucidtech-job HTTP/1.1\r\nHost: x\r\n"
+                + f"Authorization: Bearer {credential}\r\n\r\n".encode()
+            )
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+    assert answer.split(b"\r\n")[0].endswith(b" 400 Bad Request")
+    assert b"SECRETCREDENTIAL" not in answer and b"dddd" not in answer
