@@ -88,7 +88,9 @@ def endpoints(context: ApiContext) -> web.Application:
     async def admitted(request: web.Request) -> tuple[str, Decision]:
         name = request.match_info["name"]
         authorization = request.headers.get("Authorization")
-        decision = await server.run_blocking(lambda: context.gate.check(name, authorization))
+        if len(request.headers.getall("Authorization", [])) > 1:
+            return name, Decision(401, None, "invalid")  # which one would count?
+        decision = await context.gate.check(name, authorization)
         if decision.reason is not None:
             stats.record_auth_failure(decision.reason)
             log.warning(
@@ -117,17 +119,21 @@ def endpoints(context: ApiContext) -> web.Application:
                     400, {"error": f"timeout must be seconds, 0 < N <= {MAX_POLL_SECONDS:g}"}
                 )
             elif _names(request.headers.get("If-None-Match"), entry):
-                if timeout == 0.0 or _unservable(entry, context.clock()) is not None:
+                if timeout == 0.0 or entry.unservable(context.clock()) is not None:
                     response = _served(name, entry, context.clock(), decision, not_modified=True)
                 else:
                     begun = time.perf_counter()
-                    newer = await board.changed(name, entry.version, timeout)
+                    newer = await _newer_token(board, name, entry, timeout)
                     waited = time.perf_counter() - begun
-                    response = (
-                        _served(name, newer, context.clock(), decision)
-                        if newer is not None
-                        else _served(name, entry, context.clock(), decision, not_modified=True)
-                    )
+                    if board.closed:  # stopping: another replica answers from now on
+                        response = _json(503, {"error": "stopping"}, retry_after=1)
+                        response.force_close()
+                    elif newer is not None:
+                        response = _served(name, newer, context.clock(), decision)
+                    else:
+                        response = _served(
+                            name, entry, context.clock(), decision, not_modified=True
+                        )
             else:
                 response = _served(name, entry, context.clock(), decision)
         stats.record_request(
@@ -169,6 +175,23 @@ def endpoints(context: ApiContext) -> web.Application:
     return app
 
 
+async def _newer_token(board: TokenBoard, name: str, entry: Entry, timeout: float) -> Entry | None:
+    """Wait for another token than `entry`'s (or for this replica to stop vouching), at most
+    `timeout`: a board change that leaves the same token (vouched for again) is not one."""
+    deadline = time.monotonic() + timeout
+    version = entry.version
+    held = entry.token.access_token if entry.token is not None else None
+    while (left := deadline - time.monotonic()) > 0:
+        newer = await board.changed(name, version, left)
+        if newer is None:
+            return None
+        same = newer.token is not None and newer.token.access_token == held
+        if not same or newer.stale_reason is not None:
+            return newer
+        version = newer.version
+    return None
+
+
 def _timeout(value: str | None) -> float | None:
     """`?timeout=N` as seconds (0.0 when absent); None when it is not 0 < N <= 60."""
     if value is None:
@@ -193,21 +216,10 @@ def _names(if_none_match: str | None, entry: Entry) -> bool:
     )
 
 
-def _unservable(entry: Entry, now: float) -> str | None:
-    """Why this entry's token must not be served now, or None."""
-    if entry.stale_reason is not None:
-        return entry.stale_reason
-    if entry.token is None:
-        return "no token yet"
-    if not entry.token.is_valid(now):
-        return "the token this replica holds has expired; a new one is being fetched"
-    return None
-
-
 def _served(
     name: str, entry: Entry, now: float, decision: Decision, *, not_modified: bool = False
 ) -> web.Response:
-    why = _unservable(entry, now)
+    why = entry.unservable(now)
     if why is not None:
         return _json(503, {"error": why}, retry_after=1)
     token = entry.token
@@ -224,13 +236,17 @@ def _served(
 
 
 def _refused(decision: Decision) -> web.Response:
+    """A refusal, on a connection closed after it: a caller without a good credential
+    does not get to keep a slot of the listener for its keep-alive time."""
     if decision.status == 401:
         response = _json(401, {"error": "a valid bearer credential is required"})
         response.headers["WWW-Authenticate"] = 'Bearer realm="refresher"'
-        return response
-    if decision.status == 503:
-        return _json(503, {"error": "cannot check the credential now"}, retry_after=1)
-    return _json(404, {"error": "no such token"})
+    elif decision.status == 503:
+        response = _json(503, {"error": "cannot check the credential now"}, retry_after=1)
+    else:
+        response = _json(404, {"error": "no such token"})
+    response.force_close()
+    return response
 
 
 def _fingerprint(body: bytes) -> str | None:

@@ -23,6 +23,16 @@ class Entry:
     version: int
     stale_reason: str | None = None  # set while this replica cannot vouch for the token
 
+    def unservable(self, now: float) -> str | None:
+        """Why this token must not be served now, or None."""
+        if self.stale_reason is not None:
+            return self.stale_reason
+        if self.token is None:
+            return "no token yet"
+        if not self.token.is_valid(now):
+            return "the token this replica holds has expired; a new one is being fetched"
+        return None
+
 
 class TokenBoard:
     def __init__(self, names: list[str]) -> None:
@@ -55,6 +65,16 @@ class TokenBoard:
                 self._entries[name] = Entry(token, entry.version)
                 return
             self._entries[name] = Entry(token, entry.version + 1)
+        self._wake(name)
+
+    def show(self, name: str, token: Token | None, stale_reason: str | None) -> None:
+        """Set the token and whether this replica can vouch for it in one step (a follower
+        taking over what its watch holds): never a moment of vouching for the wrong one."""
+        with self._lock:
+            entry = self._entries.get(name)
+            if entry is None:
+                return
+            self._entries[name] = Entry(token, entry.version + 1, stale_reason)
         self._wake(name)
 
     def mark_stale(self, name: str, reason: str | None) -> None:

@@ -356,7 +356,9 @@ class ApiServerConfig(_Strict):
 
     enabled: bool = False
     listen: str = "127.0.0.1:9465"
-    max_connections: int = Field(default=64, ge=1, le=100_000)
+    # Long polls hold a connection each: room for many consumers, few per address.
+    max_connections: int = Field(default=512, ge=1, le=100_000)
+    max_connections_per_address: int = Field(default=32, ge=1, le=100_000)
     # A follower whose Secret watch has been broken this long answers 503 for that job
     # rather than serve a token that may have been replaced.
     max_staleness: PositiveDuration = 30.0

@@ -21,6 +21,7 @@ cache is keyed by a hash.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import logging
@@ -29,9 +30,12 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import jwt
 
 from refresher.config import ConsumersConfig, TokenJobConfig
 from refresher.credentials import CredentialRef
@@ -44,6 +48,8 @@ REVIEW_TTL = 30.0  # an authenticated review is reused this long
 REFUSED_TTL = 5.0  # a refused one this long
 MAX_CACHED_REVIEWS = 4096
 REVIEW_RATE, REVIEW_BURST = 20.0, 40  # TokenReviews per second sent to the API server
+REVIEW_WORKERS = 4  # TokenReviews in flight at once
+MAX_PENDING_REVIEWS = 16  # running or queued; more callers are told to come back (503)
 MAX_CREDENTIAL_CHARS = 16 * 1024
 
 
@@ -51,9 +57,9 @@ MAX_CREDENTIAL_CHARS = 16 * 1024
 class Subject:
     """Who a caller is, for the audit log: never the credential."""
 
-    name: str  # `system:serviceaccount:NS:NAME`, `bearer-key:JOB`, `anonymous (loopback)`
+    name: str  # `system:serviceaccount:NS:NAME`, `bearer-key`, `anonymous (loopback)`
     audiences: frozenset[str] = frozenset()
-    key_job: str | None = None  # the job whose bearer key it presented
+    key_jobs: frozenset[str] = frozenset()  # the jobs whose bearer key it presented
 
 
 @dataclass(frozen=True)
@@ -79,7 +85,7 @@ class BearerKey:
         key = self._current()
         # Digests of equal length, compared in constant time: neither the key's bytes nor
         # its length show in how long a wrong guess takes.
-        given = hashlib.sha256(presented.encode()).digest()
+        given = hashlib.sha256(presented.encode("utf-8", "surrogateescape")).digest()
         return key is not None and hmac.compare_digest(given, hashlib.sha256(key).digest())
 
     def _current(self) -> bytes | None:
@@ -90,13 +96,17 @@ class BearerKey:
         seen = (info.st_mtime_ns, info.st_size, info.st_ino)
         with self._lock:
             if seen != self._seen:
+                self._seen = seen  # judged once per change of the file, however it turns out
+                self._key = None
                 try:
-                    key = CredentialRef(file=self.path).read()
+                    key = CredentialRef(file=self.path).read().strip()
                 except RefreshError as err:
                     log.warning("cannot read a consumer key", extra={"error": err.message})
                     return None
-                self._key = key.encode() if key else None
-                self._seen = seen
+                if not key:
+                    log.warning("a consumer key file is empty", extra={"path": str(self.path)})
+                    return None
+                self._key = key.encode()
             return self._key
 
 
@@ -131,6 +141,10 @@ class TokenReviews:
         subject = self._ask(token, audiences)
         with self._lock:
             ttl = REVIEW_TTL if subject is not None else REFUSED_TTL
+            claims = _claims(token)
+            expires = claims.get("exp") if claims else None
+            if isinstance(expires, int | float):  # never accepted past the token's own expiry
+                ttl = min(ttl, max(expires - time.time(), 0.0))
             self._cache[key] = (now + ttl, subject)
             self._cache.move_to_end(key)
             while len(self._cache) > MAX_CACHED_REVIEWS:
@@ -161,6 +175,29 @@ class ReviewUnavailable(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+def _worth_reviewing(credential: str, audiences: frozenset[str]) -> bool:
+    """Whether `credential` looks like a projected token for one of `audiences` that has not
+    expired (read without verifying: the TokenReview does that). Anything else (a wrong
+    bearer key, a made-up string, the pod's default API token) is refused without asking
+    the API server, and never sent there."""
+    claims = _claims(credential)
+    if claims is None:
+        return False
+    audience = claims.get("aud")
+    given = {audience} if isinstance(audience, str) else set(audience or ())
+    expires = claims.get("exp")
+    alive = isinstance(expires, int | float) and expires > time.time()
+    return alive and bool(given & audiences)
+
+
+def _claims(credential: str) -> dict[str, Any] | None:
+    try:
+        claims = jwt.decode(credential, options={"verify_signature": False})
+    except (jwt.PyJWTError, ValueError, TypeError):
+        return None
+    return claims if isinstance(claims, dict) else None
 
 
 def _bearer(authorization: str | None) -> str | None:
@@ -211,9 +248,14 @@ class Gate:
             for job in jobs.values()
             if job.consumers is not None and job.consumers.audience is not None
         )
+        self._pool = ThreadPoolExecutor(REVIEW_WORKERS, thread_name_prefix="refresher-review")
+        self._reviewing = 0  # reviews running or queued; touched on the HTTP loop only
 
-    def check(self, name: str, authorization: str | None) -> Decision:
-        """May the caller read job `name`? Blocking (a TokenReview): call off the loop."""
+    async def check(self, name: str, authorization: str | None) -> Decision:
+        """May the caller read job `name`? On the HTTP loop: keys and the look at a token
+        are cheap; a TokenReview runs in the gate's own small pool, and when that is full
+        the caller is told to come back (503), so made-up tokens cannot hold up `/metrics`
+        or `/readyz`, which share the HTTP stack's executor."""
         job = self.jobs.get(name)
         credential = _bearer(authorization)
         if credential is None:
@@ -222,27 +264,42 @@ class Gate:
             if job is None and self._anonymous:
                 return Decision(404, ANONYMOUS, None)  # the pod's own containers: no secret
             return Decision(401, None, "missing")
-        try:
-            subject = self._authenticate(credential)
-        except ReviewUnavailable as err:
-            return Decision(503, None, err.reason)
+        subject = self._keyed(credential)
+        if subject is None:
+            worth = self.reviews is not None and _worth_reviewing(credential, self._audiences)
+            if not worth:
+                return Decision(401, None, "invalid")
+            if self._reviewing >= MAX_PENDING_REVIEWS:
+                return Decision(503, None, "rate_limited")
+            assert self.reviews is not None
+            reviews, audiences = self.reviews, self._audiences
+            self._reviewing += 1
+            try:
+                subject = await asyncio.get_running_loop().run_in_executor(
+                    self._pool, reviews.review, credential, audiences
+                )
+            except ReviewUnavailable as err:
+                return Decision(503, None, err.reason)
+            finally:
+                self._reviewing -= 1
         if subject is None:
             return Decision(401, None, "invalid")
         if job is None or not self._authorized(subject, job):
             return Decision(404, subject, "not_allowed")
         return Decision(200, subject, None)
 
-    def _authenticate(self, credential: str) -> Subject | None:
-        for name, key in self._keys.items():
-            if key.matches(credential):
-                return Subject(f"bearer-key:{name}", key_job=name)
-        if self.reviews is None or not self._audiences:
-            return None
-        return self.reviews.review(credential, self._audiences)
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _keyed(self, credential: str) -> Subject | None:
+        # Every key is compared (several jobs may share one), so the time taken does not
+        # say which one matched.
+        jobs = frozenset(name for name, key in self._keys.items() if key.matches(credential))
+        return Subject("bearer-key", key_jobs=jobs) if jobs else None
 
     @staticmethod
     def _authorized(subject: Subject, job: TokenJobConfig) -> bool:
-        if subject.key_job is not None:
-            return subject.key_job == job.name
+        if subject.key_jobs:
+            return job.name in subject.key_jobs
         consumers = job.consumers
         return consumers is not None and _allowed(subject, consumers)

@@ -65,7 +65,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT = "_heartbeat"  # not a possible job name (they start with a letter or digit)
+HEARTBEAT = "_heartbeat"
+# A follower writes a report of a token it still serves again after this many seconds.
+FORWARD_AGAIN = 5.0  # not a possible job name (they start with a letter or digit)
 
 
 def build_runners(
@@ -148,7 +150,7 @@ class Daemon:
             listeners=listeners,
             sinks=self.sinks,
             may_fetch=self._leading.is_set,
-            on_token=self.board.publish,
+            on_token=self._runner_token,
         )
         self.metrics.bind_jobs(self.snapshots, state_visible=self._leading.is_set)
         self.api_stats = ApiStats()
@@ -195,8 +197,9 @@ class Daemon:
         self._in_flight: dict[str, float] = {}
         self._run_again: set[str] = set()  # asked to run while running (`_run`)
         # Rejection reports sent through the Secret: by this follower, seen by this leader.
-        self._forwarded: dict[str, str] = {}
+        self._forwarded: dict[str, tuple[str, float]] = {}  # job -> (fingerprint, monotonic)
         self._forwards_seen: dict[str, str] = {}
+        self._watched_tokens: dict[str, Token | None] = {}  # with the credentials' extras
         self._in_flight_lock = threading.Lock()
         self._by_name = {runner.job.name: runner for runner in self.runners}
         # One HTTP stack for every listener: the metrics port is `http`, the API listener
@@ -205,6 +208,7 @@ class Daemon:
         self.server: HttpServer | None = None
         self.http: HttpListener | None = None
         self.api: HttpListener | None = None
+        self.gate: Gate | None = None
         metrics_on = config.settings.metrics.enabled if serve_http is None else serve_http
         api_on = config.settings.api.enabled and serve_http is not False
         if metrics_on or api_on:
@@ -230,7 +234,7 @@ class Daemon:
                     lambda: self.sinks.kube().authentication(),
                     config.settings.kubernetes.request_timeout,
                 )
-            gate = Gate(
+            self.gate = gate = Gate(
                 {job.name: job for job in config.jobs},
                 loopback=settings_api.loopback,
                 reviews=reviews,
@@ -255,7 +259,11 @@ class Daemon:
                 port,
                 api.endpoints(context),
                 Limits(
-                    max_connections=config.settings.api.max_connections,
+                    max_connections=settings_api.max_connections,
+                    # On loopback every caller is 127.0.0.1 (the pod's own containers).
+                    max_per_peer=None
+                    if settings_api.loopback
+                    else settings_api.max_connections_per_address,
                     request_timeout=api.REQUEST_TIMEOUT,
                 ),
                 tls,
@@ -287,19 +295,21 @@ class Daemon:
         return watches
 
     def _forwarded_report(self, name: str, sink: KubernetesSecretSink, secret: Any) -> None:
-        """On the leader: a follower's report found on the Secret; handled as a report made
-        here, once per fingerprint."""
-        fingerprint = sink.reported(secret)
-        if fingerprint is None or not self._leading.is_set():
+        """On the leader: a follower's report found on the Secret (`<fingerprint> <when>`);
+        handled as a report made here (probe, limits) once per annotation written."""
+        reported = sink.reported(secret)
+        if reported is None or not self._leading.is_set():
             return
-        if self._forwards_seen.get(name) == fingerprint:
+        if self._forwards_seen.get(name) == reported:
             return
-        self._forwards_seen[name] = fingerprint
+        self._forwards_seen[name] = reported
         log.info("rejection report forwarded by a follower", extra={"token": name})
-        self.report(name, fingerprint)
+        self.report(name, reported.split(" ", 1)[0])
 
     def _forward(self, runner: JobRunner, fingerprint: str) -> ReportTicket:
-        """On a follower: the report goes to the leader through the Secret it watches."""
+        """On a follower: the report goes to the leader through the Secret it watches: one
+        write per reported token, again after FORWARD_AGAIN seconds if it is still held (the
+        leader's probe may have accepted an earlier report of it)."""
         name = runner.job.name
         entry = self.board.current(name)
         token = entry.token if entry is not None else None
@@ -308,20 +318,29 @@ class Daemon:
         if token.fingerprint != fingerprint:
             runner.stats.record_report("stale")
             return ReportTicket(_done(ReportAnswer("stale", False, token.fingerprint)), False)
-        if self._forwarded.get(name) != fingerprint:
+        last = self._forwarded.get(name)
+        now = time.monotonic()
+        if last is None or last[0] != fingerprint or now - last[1] >= FORWARD_AGAIN:
             from refresher.sinks.kubernetes import KubernetesSecretSink
 
             sink = next(s for s in runner.sinks if isinstance(s, KubernetesSecretSink))
+            self._forwarded[name] = (fingerprint, now)  # also after a failure: no write storm
             try:
-                sink.note_rejected(fingerprint)
+                sink.note_rejected(f"{fingerprint} {int(self.clock() * 1000)}")
             except RefreshError as err:
                 log.warning("cannot forward a rejection report", extra={"error": err.message})
                 runner.stats.record_report("error")
                 return ReportTicket(_done(ReportAnswer("error", False, fingerprint)), False)
-            self._forwarded[name] = fingerprint
         runner.stats.record_report("forwarded")
         # Whether the token is dead is the leader's probe's to say: no promise of a refresh.
         return ReportTicket(_done(ReportAnswer("forwarded", False, fingerprint)), False)
+
+    def _runner_token(self, name: str, token: Token | None) -> None:
+        # An IdP answer that lands after this replica stopped leading must not replace what
+        # the watch shows: the new leader's token may be newer.
+        with self._board_lock:
+            if self._leading.is_set():
+                self.board.publish(name, token)
 
     def _watched(self, name: str, token: Token | None) -> None:
         job = self._by_name[name].job
@@ -335,6 +354,7 @@ class Daemon:
         # Under the lock `_lead` takes to become leader: a watch event that saw a follower
         # cannot land after the new leader's runner published its own token.
         with self._board_lock:
+            self._watched_tokens[name] = token
             if not self._leading.is_set():  # the leader's runner publishes its own tokens
                 self.board.publish(name, token)
 
@@ -399,6 +419,8 @@ class Daemon:
             watch.stop()
         if self.server is not None:
             self.server.stop()
+        if self.gate is not None:
+            self.gate.close()
         self._stopped.set()
         log.info("stopped")
 
@@ -433,8 +455,7 @@ class Daemon:
             if watch is None:  # without the API's Secret watch, only the leader can vouch
                 self.board.mark_stale(name, "this replica follows: ask the leader")
             else:
-                self.board.publish(name, watch.last_token)
-                self.board.mark_stale(name, watch.stale_reason)
+                self.board.show(name, self._watched_tokens.get(name), watch.stale_reason)
 
     @property
     def is_leader(self) -> bool:
@@ -613,8 +634,11 @@ class Daemon:
 
     def _beat(self) -> None:
         """The heartbeat job. Also armed with the guard, as token jobs are, so a wall clock
-        set back does not hold the next beat back (and fail /healthz) for as long."""
+        set back does not hold the next beat back (and fail /healthz) for as long. It also
+        has each Secret watch judge its staleness, whatever its own thread is blocked on."""
         self._last_beat = time.monotonic()
+        for watch in self.watches.values():
+            watch.check_stale()
         self.guard.arm(HEARTBEAT, heartbeat_interval(self._heartbeat_timeout))
 
     def healthy(self) -> tuple[bool, str]:
@@ -631,9 +655,16 @@ class Daemon:
 
     def ready(self) -> tuple[bool, str]:
         if self.elector is not None and not self.is_leader:
-            stale = [why for watch in self.watches.values() if (why := watch.stale_reason)]
-            if stale:
-                return False, "follower that cannot serve: " + "; ".join(stale)
+            if self.watches:  # it serves the token API: ready only if it can serve every job
+                now = self.clock()
+                cannot = [
+                    f"{name}: {why}"
+                    for name in self.watches
+                    if (entry := self.board.current(name)) is not None
+                    and (why := entry.unservable(now)) is not None
+                ]
+                if cannot:
+                    return False, "follower that cannot serve: " + "; ".join(cannot)
             return True, f"follower (leader: {self.elector.holder or 'unknown'})"
         waiting = [job.name for job in self.snapshots() if not job.ready]
         if waiting:

@@ -104,6 +104,9 @@ class Limits:
 
     max_connections: int = 64
     """Open connections at once; one more is closed as soon as it is accepted."""
+    max_per_peer: int | None = None
+    """Open connections at once from one address (None: no cap of its own): one caller
+    holding idle connections cannot take every slot from the others."""
     header_timeout: float = 5.0
     """From connect until the first request head is complete."""
     idle_timeout: float = 15.0
@@ -133,8 +136,7 @@ class TlsFiles:
     def __init__(self, cert_file: Path, key_file: Path) -> None:
         self.cert_file = cert_file
         self.key_file = key_file
-        self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        self.context.minimum_version = ssl.TLSVersion.TLSv1_2
+        self.context = _server_context()
         self._seen: tuple[tuple[int, int], tuple[int, int]] | None = None
         try:
             self.reload()
@@ -152,7 +154,11 @@ class TlsFiles:
         stamp = self._stamp()
         if stamp == self._seen:
             return False
-        self.context.load_cert_chain(self.cert_file, self.key_file)
+        # A fresh context, swapped in whole once the pair loaded: a bad pair (a new
+        # certificate whose key is not written yet) never touches the one in use.
+        context = _server_context()
+        context.load_cert_chain(self.cert_file, self.key_file)
+        self.context = context
         self._seen = stamp
         return True
 
@@ -165,6 +171,12 @@ class TlsFiles:
                 "cannot reload the TLS certificate; the previous one stays in use",
                 extra={"path": str(self.cert_file), "error": _tls_why(err)},
             )
+
+
+def _server_context() -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
 
 
 def _tls_why(err: OSError | ssl.SSLError) -> str:
@@ -221,7 +233,7 @@ class _Connection(asyncio.Protocol):
     """One accepted connection: counted against its listener's cap, always under one deadline,
     and otherwise aiohttp's own `RequestHandler`, to which every event is passed on."""
 
-    __slots__ = ("_closed", "_inner", "_listener", "_timer", "_transport")
+    __slots__ = ("_closed", "_inner", "_listener", "_timer", "_transport", "_upgrade")
 
     def __init__(self, listener: Listener, inner: RequestHandler) -> None:
         self._listener = listener
@@ -229,6 +241,7 @@ class _Connection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._closed = False
+        self._upgrade: asyncio.Task[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -236,8 +249,51 @@ class _Connection(asyncio.Protocol):
             transport.abort()  # before anything is read; the descriptor is freed at once
             return
         self._transport = transport
+        # The header deadline covers a TLS handshake too: a client that never finishes one
+        # holds a counted connection for that long, like one that never sends a request.
         self._deadline(self._listener.limits.header_timeout)
-        self._inner.connection_made(transport)
+        tls = self._listener.tls
+        if tls is None:
+            self._inner.connection_made(transport)
+        else:
+            self._upgrade = self._listener._loop().create_task(self._start_tls(transport, tls))
+
+    async def _start_tls(self, raw: asyncio.Transport, tls: TlsFiles) -> None:
+        """TLS on an accepted, counted connection, with the certificate loaded now (so a
+        rotation applies to the next connection), then aiohttp's handler on top."""
+        loop = self._listener._loop()
+        try:
+            secure = await loop.start_tls(
+                raw,
+                self,
+                tls.context,
+                server_side=True,
+                ssl_handshake_timeout=self._listener.limits.header_timeout,
+            )
+        except asyncio.CancelledError:  # the listener is stopping
+            self._gone()
+            raise
+        except Exception:  # a failed or cut handshake: the connection is gone
+            self._gone()
+            return
+        if secure is None or self._closed:
+            if secure is not None:
+                secure.abort()
+            self._gone()
+            return
+        assert isinstance(secure, asyncio.Transport)
+        self._listener._rekey(raw, secure)
+        self._transport = secure
+        self._inner.connection_made(secure)
+
+    def _gone(self) -> None:
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._transport is not None:
+            self._listener._release(self._transport)
+            self._transport = None
 
     def data_received(self, data: bytes) -> None:
         self._inner.data_received(data)
@@ -254,7 +310,7 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
         if self._transport is None:
-            return  # shed: aiohttp never saw it
+            return  # shed (aiohttp never saw it), or a TLS handshake that failed
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -304,6 +360,7 @@ class Listener:
         self._socket: socket.socket | None = _bind(host, port, limits.backlog)
         self.port: int = self._socket.getsockname()[1]
         self._open: dict[asyncio.Transport, _Connection] = {}
+        self._per_peer: dict[str, int] = {}  # open connections by peer address
         self.shed = 0  # connections closed at once because the cap was reached
         self.timed_out = 0  # connections cut at a deadline
         self._last_shed_log = -SHED_LOG_INTERVAL
@@ -343,8 +400,6 @@ class Listener:
             lambda: _Connection(self, inner()),
             sock=self._socket,
             backlog=limits.backlog,
-            ssl=self.tls.context if self.tls is not None else None,
-            ssl_handshake_timeout=limits.header_timeout if self.tls is not None else None,
         )
         if self.tls is not None:
             self._loop().call_later(TLS_CHECK_SECONDS, self._check_tls)
@@ -366,7 +421,10 @@ class Listener:
         self.close_socket()
 
     def _admit(self, transport: asyncio.Transport, connection: _Connection) -> bool:
-        if len(self._open) >= self.max_connections:
+        peer = _peer(transport)
+        per_peer = self.limits.max_per_peer
+        crowded = per_peer is not None and self._per_peer.get(peer, 0) >= per_peer
+        if crowded or len(self._open) >= self.max_connections:
             self.shed += 1
             now = time.monotonic()
             if now - self._last_shed_log >= SHED_LOG_INTERVAL:
@@ -377,10 +435,23 @@ class Listener:
                 )
             return False
         self._open[transport] = connection
+        self._per_peer[peer] = self._per_peer.get(peer, 0) + 1
         return True
 
+    def _rekey(self, raw: asyncio.Transport, secure: asyncio.Transport) -> None:
+        """A connection's TLS transport replaces its TCP one (same peer, same count)."""
+        connection = self._open.pop(raw, None)
+        if connection is not None:
+            self._open[secure] = connection
+
     def _release(self, transport: asyncio.Transport) -> None:
-        self._open.pop(transport, None)
+        if self._open.pop(transport, None) is not None:
+            peer = _peer(transport)
+            left = self._per_peer.get(peer, 1) - 1
+            if left > 0:
+                self._per_peer[peer] = left
+            else:
+                self._per_peer.pop(peer, None)
 
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -413,6 +484,11 @@ class Listener:
         if self._socket is not None:
             self._socket.close()
             self._socket = None
+
+
+def _peer(transport: asyncio.BaseTransport) -> str:
+    peer = transport.get_extra_info("peername")
+    return str(peer[0]) if isinstance(peer, tuple) and peer else "?"
 
 
 def _kept(exc: web.HTTPException) -> dict[str, str]:

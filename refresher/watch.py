@@ -12,9 +12,13 @@ One thread per watched Secret:
 3. anything else (the API unreachable, a 5xx, a dropped connection) backs off, from 0.5 s
    doubling to `MAX_BACKOFF`, and goes back to 1. Every call has a timeout.
 
-While the watch is broken the token last seen is still served, for at most `max_staleness`:
-after that the board says why it cannot vouch for it (the token API answers 503, `/readyz`
-names it) until the watch is up again. `up` and `restarts` are exported as metrics.
+Staleness is measured from the last proof that the watch works: a list, an event, or a
+stream the server ended on time. Streams are asked to end after half of `max_staleness`
+(and reads time out shortly after that), so even a connection that goes silent without
+closing is found out in time. Past `max_staleness` without such proof the board says why it
+cannot vouch for the token (the token API answers 503, `/readyz` names it) until the watch
+works again; `check_stale` is also called from the daemon's heartbeat, so a list call that
+hangs for its timeout cannot delay that. `up` and `restarts` are exported as metrics.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from refresher.tokens import Token
 
 log = logging.getLogger(__name__)
 
-WATCH_SECONDS = 60  # the server ends each stream after this; it is then opened again
+WATCH_SECONDS = 60  # the longest a stream is asked to last; then it is opened again
 MAX_BACKOFF = 10.0
 
 
@@ -66,7 +70,10 @@ class SecretWatch:
         self._lock = threading.Lock()
         self.up = False
         self.restarts = 0  # lists after the first: every recovery from a broken or expired watch
-        self._broken_since: float | None = time.monotonic()  # not up yet
+        self._alive_at: float | None = None  # monotonic: the last proof the watch works
+        self._started_at = time.monotonic()
+        # Streams end (and are opened again) within half the staleness allowed.
+        self._stream_seconds = max(1, min(WATCH_SECONDS, int(max_staleness / 2)))
         self._stale_reason: str | None = None
         self.last_token: Token | None = None
 
@@ -85,10 +92,10 @@ class SecretWatch:
         self._stopping.set()
 
     def staleness(self) -> float:
-        """Seconds the watch has been broken (0 while it is up)."""
+        """Seconds since the last proof that the watch works (since start, before any)."""
         with self._lock:
-            since = self._broken_since
-        return 0.0 if since is None else time.monotonic() - since
+            since = self._alive_at if self._alive_at is not None else self._started_at
+        return time.monotonic() - since
 
     # ---------------------------------------------------------------------------- thread
 
@@ -101,9 +108,9 @@ class SecretWatch:
                 if listed_once:
                     self.restarts += 1
                 listed_once = True
-                backoff = 0.5
                 while not self._stopping.is_set():
                     version = self._watch(version)
+                    backoff = 0.5  # a stream lasted its time: the watch works
             except _Expired:
                 log.info("secret watch expired; listing again", extra={"token": self.job})
                 continue
@@ -112,7 +119,7 @@ class SecretWatch:
             # Back off, but come back in time to say the token is stale.
             wait = backoff * (0.5 + random.random() / 2)
             self._stopping.wait(min(wait, max(self._max_staleness / 2, 0.1)))
-            self._check_stale()
+            self.check_stale()
             backoff = min(backoff * 2, MAX_BACKOFF)
 
     def _list(self) -> str:
@@ -130,7 +137,7 @@ class SecretWatch:
             raise
         items = listed.items or []
         self._deliver(self._token_of(items[0], self._clock()) if items else None)
-        if items:
+        if items and not self._stopping.is_set():
             self._reported(items[0])
         self._healthy()
         return str(listed.metadata.resource_version)
@@ -147,8 +154,9 @@ class SecretWatch:
                 self.namespace,
                 field_selector=f"metadata.name={self.name}",
                 resource_version=version,
-                timeout_seconds=WATCH_SECONDS,
-                _request_timeout=(self._timeout, WATCH_SECONDS + self._timeout),
+                timeout_seconds=self._stream_seconds,
+                # Past the stream's end plus a little, silence means a dead connection.
+                _request_timeout=(self._timeout, self._stream_seconds + 2.0),
             ):
                 if self._stopping.is_set():
                     break
@@ -171,6 +179,7 @@ class SecretWatch:
             raise
         finally:
             stream.stop()
+        self._healthy()  # the server ended the stream on time
         return version
 
     # ----------------------------------------------------------------------------- state
@@ -186,30 +195,33 @@ class SecretWatch:
 
     def _healthy(self) -> None:
         with self._lock:
-            self._broken_since = None
+            self._alive_at = time.monotonic()
             self.up = True
-        if self._stale_reason is not None:
-            self._stale_reason = None
+            was_stale, self._stale_reason = self._stale_reason is not None, None
+        if was_stale and not self._stopping.is_set():
             self._mark_stale(None)
 
     def _broken(self, why: str) -> None:
         with self._lock:
-            if self._broken_since is None:
-                self._broken_since = time.monotonic()
             self.up = False
         log.warning("secret watch broken", extra={"token": self.job, "error": why})
-        self._check_stale()
+        self.check_stale()
 
-    def _check_stale(self) -> None:
+    def check_stale(self) -> None:
+        """Tell the board when the watch has gone without proof for too long (from any
+        thread: the watch's own, and the daemon's heartbeat)."""
         broken_for = self.staleness()
-        if broken_for > self._max_staleness and self._stale_reason is None:
+        with self._lock:
+            if broken_for <= self._max_staleness or self._stale_reason is not None:
+                return
             self._stale_reason = (
                 f"the watch of Secret {self.namespace}/{self.name} has been broken for "
                 f"{broken_for:.0f} s (api.max_staleness {self._max_staleness:g} s): this "
                 "replica cannot vouch for the token"
             )
-            if not self._stopping.is_set():
-                self._mark_stale(self._stale_reason)
+            reason = self._stale_reason
+        if not self._stopping.is_set():
+            self._mark_stale(reason)
 
 
 class _Expired(Exception):

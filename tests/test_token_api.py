@@ -152,8 +152,9 @@ def test_stopping_answers_waiting_long_polls_at_once(
         stopping = time.monotonic()
     for thread in threads:
         thread.join(timeout=10)
-    assert answers == [304] * 5
-    assert time.monotonic() - stopping < 10  # not the 60 s the polls asked for
+    # Answered at once, and told to go elsewhere (503, Retry-After): not the 60 s asked for.
+    assert answers == [503] * 5
+    assert time.monotonic() - stopping < 10
 
 
 def test_a_follower_answers_503_rather_than_a_token_it_cannot_vouch_for(
@@ -326,6 +327,10 @@ def test_projected_service_account_tokens_are_reviewed_and_allowed_by_name_or_na
         assert get(other, name="nobody").status_code == 404
         # Reviews are cached: asking again costs the API server nothing.
         reviews = kube_api.token_reviews
+        # Strings that are no projected token for our audience are never sent to review.
+        for junk in ("not-a-token", default_token, wrong_audience, "a.b.c"):
+            assert get(junk).status_code == 401
+        assert kube_api.token_reviews == reviews
         for _ in range(5):
             assert get(web).status_code == 200
         assert kube_api.token_reviews == reviews
@@ -401,6 +406,7 @@ def test_the_api_listener_speaks_tls_and_picks_up_a_rotated_certificate(
     api = {
         "enabled": True,
         "listen": "0.0.0.0:0",
+        "max_connections": 8,
         "tls": {"cert_file": str(cert_file), "key_file": str(key_file)},
     }
     with _serving(idp, secret_file, tmp_path, api=api, consumers=consumers) as (daemon, sink):
@@ -421,6 +427,20 @@ def test_the_api_listener_speaks_tls_and_picks_up_a_rotated_certificate(
         current = _serial(daemon.api.port, ca_file)
         daemon.api.tls.check()
         assert _serial(daemon.api.port, ca_file) == current
+        # Handshakes in progress are counted connections like any other: silent clients
+        # beyond the cap are closed at once, never holding descriptors uncounted.
+        import socket
+
+        silent = [
+            socket.create_connection(("127.0.0.1", daemon.api.port), timeout=5)
+            for _ in range(daemon.api.max_connections + 5)
+        ]
+        try:
+            wait_for(lambda: daemon.api is not None and daemon.api.shed >= 5)
+            assert daemon.api.connections <= daemon.api.max_connections
+        finally:
+            for sock in silent:
+                sock.close()
 
 
 def test_an_unloadable_certificate_is_a_clear_start_error(tmp_path: Path) -> None:
@@ -452,3 +472,39 @@ def test_an_oversized_credential_is_refused_without_being_echoed(
                 answer += chunk
     assert answer.split(b"\r\n")[0].endswith(b" 400 Bad Request")
     assert b"SECRETCREDENTIAL" not in answer and b"dddd" not in answer
+
+
+def test_refusals_close_the_connection_and_one_address_cannot_take_every_slot(
+    idp: LocalIdP, secret_file: Path, tmp_path: Path
+) -> None:
+    import socket
+
+    _, consumers = _keyed(tmp_path)
+    api = {"enabled": True, "listen": "0.0.0.0:0", "max_connections_per_address": 2}
+    with _serving(idp, secret_file, tmp_path, api=api, consumers=consumers) as (daemon, _):
+        assert daemon.api is not None
+        port = daemon.api.port
+        refused = _get(daemon, "lucidtech-job")
+        assert refused.status_code == 401 and refused.headers["Connection"] == "close"
+
+        def connect(source: str) -> socket.socket:
+            sock = socket.create_connection(
+                ("127.0.0.1", port), timeout=5, source_address=(source, 0)
+            )
+            return sock
+
+        held = [connect("127.0.0.1"), connect("127.0.0.1")]
+        try:
+            wait_for(lambda: daemon.api is not None and daemon.api.connections == 2)
+            third = connect("127.0.0.1")  # closed at once: its address holds two already
+            third.settimeout(5)
+            assert third.recv(1) == b""
+            third.close()
+            other = connect("127.0.0.2")  # another address still gets in
+            other.sendall(b"GET /v1/tokens/lucidtech-job HTTP/1.1\r\nHost: x\r\n\r\n")
+            other.settimeout(5)
+            assert other.recv(64).startswith(b"HTTP/1.1 401")
+            other.close()
+        finally:
+            for sock in held:
+                sock.close()
