@@ -26,7 +26,6 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from types import FrameType
@@ -314,10 +313,9 @@ class Daemon:
         entry = self.board.current(name)
         token = entry.token if entry is not None else None
         if token is None:
-            return ReportTicket(_done(ReportAnswer("unavailable", False, None, 1.0)), False)
+            return runner.answered_now(ReportAnswer("unavailable", False, None, 1.0))
         if token.fingerprint != fingerprint:
-            runner.stats.record_report("stale")
-            return ReportTicket(_done(ReportAnswer("stale", False, token.fingerprint)), False)
+            return runner.answered_now(ReportAnswer("stale", False, token.fingerprint))
         last = self._forwarded.get(name)
         now = time.monotonic()
         if last is None or last[0] != fingerprint or now - last[1] >= FORWARD_AGAIN:
@@ -329,11 +327,9 @@ class Daemon:
                 sink.note_rejected(f"{fingerprint} {int(self.clock() * 1000)}")
             except RefreshError as err:
                 log.warning("cannot forward a rejection report", extra={"error": err.message})
-                runner.stats.record_report("error")
-                return ReportTicket(_done(ReportAnswer("error", False, fingerprint)), False)
-        runner.stats.record_report("forwarded")
+                return runner.answered_now(ReportAnswer("error", False, fingerprint))
         # Whether the token is dead is the leader's probe's to say: no promise of a refresh.
-        return ReportTicket(_done(ReportAnswer("forwarded", False, fingerprint)), False)
+        return runner.answered_now(ReportAnswer("forwarded", False, fingerprint))
 
     def _runner_token(self, name: str, token: Token | None) -> None:
         # An IdP answer that lands after this replica stopped leading must not replace what
@@ -670,12 +666,6 @@ class Daemon:
         if waiting:
             return False, "no valid token yet: " + ", ".join(waiting)
         return True, "ok"
-
-
-def _done(answer: ReportAnswer) -> Future[ReportAnswer]:
-    future: Future[ReportAnswer] = Future()
-    future.set_result(answer)
-    return future
 
 
 def redacted_summary(config: Config) -> dict[str, Any]:

@@ -121,12 +121,6 @@ class _Report:
     answer: Future[ReportAnswer]
 
 
-def _answered(answer: ReportAnswer) -> ReportTicket:
-    future: Future[ReportAnswer] = Future()
-    future.set_result(answer)
-    return ReportTicket(future, queued=False)
-
-
 @dataclass(frozen=True)
 class SinkWrite:
     sink: Sink
@@ -297,23 +291,22 @@ class JobRunner:
             if token is None:
                 # Nothing to re-read yet (the first fetch, or a dead token dropped on start
                 # while the IdP is down): come back shortly.
-                return _answered(ReportAnswer("unavailable", False, None, retry_after=1.0))
+                return self.answered_now(ReportAnswer("unavailable", False, None, 1.0))
             if token.fingerprint != fingerprint:
-                outcome: ReportOutcome = "stale"
-                return self._counted(ReportAnswer(outcome, False, token.fingerprint))
+                return self.answered_now(ReportAnswer("stale", False, token.fingerprint))
             if self.prober is None and not self.job.trust_rejection_reports:
                 log.info(
                     "rejection report ignored: the job has no probe to confirm it, and "
                     "trust_rejection_reports is off",
                     extra={"token": self.job.name, "fingerprint": fingerprint},
                 )
-                return self._counted(ReportAnswer("ignored", False, token.fingerprint))
+                return self.answered_now(ReportAnswer("ignored", False, token.fingerprint))
             waiting = self._report
             if waiting is not None and waiting.token.access_token == token.access_token:
                 return ReportTicket(waiting.answer, queued=False)
             wait = self._report_bucket.try_take()
             if wait > 0:
-                return self._counted(ReportAnswer("limited", False, token.fingerprint, wait))
+                return self.answered_now(ReportAnswer("limited", False, token.fingerprint, wait))
             answer: Future[ReportAnswer] = Future()
             answer.set_running_or_notify_cancel()  # no waiter can cancel it for the others
             self._report = _Report(token, answer)
@@ -321,9 +314,13 @@ class JobRunner:
             self._resolve(waiting, ReportAnswer("stale", False, token.fingerprint))
         return ReportTicket(answer, queued=True)
 
-    def _counted(self, answer: ReportAnswer) -> ReportTicket:
-        self.stats.record_report(answer.outcome)
-        return _answered(answer)
+    def answered_now(self, answer: ReportAnswer) -> ReportTicket:
+        """A report answered without a step (counted, unless there was nothing to judge)."""
+        if answer.outcome != "unavailable":
+            self.stats.record_report(answer.outcome)
+        future: Future[ReportAnswer] = Future()
+        future.set_result(answer)
+        return ReportTicket(future, queued=False)
 
     def clock_moved(self, seconds: float) -> None:
         """The wall clock jumped by `seconds`. Our times are Unix times read before the jump.

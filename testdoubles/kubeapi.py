@@ -1989,13 +1989,7 @@ class FakeKubeAPI(LoopbackServer):
         stored = self._get(kind, namespace, name)
         self._concurrent_write(kind, namespace, name)
         stored = self._get(kind, namespace, name)
-        self._check_preconditions(kind, name, obj["metadata"], stored)
-        normalizer = _Normalizer(kind, namespace, name)
-        candidate = normalizer(obj, stored.obj)
-        result = self._commit_update(
-            kind, namespace, name, stored, candidate, manager, dry_run=dry_run
-        )
-        return _Response(200, result, _warning_headers(normalizer.warnings))
+        return self._replace(kind, namespace, name, stored, obj, manager, dry_run)
 
     def _patch(
         self,
@@ -2069,9 +2063,23 @@ class FakeKubeAPI(LoopbackServer):
         _expect(kind, patched["metadata"], dict, f"{kind.kind}.metadata", "v1.ObjectMeta")
         self._check_type_meta(kind, patched, required=False)
         self._check_identity(kind, patched, namespace, name)
-        self._check_preconditions(kind, name, patched["metadata"], stored)
+        return self._replace(kind, namespace, name, stored, patched, manager, dry_run)
+
+    def _replace(
+        self,
+        kind: _Kind,
+        namespace: str,
+        name: str,
+        stored: _Stored,
+        obj: JSONObject,
+        manager: str,
+        dry_run: bool,
+    ) -> _Response:
+        """An update or a patch's result replaces the stored object: preconditions checked,
+        normalized as the API server would, committed."""
+        self._check_preconditions(kind, name, obj["metadata"], stored)
         normalizer = _Normalizer(kind, namespace, name)
-        candidate = normalizer(patched, stored.obj)
+        candidate = normalizer(obj, stored.obj)
         result = self._commit_update(
             kind, namespace, name, stored, candidate, manager, dry_run=dry_run
         )
