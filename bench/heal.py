@@ -57,7 +57,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -197,21 +197,29 @@ class Refresher:
                 self.kill()
 
 
-def scrape(port: int) -> dict[str, dict[str, float]]:
-    """The self-healing series of one job on a /metrics port: name -> label value -> value."""
-    wanted = {
+# The self-healing series `scrape` reads unless told otherwise.
+HEALING_SERIES = frozenset(
+    {
         "refresher_probes_total",
         "refresher_token_rejections_total",
         "refresher_rejection_reports_total",
         "refresher_token_contested",
     }
+)
+# The one label `scrape` keys a sample by: the first of these it has.
+SCRAPED_LABELS = ("outcome", "source", "code", "reason")
+
+
+def scrape(port: int, wanted: Collection[str] = HEALING_SERIES) -> dict[str, dict[str, float]]:
+    """The `wanted` series of one job on a /metrics port (the self-healing ones by default):
+    name -> label value (outcome, source, code or reason) -> value."""
     with loopback_session() as session:
         body = session.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
     series: dict[str, dict[str, float]] = {}
     for family in text_string_to_metric_families(body):
         for sample in family.samples:
             if sample.name in wanted:
-                label = sample.labels.get("outcome") or sample.labels.get("source") or ""
+                label = next((sample.labels[k] for k in SCRAPED_LABELS if sample.labels.get(k)), "")
                 series.setdefault(sample.name, {})[label] = sample.value
     return series
 

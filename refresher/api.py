@@ -123,7 +123,7 @@ def endpoints(context: ApiContext) -> web.Application:
                     response = _served(name, entry, context.clock(), decision, not_modified=True)
                 else:
                     begun = time.perf_counter()
-                    newer = await _newer_token(board, name, entry, timeout)
+                    newer = await board.newer(name, entry, timeout)
                     waited = time.perf_counter() - begun
                     if board.closed:  # stopping: another replica answers from now on
                         response = _json(503, {"error": "stopping"}, retry_after=1)
@@ -173,23 +173,6 @@ def endpoints(context: ApiContext) -> web.Application:
     app.router.add_get("/v1/tokens/{name}", token)
     app.router.add_post("/v1/tokens/{name}/rejected", rejected)
     return app
-
-
-async def _newer_token(board: TokenBoard, name: str, entry: Entry, timeout: float) -> Entry | None:
-    """Wait for another token than `entry`'s (or for this replica to stop vouching), at most
-    `timeout`: a board change that leaves the same token (vouched for again) is not one."""
-    deadline = time.monotonic() + timeout
-    version = entry.version
-    held = entry.token.access_token if entry.token is not None else None
-    while (left := deadline - time.monotonic()) > 0:
-        newer = await board.changed(name, version, left)
-        if newer is None:
-            return None
-        same = newer.token is not None and newer.token.access_token == held
-        if not same or newer.stale_reason is not None:
-            return newer
-        version = newer.version
-    return None
 
 
 def _timeout(value: str | None) -> float | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
 from dataclasses import dataclass
 
 from refresher.tokens import Token
@@ -109,6 +110,23 @@ class TokenBoard:
             return entry if entry is not None and entry.version > version else None
         finally:
             waiters.discard(waiter)
+
+    async def newer(self, name: str, entry: Entry, timeout: float) -> Entry | None:
+        """Wait for another token than `entry`'s (or for this replica to stop vouching), at
+        most `timeout`: a board change that leaves the same token (vouched for again) is not
+        one. None when the time is up or the board closed."""
+        deadline = time.monotonic() + timeout
+        version = entry.version
+        held = entry.token.access_token if entry.token is not None else None
+        while (left := deadline - time.monotonic()) > 0:
+            newer = await self.changed(name, version, left)
+            if newer is None:
+                return None
+            same = newer.token is not None and newer.token.access_token == held
+            if not same or newer.stale_reason is not None:
+                return newer
+            version = newer.version
+        return None
 
     def close(self) -> None:
         """Answer every long poll now (stopping)."""

@@ -162,6 +162,69 @@ class KubernetesSinkConfig(_Strict):
 SinkConfig = Annotated[FileSinkConfig | KubernetesSinkConfig, Field(discriminator="type")]
 
 
+# ------------------------------------------------------------------------------ listeners
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """`HOST:PORT` or `[V6]:PORT` as (address, port); `localhost` is 127.0.0.1. Raises
+    ValueError with the reason."""
+    host, colon, port_text = value.rpartition(":")
+    if not colon or not port_text.isdigit():
+        raise ValueError(f"expected HOST:PORT or [IPv6]:PORT, not {value!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"an IPv6 address goes in brackets, like [::1]:9465, not {value!r}")
+    if host == "localhost":
+        host = "127.0.0.1"
+    try:
+        address = str(ipaddress.ip_address(host))
+    except ValueError:
+        raise ValueError(f"the host must be an IP address, not {host!r}") from None
+    port = int(port_text)
+    if port > 65535:
+        raise ValueError(f"port {port} is out of range")
+    return address, port
+
+
+class TlsListenerConfig(_Strict):
+    """A listener's certificate and key (PEM files, re-read when they change)."""
+
+    cert_file: Path
+    key_file: Path
+
+
+class _ListenerConfig(_Strict):
+    """What every consumer-facing listener has: an address, its caps, optional TLS."""
+
+    listen: str
+    max_connections: int = Field(default=512, ge=1, le=100_000)
+    max_connections_per_address: int = Field(default=32, ge=1, le=100_000)
+    tls: TlsListenerConfig | None = None
+
+    @field_validator("listen", mode="before")
+    @classmethod
+    def _normalized(cls, value: Any) -> Any:
+        if (isinstance(value, int) and not isinstance(value, bool)) or (
+            isinstance(value, str) and value.isdigit()
+        ):
+            value = f"127.0.0.1:{value}"  # a port alone: loopback
+        if not isinstance(value, str):
+            return value
+        host, port = parse_listen(value)
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return parse_listen(self.listen)
+
+    @property
+    def loopback(self) -> bool:
+        """Bound to loopback: callers are the pod's own containers (`0.0.0.0` and `::` are
+        every address, not loopback)."""
+        return ipaddress.ip_address(self.address[0]).is_loopback
+
+
 # ---------------------------------------------------------------------------------- probe
 
 _HEADER_NAME = r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}$"  # an RFC 9110 token
@@ -191,6 +254,98 @@ class ProbeConfig(_Strict):
         if any(name.lower() == "authorization" for name in value):
             raise ValueError("`Authorization` carries the token; it is set by the probe")
         return value
+
+
+# ---------------------------------------------------------------------------------- proxy
+
+_SIZE = re.compile(r"(\d+)\s*(B|KiB|MiB|GiB|kB|MB|GB)?")
+_SIZE_UNITS = {None: 1, "B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
+_SIZE_UNITS |= {"kB": 10**3, "MB": 10**6, "GB": 10**9}
+
+
+def parse_size(value: Any) -> Any:
+    """Bytes as a number, or a string like `512KiB`, `1MiB`, `2MB`."""
+    if isinstance(value, str):
+        match = _SIZE.fullmatch(value.strip())
+        if match is None:
+            raise ValueError("expected bytes or a size like 64KiB, 1MiB")
+        return int(match.group(1)) * _SIZE_UNITS[match.group(2)]
+    return value
+
+
+ByteSize = Annotated[int, BeforeValidator(parse_size), Field(ge=0)]
+
+# Headers the proxy sets itself, or that belong to one hop: never configured to be injected.
+RESERVED_HEADERS = frozenset(
+    {
+        "authorization",
+        "x-refresher-authorization",
+        "host",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "te",
+        "trailer",
+        "upgrade",
+        "proxy-authorization",
+        "proxy-connection",
+        "expect",
+    }
+)
+
+
+class ProxyTimeouts(_Strict):
+    # To get a connection to the upstream: a new one, or a free one from the pool.
+    connect: PositiveDuration = 5.0
+    # The upstream's silence: before its answer's head, and between chunks of its body.
+    read: PositiveDuration = 60.0
+    # One whole exchange through the proxy, a streamed answer included.
+    request: PositiveDuration = 300.0
+
+
+class ProxyConfig(_ListenerConfig):
+    """A per-job listener that forwards to one upstream with the current token (proxy.py)."""
+
+    # `HOST:PORT` (a port alone is on loopback), one listener per job.
+    listen: str
+    # One origin and an optional base path: `https://api.example.com/v1`.
+    upstream: str
+    # Added to every request (replacing the consumer's header of that name).
+    headers: dict[HeaderName, HeaderValue] = Field(default_factory=dict)
+    # Header name -> the credentials extra sent in it (Lucidtech: `{x-api-key: api_key}`).
+    credential_headers: dict[HeaderName, str] = Field(default_factory=dict)
+    # Request bodies up to this size are kept so they can be sent again; larger ones are
+    # streamed and never replayed.
+    max_replay_body: Annotated[ByteSize, Field(le=64 << 20)] = 1 << 20
+    # All request bodies this proxy holds for replay at once; a body that does not fit is
+    # streamed (and not replayed), so many large uploads cannot exhaust memory.
+    replay_buffer: Annotated[ByteSize, Field(le=1 << 30)] = 64 << 20
+    # After a rejection of the current token, how long to wait for a new one to replay with.
+    replay_wait: Annotated[Duration, Field(le=30.0)] = 2.0
+    timeouts: ProxyTimeouts = Field(default_factory=ProxyTimeouts)
+    # Connections to the upstream kept at once (pooled and kept alive).
+    upstream_connections: int = Field(default=100, ge=1, le=10_000)
+    # The CA bundle for the upstream's certificate (not the IdP's).
+    ca_bundle: Path | None = None
+    allow_insecure_http: bool = False
+    # X-Forwarded-For/-Proto/-Host: off, since they would hand pod addresses to the API.
+    forwarded_headers: bool = False
+    max_connections_per_address: int = Field(default=64, ge=1, le=100_000)
+
+    @field_validator("headers", "credential_headers")
+    @classmethod
+    def _not_reserved(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in value:
+            if name.lower() in RESERVED_HEADERS:
+                raise ValueError(f"`{name}` is set by the proxy itself, not configured")
+        return value
+
+    @property
+    def upstream_base(self) -> tuple[str, str]:
+        """(origin, base path without a trailing slash)."""
+        parts = urlsplit(self.upstream)
+        return f"{parts.scheme}://{parts.netloc}", parts.path.rstrip("/")
 
 
 # Loc parts pydantic inserts for a discriminated union's tag; not part of the user's path.
@@ -271,6 +426,8 @@ class TokenJobConfig(_Strict):
     trust_rejection_reports: bool = False
     # Who may read this token from the API listener (api.py, consumers.py).
     consumers: ConsumersConfig | None = None
+    # A header-injecting proxy in front of the API (proxy.py).
+    proxy: ProxyConfig | None = None
     sinks: list[SinkConfig] = Field(min_length=1)
 
     @model_validator(mode="before")
@@ -322,63 +479,15 @@ class MetricsServerConfig(_Strict):
             ) from None
 
 
-def parse_listen(value: str) -> tuple[str, int]:
-    """`HOST:PORT` or `[V6]:PORT` as (address, port); `localhost` is 127.0.0.1. Raises
-    ValueError with the reason."""
-    host, colon, port_text = value.rpartition(":")
-    if not colon or not port_text.isdigit():
-        raise ValueError(f"expected HOST:PORT or [IPv6]:PORT, not {value!r}")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    elif ":" in host:
-        raise ValueError(f"an IPv6 address goes in brackets, like [::1]:9465, not {value!r}")
-    if host == "localhost":
-        host = "127.0.0.1"
-    try:
-        address = str(ipaddress.ip_address(host))
-    except ValueError:
-        raise ValueError(f"the host must be an IP address, not {host!r}") from None
-    port = int(port_text)
-    if port > 65535:
-        raise ValueError(f"port {port} is out of range")
-    return address, port
-
-
-class ApiTlsConfig(_Strict):
-    """The API listener's certificate and key (PEM files, re-read when they change)."""
-
-    cert_file: Path
-    key_file: Path
-
-
-class ApiServerConfig(_Strict):
-    """The consumer-facing listener (api.py): the token API and rejection reports."""
+class ApiServerConfig(_ListenerConfig):
+    """The consumer-facing listener (api.py): the token API and rejection reports. Long
+    polls hold a connection each: room for many consumers, few per address."""
 
     enabled: bool = False
     listen: str = "127.0.0.1:9465"
-    # Long polls hold a connection each: room for many consumers, few per address.
-    max_connections: int = Field(default=512, ge=1, le=100_000)
-    max_connections_per_address: int = Field(default=32, ge=1, le=100_000)
     # A follower whose Secret watch has been broken this long answers 503 for that job
     # rather than serve a token that may have been replaced.
     max_staleness: PositiveDuration = 30.0
-    tls: ApiTlsConfig | None = None
-
-    @field_validator("listen")
-    @classmethod
-    def _normalized(cls, value: str) -> str:
-        host, port = parse_listen(value)
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-    @property
-    def address(self) -> tuple[str, int]:
-        return parse_listen(self.listen)
-
-    @property
-    def loopback(self) -> bool:
-        """Bound to loopback: callers are the pod's own containers (`0.0.0.0` and `::` are
-        every address, not loopback)."""
-        return ipaddress.ip_address(self.address[0]).is_loopback
 
 
 class KubernetesSettings(_Strict):
@@ -582,21 +691,35 @@ def _cross_job_problems(
     return problems
 
 
-def _api_problems(
+def _listener_problems(
     jobs: list[tuple[int, TokenJobConfig, str | None, str | None]], settings: Settings
 ) -> list[str]:
-    """Rules between the API listener and the jobs it serves."""
+    """Rules between the consumer-facing listeners (the API, each job's proxy) and the jobs
+    they serve."""
     api = settings.api
-    if not api.enabled:
-        return []
     problems: list[str] = []
+    # Every listener's port, for collisions: (host, port) -> where it is configured.
+    bound: dict[tuple[str, int], str] = {}
+    if settings.metrics.enabled:
+        bound[(settings.metrics.bind, settings.metrics.port)] = "metrics.port"
+    listeners: list[tuple[str, _ListenerConfig]] = [("api", api)] if api.enabled else []
     for index, job, _, _ in jobs:
         path = f"tokens[{index}]"
-        if not api.loopback and job.consumers is None:
-            problems.append(
-                f"{path}.consumers: required: api.listen ({api.listen}) is not a loopback "
-                "address, so callers must be authenticated; say who may read this token"
-            )
+        served: list[tuple[str, _ListenerConfig]] = [("api", api)] if api.enabled else []
+        if job.proxy is not None:
+            served.append((f"{path}.proxy", job.proxy))
+            listeners.append((f"{path}.proxy", job.proxy))
+            problems += _proxy_problems(job, f"{path}.proxy")
+        if not served:
+            continue
+        if job.consumers is None:
+            for where, listener in served:
+                if not listener.loopback:
+                    problems.append(
+                        f"{path}.consumers: required: {where}.listen ({listener.listen}) is "
+                        "not a loopback address, so callers must be authenticated; say who "
+                        "may use this token"
+                    )
         keys = job.consumers.bearer_key_file if job.consumers else None
         if keys is not None and not keys.is_file():
             problems.append(f"{path}.consumers.bearer_key_file: no such file {keys}")
@@ -604,14 +727,69 @@ def _api_problems(
             isinstance(sink, KubernetesSinkConfig) for sink in job.sinks
         ):
             problems.append(
-                f"{path}.sinks: with leader election and the API on, a job needs a Secret "
-                "sink (`type: kubernetes`): followers serve the token they watch there"
+                f"{path}.sinks: with leader election and the API or a proxy on, a job needs a "
+                "Secret sink (`type: kubernetes`): followers serve the token they watch there"
             )
-    if api.tls is not None:
-        for name in ("cert_file", "key_file"):
-            file: Path = getattr(api.tls, name)
-            if not file.is_file():
-                problems.append(f"api.tls.{name}: no such file {file}")
+    for where, listener in listeners:
+        host, port = listener.address
+        if port != 0:
+            clash = next(
+                (
+                    other
+                    for (other_host, other_port), other in bound.items()
+                    if other_port == port and _overlap(host, other_host)
+                ),
+                None,
+            )
+            if clash is not None:
+                problems.append(f"{where}.listen: port {port} is already {clash}")
+            bound.setdefault((host, port), f"{where}.listen")
+        if listener.tls is not None:
+            for name in ("cert_file", "key_file"):
+                file: Path = getattr(listener.tls, name)
+                if not file.is_file():
+                    problems.append(f"{where}.tls.{name}: no such file {file}")
+    return problems
+
+
+def _overlap(host: str, other: str) -> bool:
+    """Whether two bind addresses take the same port: the same, or either every address."""
+    return (
+        host == other
+        or ipaddress.ip_address(host).is_unspecified
+        or (ipaddress.ip_address(other).is_unspecified)
+    )
+
+
+def _proxy_problems(job: TokenJobConfig, path: str) -> list[str]:
+    proxy = job.proxy
+    assert proxy is not None
+    problems: list[str] = []
+    problem = url_problem(proxy.upstream, proxy.allow_insecure_http, carries="the token")
+    parts = urlsplit(proxy.upstream)
+    if problem is None and (parts.query or parts.fragment or "?" in proxy.upstream):
+        problem = "one origin and base path, without a query string or fragment"
+    if problem is None and any(part in (".", "..") for part in parts.path.split("/")):
+        problem = "the base path cannot hold `.` or `..` segments"
+    if problem:
+        problems.append(f"{path}.upstream: {problem}")
+    if proxy.ca_bundle is not None and not proxy.ca_bundle.is_file():
+        problems.append(f"{path}.ca_bundle: no such file {proxy.ca_bundle}")
+    if proxy.replay_buffer < proxy.max_replay_body:
+        problems.append(
+            f"{path}.replay_buffer: smaller than max_replay_body ({proxy.max_replay_body} "
+            "bytes): no body could be replayed"
+        )
+    listen_host, port = proxy.address
+    target = "127.0.0.1" if parts.hostname == "localhost" else parts.hostname or ""
+    with contextlib.suppress(ValueError):  # a host name: not this listener
+        if problem is None and port != 0 and parts.port == port and _overlap(listen_host, target):
+            problems.append(f"{path}.upstream: this proxy's own listen address: a loop")
+    if proxy.credential_headers and job.credentials_file is None:
+        problems.append(
+            f"{path}.credential_headers: the credentials' extras come from a "
+            "`credentials_file`, which this job does not have"
+        )
     return problems
 
 
@@ -649,6 +827,11 @@ def _read_files(
             add(job.probe.ca_bundle, f"tokens[{index}].probe.ca_bundle")
         if job.consumers is not None:
             add(job.consumers.bearer_key_file, f"tokens[{index}].consumers.bearer_key_file")
+        if job.proxy is not None:
+            add(job.proxy.ca_bundle, f"tokens[{index}].proxy.ca_bundle")
+            if job.proxy.tls is not None:
+                add(job.proxy.tls.cert_file, f"tokens[{index}].proxy.tls.cert_file")
+                add(job.proxy.tls.key_file, f"tokens[{index}].proxy.tls.key_file")
     if settings.api.tls is not None:
         add(settings.api.tls.cert_file, "api.tls.cert_file")
         add(settings.api.tls.key_file, "api.tls.key_file")
@@ -720,7 +903,7 @@ def validate(data: Any, *, config_path: Path | None = None) -> Config:
     except ValidationError as err:
         problems += _pydantic_problems(err, "")
     problems += _sink_file_problems(jobs, _read_files(jobs, settings, config_path))
-    problems += _api_problems(jobs, settings)
+    problems += _listener_problems(jobs, settings)
     if problems:
         raise ConfigError(problems)
     return Config(settings=settings, jobs=tuple(job for _, job, _, _ in jobs))

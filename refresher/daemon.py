@@ -48,7 +48,7 @@ from refresher.credentials import CredentialRef, read_credentials
 from refresher.errors import RefreshError
 from refresher.idp import IdPClient, new_session
 from refresher.liveness import Running, heartbeat_interval, is_alive, stuck_after
-from refresher.metrics import ApiStats, JobSnapshot, Metrics, WatchStats
+from refresher.metrics import ApiStats, JobSnapshot, Metrics, ProxyStats, WatchStats
 from refresher.probe import Prober
 from refresher.ratelimit import RateLimits
 from refresher.refresh import JobRunner, Listener, ReportAnswer, ReportTicket
@@ -57,7 +57,9 @@ from refresher.tokens import Token
 from refresher.watch import SecretWatch
 
 if TYPE_CHECKING:
-    from refresher.http import HttpServer
+    from refresher.config import TlsListenerConfig
+    from refresher.consumers import Gate, TokenReviews
+    from refresher.http import HttpServer, TlsFiles
     from refresher.http import Listener as HttpListener
     from refresher.leader import LeaseElector
     from refresher.sinks.kubernetes import KubernetesSecretSink
@@ -65,6 +67,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 HEARTBEAT = "_heartbeat"
+# Ends a forwarded report that the follower's proxy saw the API reject (no probe needed).
+OBSERVED = "observed"
 # A follower writes a report of a token it still serves again after this many seconds.
 FORWARD_AGAIN = 5.0  # not a possible job name (they start with a letter or digit)
 
@@ -96,7 +100,7 @@ def build_runners(
             listeners=listeners,
             may_fetch=may_fetch,
             prober=prober,
-            takes_reports=config.settings.api.enabled,
+            takes_reports=config.settings.api.enabled or job.proxy is not None,
             on_token=on_token,
         )
         for job in config.jobs
@@ -152,9 +156,13 @@ class Daemon:
             on_token=self._runner_token,
         )
         self.metrics.bind_jobs(self.snapshots, state_visible=self._leading.is_set)
+        proxied = [job for job in config.jobs if job.proxy is not None]
         self.api_stats = ApiStats()
-        if config.settings.api.enabled:
+        if config.settings.api.enabled or proxied:
             self.metrics.registry.register(self.api_stats)
+        self.proxy_stats = ProxyStats([job.name for job in proxied])
+        if proxied:
+            self.metrics.registry.register(self.proxy_stats)
         self.scheduler = BackgroundScheduler(
             timezone=UTC,
             executors={
@@ -183,11 +191,16 @@ class Daemon:
                 on_stopped_leading=self._follow,
             )
         self.metrics.leader.set(0)
-        # With leader election and the token API, every replica watches each job's Secret,
-        # and serves what it holds while following (watch.py).
+        # With leader election, every replica watches the Secret of each job it serves (by
+        # the token API or a proxy), and serves what it holds while following (watch.py).
         self.watches: dict[str, SecretWatch] = {}
-        if election.enabled and config.settings.api.enabled:
-            self.watches = self._secret_watches()
+        if election.enabled:
+            served = {
+                job.name
+                for job in config.jobs
+                if config.settings.api.enabled or job.proxy is not None
+            }
+            self.watches = self._secret_watches(served)
         self.metrics.registry.register(WatchStats(self._watch_states))
         # Liveness (see liveness.py): the heartbeat's last stamp and the steps in progress.
         self._heartbeat_timeout = config.settings.metrics.heartbeat_timeout
@@ -196,7 +209,7 @@ class Daemon:
         self._in_flight: dict[str, float] = {}
         self._run_again: set[str] = set()  # asked to run while running (`_run`)
         # Rejection reports sent through the Secret: by this follower, seen by this leader.
-        self._forwarded: dict[str, tuple[str, float]] = {}  # job -> (fingerprint, monotonic)
+        self._forwarded: dict[str, tuple[str, float]] = {}  # job -> (what was said, monotonic)
         self._forwards_seen: dict[str, str] = {}
         self._watched_tokens: dict[str, Token | None] = {}  # with the credentials' extras
         self._in_flight_lock = threading.Lock()
@@ -207,10 +220,12 @@ class Daemon:
         self.server: HttpServer | None = None
         self.http: HttpListener | None = None
         self.api: HttpListener | None = None
-        self.gate: Gate | None = None
+        self.proxies: dict[str, HttpListener] = {}  # by job
+        self.gates: list[Gate] = []
         metrics_on = config.settings.metrics.enabled if serve_http is None else serve_http
         api_on = config.settings.api.enabled and serve_http is not False
-        if metrics_on or api_on:
+        proxies_on = bool(proxied) and serve_http is not False
+        if metrics_on or api_on or proxies_on:
             from refresher.http import HttpServer, Limits  # aiohttp: 0.3 s to import
 
             self.server = HttpServer()
@@ -222,22 +237,27 @@ class Daemon:
             self.http = self.server.add_listener(
                 settings.bind, settings.port, app, Limits(max_connections=settings.max_connections)
             )
+        reviews: TokenReviews | None = None
+        if (api_on or proxies_on) and any(
+            job.consumers is not None and job.consumers.kubernetes for job in config.jobs
+        ):
+            from refresher.consumers import TokenReviews
+
+            reviews = TokenReviews(
+                lambda: self.sinks.kube().authentication(),
+                config.settings.kubernetes.request_timeout,
+            )
         if api_on and self.server is not None:
             from refresher import api
-            from refresher.consumers import Gate, TokenReviews
+            from refresher.consumers import Gate
 
             settings_api = config.settings.api
-            reviews = None
-            if any(job.consumers is not None and job.consumers.kubernetes for job in config.jobs):
-                reviews = TokenReviews(
-                    lambda: self.sinks.kube().authentication(),
-                    config.settings.kubernetes.request_timeout,
-                )
-            self.gate = gate = Gate(
+            gate = Gate(
                 {job.name: job for job in config.jobs},
                 loopback=settings_api.loopback,
                 reviews=reviews,
             )
+            self.gates.append(gate)
             context = api.ApiContext(
                 server=self.server,
                 gate=gate,
@@ -248,11 +268,6 @@ class Daemon:
                 clock=clock,
             )
             host, port = settings_api.address
-            tls = None
-            if settings_api.tls is not None:
-                from refresher.http import TlsFiles
-
-                tls = TlsFiles(settings_api.tls.cert_file, settings_api.tls.key_file)
             self.api = self.server.add_listener(
                 host,
                 port,
@@ -265,14 +280,47 @@ class Daemon:
                     else settings_api.max_connections_per_address,
                     request_timeout=api.REQUEST_TIMEOUT,
                 ),
-                tls,
+                _tls_files(settings_api.tls),
             )
+        if proxies_on and self.server is not None:
+            from refresher import proxy
+            from refresher.consumers import Gate
 
-    def _secret_watches(self) -> dict[str, SecretWatch]:
+            for job in proxied:
+                assert job.proxy is not None
+                # A gate per listener: anonymous callers are welcome on loopback only.
+                gate = Gate({job.name: job}, loopback=job.proxy.loopback, reviews=reviews)
+                self.gates.append(gate)
+                proxy_context = proxy.ProxyContext(
+                    job=job,
+                    server=self.server,
+                    gate=gate,
+                    board=self.board,
+                    report=self._proxy_report,
+                    stats=self.proxy_stats,
+                    auth_failure=self.api_stats.record_auth_failure,
+                    leading=self._leading.is_set,
+                    clock=clock,
+                )
+                host, port = job.proxy.address
+                self.proxies[job.name] = self.server.add_listener(
+                    host,
+                    port,
+                    proxy.Proxy(proxy_context).app(),
+                    proxy.limits(job.proxy),
+                    _tls_files(job.proxy.tls),
+                )
+
+    def _proxy_report(self, name: str, fingerprint: str) -> ReportTicket | None:
+        return self.report(name, fingerprint, observed=True)
+
+    def _secret_watches(self, served: set[str]) -> dict[str, SecretWatch]:
         from refresher.sinks.kubernetes import KubernetesSecretSink
 
         watches: dict[str, SecretWatch] = {}
         for runner in self.runners:
+            if runner.job.name not in served:
+                continue
             sink = next(
                 (each for each in runner.sinks if isinstance(each, KubernetesSecretSink)), None
             )
@@ -294,8 +342,9 @@ class Daemon:
         return watches
 
     def _forwarded_report(self, name: str, sink: KubernetesSecretSink, secret: Any) -> None:
-        """On the leader: a follower's report found on the Secret (`<fingerprint> <when>`);
-        handled as a report made here (probe, limits) once per annotation written."""
+        """On the leader: a follower's report found on the Secret (`<fingerprint> <when>`,
+        then `observed` when the follower's proxy saw the API reject it); handled as a report
+        made here (probe, limits) once per annotation written."""
         reported = sink.reported(secret)
         if reported is None or not self._leading.is_set():
             return
@@ -303,9 +352,10 @@ class Daemon:
             return
         self._forwards_seen[name] = reported
         log.info("rejection report forwarded by a follower", extra={"token": name})
-        self.report(name, reported.split(" ", 1)[0])
+        fingerprint, *rest = reported.split(" ")
+        self.report(name, fingerprint, observed=rest[1:2] == [OBSERVED])
 
-    def _forward(self, runner: JobRunner, fingerprint: str) -> ReportTicket:
+    def _forward_report(self, runner: JobRunner, fingerprint: str, observed: bool) -> ReportTicket:
         """On a follower: the report goes to the leader through the Secret it watches: one
         write per reported token, again after FORWARD_AGAIN seconds if it is still held (the
         leader's probe may have accepted an earlier report of it)."""
@@ -318,13 +368,15 @@ class Daemon:
             return runner.answered_now(ReportAnswer("stale", False, token.fingerprint))
         last = self._forwarded.get(name)
         now = time.monotonic()
-        if last is None or last[0] != fingerprint or now - last[1] >= FORWARD_AGAIN:
+        said = f"{fingerprint} {OBSERVED}" if observed else fingerprint
+        if last is None or last[0] != said or now - last[1] >= FORWARD_AGAIN:
             from refresher.sinks.kubernetes import KubernetesSecretSink
 
             sink = next(s for s in runner.sinks if isinstance(s, KubernetesSecretSink))
-            self._forwarded[name] = (fingerprint, now)  # also after a failure: no write storm
+            self._forwarded[name] = (said, now)  # also after a failure: no write storm
+            stamp = int(self.clock() * 1000)
             try:
-                sink.note_rejected(f"{fingerprint} {int(self.clock() * 1000)}")
+                sink.note_rejected(f"{fingerprint} {stamp}" + (f" {OBSERVED}" if observed else ""))
             except RefreshError as err:
                 log.warning("cannot forward a rejection report", extra={"error": err.message})
                 return runner.answered_now(ReportAnswer("error", False, fingerprint))
@@ -386,6 +438,11 @@ class Daemon:
             log.info("serving metrics", extra={"bind": self.http.host, "port": self.http.port})
         if self.api is not None:
             log.info("serving the token API", extra={"bind": self.api.host, "port": self.api.port})
+        for name, listener in self.proxies.items():
+            log.info(
+                "serving the proxy",
+                extra={"token": name, "bind": listener.host, "port": listener.port},
+            )
         log.info(
             "started",
             extra={"jobs": len(self.runners), "config": redacted_summary(self.config)},
@@ -415,8 +472,8 @@ class Daemon:
             watch.stop()
         if self.server is not None:
             self.server.stop()
-        if self.gate is not None:
-            self.gate.close()
+        for gate in self.gates:
+            gate.close()
         self._stopped.set()
         log.info("stopped")
 
@@ -569,16 +626,20 @@ class Daemon:
 
     # ------------------------------------------------------------------ rejection reports
 
-    def report(self, name: str, fingerprint: str) -> ReportTicket | None:
-        """A consumer's rejection report (api.py); None when no job has that name."""
+    def report(self, name: str, fingerprint: str, *, observed: bool = False) -> ReportTicket | None:
+        """A consumer's rejection report (api.py), or one the proxy saw (`observed`,
+        proxy.py); None when no job has that name."""
         runner = self._by_name.get(name)
         if runner is None:
             return None
         if not self.is_leader and name in self.watches:
-            return self._forward(runner, fingerprint)
-        ticket = runner.report(fingerprint)
+            return self._forward_report(runner, fingerprint, observed)
+        ticket = runner.report(fingerprint, observed=observed)
         if ticket.queued:
-            self._run_now(name, "rejection report received; probing the token")
+            source = "rejection seen by the proxy" if observed else "rejection report received"
+            self._run_now(
+                name, f"{source}; " + ("probing the token" if runner.prober else "refreshing")
+            )
         return ticket
 
     def _accepting_reports(self) -> tuple[bool, str]:
@@ -668,6 +729,14 @@ class Daemon:
         return True, "ok"
 
 
+def _tls_files(tls: TlsListenerConfig | None) -> TlsFiles | None:
+    if tls is None:
+        return None
+    from refresher.http import TlsFiles
+
+    return TlsFiles(tls.cert_file, tls.key_file)
+
+
 def redacted_summary(config: Config) -> dict[str, Any]:
     """The effective config for the start-up log line: where and what, never a secret."""
     return {
@@ -682,6 +751,11 @@ def redacted_summary(config: Config) -> dict[str, Any]:
                 ),
                 "margin": job.margin,
                 "sinks": [describe(sink) for sink in job.sinks],
+                **(
+                    {"proxy": {"listen": job.proxy.listen, "upstream": job.proxy.upstream}}
+                    if job.proxy is not None
+                    else {}
+                ),
             }
             for job in config.jobs
         ],

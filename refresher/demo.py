@@ -1,9 +1,11 @@
 """`refresher demo`: the whole loop on this machine, with no outside service.
 
 A loopback IdP that behaves like Lucidworks (JWTs of 20 s that are revoked as soon as a new
-one is issued) is refreshed into a file by the real daemon, metrics are served, and a consumer
-thread reads the file and calls the IdP's protected endpoint every 50 ms, as a workload would.
-Each refresh prints one line; the end prints what the consumer saw.
+one is issued) is refreshed into a file by the real daemon, metrics are served, and two
+consumer threads call the IdP's protected endpoint every 50 ms, as workloads would: one with
+the token it reads from the file, one through the job's proxy (which adds the token and
+replays a request the API rejected because the token was just replaced). Each refresh prints
+one line; the end prints what each consumer saw.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import requests
 
 from refresher.config import validate
 from refresher.daemon import Daemon
-from refresher.localidp import LocalIdP
+from refresher.localidp import PROTECTED_PATH, LocalIdP
 from refresher.refresh import RefreshEvent
 
 CLIENT_ID, CLIENT_SECRET = "demo-client", "demo-secret-not-for-production"
@@ -47,11 +49,12 @@ class ConsumerStats:
 
 
 class Consumer(threading.Thread):
-    """Reads the token file and calls the API with it, like a workload mounting the file."""
+    """Calls the API every 50 ms: with the token file's token (`proxy_url` None), like a
+    workload mounting the file, or through the proxy, adding no token of its own."""
 
-    def __init__(self, token_file: Path, idp: LocalIdP) -> None:
+    def __init__(self, token_file: Path, idp: LocalIdP, proxy_url: str | None = None) -> None:
         super().__init__(name="consumer", daemon=True)
-        self.token_file, self.idp = token_file, idp
+        self.token_file, self.idp, self.proxy_url = token_file, idp, proxy_url
         self.stats = ConsumerStats()
         self.stop_event = threading.Event()
 
@@ -63,14 +66,20 @@ class Consumer(threading.Thread):
                 token = self.token_file.read_text()
             except FileNotFoundError:
                 continue
-            answer = session.get(
-                self.idp.protected_url, headers={"Authorization": f"Bearer {token}"}
-            )
+            if self.proxy_url is None:
+                headers = {"Authorization": f"Bearer {token}"}
+                answer = session.get(self.idp.protected_url, headers=headers, timeout=10)
+            else:
+                answer = session.get(self.proxy_url, timeout=10)
             with self.stats.lock:
                 if answer.status_code == 200:
                     self.stats.ok += 1
                 else:
                     self.stats.rejected.append((read_at, self.idp.token_status(token)))
+
+    def summary(self) -> str:
+        with self.stats.lock:
+            return f"{self.stats.ok} ok, {len(self.stats.rejected)} rejected"
 
 
 def _port_or_any(port: int) -> int:
@@ -106,6 +115,8 @@ def run_demo(*, duration: float | None, directory: Path | None, port: int, lifet
                     # Demo tokens live seconds; production keeps the 30 s floor.
                     "min_refresh_interval": 1,
                     "sinks": [{"type": "file", "path": str(token_file)}],
+                    # Consumers may call the API through the refresher instead (proxy.py).
+                    "proxy": {"listen": "127.0.0.1:0", "upstream": idp.base_url},
                 }
             ],
             "metrics": {"bind": "127.0.0.1", "port": _port_or_any(port)},
@@ -114,13 +125,15 @@ def run_demo(*, duration: float | None, directory: Path | None, port: int, lifet
     started = time.time()
     written: list[float] = []
     consumer = Consumer(token_file, idp)
+    proxied: Consumer | None = None
 
     def show(event: RefreshEvent) -> None:
         now = time.time()
         if event.outcome == "success":
             written.append(now)
-        with consumer.stats.lock:
-            stats = f"consumer {consumer.stats.ok} ok, {len(consumer.stats.rejected)} rejected"
+        stats = f"file consumer {consumer.summary()}"
+        if proxied is not None:
+            stats += f", proxy consumer {proxied.summary()}"
         expires = f"expires in {event.expires_at - now:4.1f}s" if event.expires_at else ""
         window = f"write window {event.write_window * 1000:.2f} ms" if event.write_window else ""
         detail = event.message if event.outcome == "failure" else f"fp={event.fingerprint}"
@@ -133,8 +146,11 @@ def run_demo(*, duration: float | None, directory: Path | None, port: int, lifet
 
     daemon = Daemon(config, listeners=[show])
     assert daemon.http is not None
+    proxy_url = f"http://127.0.0.1:{daemon.proxies['demo'].port}{PROTECTED_PATH}"
+    proxied = Consumer(token_file, idp, proxy_url)
     print(f"IdP (Lucidworks-like, {lifetime:g}s JWTs, revoke on reissue): {idp.token_url}")
     print(f"token file: {token_file}")
+    print(f"proxy: {proxy_url} (adds the token)")
     print(f"metrics: http://127.0.0.1:{daemon.http.port}/metrics  (also /healthz, /readyz)")
     print("Ctrl-C to stop" + (f"; stopping by itself after {duration:g}s" if duration else ""))
 
@@ -147,10 +163,13 @@ def run_demo(*, duration: float | None, directory: Path | None, port: int, lifet
     try:
         daemon.start()
         consumer.start()
+        proxied.start()
         stop.wait(duration)
     finally:
-        consumer.stop_event.set()
-        consumer.join(timeout=5)
+        for each in (consumer, proxied):
+            each.stop_event.set()
+            if each.is_alive():
+                each.join(timeout=5)
         daemon.stop()
         idp.stop()
         for sig, handler in previous.items():
@@ -158,7 +177,8 @@ def run_demo(*, duration: float | None, directory: Path | None, port: int, lifet
 
     inside, dead = consumer.stats.judge(written)
     print(
-        f"done: {len(idp.issued)} token(s) issued; consumer calls: {consumer.stats.ok} accepted, "
-        f"{inside} rejected inside the write window, {dead} rejected otherwise"
+        f"done: {len(idp.issued)} token(s) issued; file consumer calls: {consumer.stats.ok} "
+        f"accepted, {inside} rejected inside the write window, {dead} rejected otherwise; "
+        f"proxy consumer calls: {proxied.summary()}"
     )
-    return 0 if dead == 0 else 1
+    return 0 if dead == 0 and not proxied.stats.rejected else 1

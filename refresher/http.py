@@ -366,7 +366,8 @@ class Listener:
         self._last_shed_log = -SHED_LOG_INTERVAL
         self._runner: web.AppRunner | None = None
         self._aserver: asyncio.AbstractServer | None = None
-        app.middlewares.append(self._middleware)
+        # Outermost, so its deadlines and error handling cover the app's own middlewares.
+        app.middlewares.insert(0, self._middleware)
 
     @property
     def connections(self) -> int:
@@ -471,10 +472,11 @@ class Listener:
                     extra={"path": request.path, "error": type(err).__name__},
                 )
                 response = web.Response(status=500, text="internal error\n")
-            response.headers["Server"] = SERVER_NAME
-            # Written here, inside the request deadline, rather than after the middleware.
-            await response.prepare(request)
-            await response.write_eof()
+            if not response.prepared:  # a streamed answer (proxy.py) is written already
+                response.headers["Server"] = SERVER_NAME
+                # Written here, inside the request deadline, rather than after the middleware.
+                await response.prepare(request)
+                await response.write_eof()
             return response
         finally:
             if connection is not None:

@@ -14,20 +14,62 @@ The server only ever binds to a loopback address (see :mod:`refresher.loopback`)
 out real bearer tokens for well-known demo credentials, so it must never be reachable from
 the network. It never writes to stderr, and neither tokens nor client secrets appear in
 anything it logs or answers (except the token in the token response itself).
+
+The protected API
+-----------------
+
+:data:`PROTECTED_PATH` and every path under it stand in for the API the tokens are for, and
+for the upstream of the refresher's header-injecting proxy (whose tests need bodies, large,
+slow and broken answers, and connection reuse):
+
+* any of ``GET HEAD POST PUT PATCH DELETE`` (else 405); request bodies come with a
+  ``Content-Length`` or ``Transfer-Encoding: chunked`` and are read as they arrive, hashed
+  piece by piece and never held whole, up to 512 MiB (413 beyond, and the connection closes);
+* auth as each shape says: 403 without the right ``x-api-key`` when the shape wants one,
+  401 with ``WWW-Authenticate: Bearer error="invalid_token"`` unless the bearer token is one
+  of ours and live. The body is always read first, so a refusal never resets the client;
+* a success is JSON ``{"ok": true, "method", "path", "body_bytes", "body_sha256"}`` (``path``
+  as sent, percent-encoding and all; HEAD gets the headers only);
+* ``GET`` (or ``HEAD``) ``/api/protected/bytes/<N>`` answers N bytes of the pattern
+  (``bytes(range(256))`` repeated; see :func:`pattern_bytes` and :func:`pattern_sha256`),
+  streamed 64 KiB at a time, so N may be many GiB (up to 16 GiB);
+* query parameters, on any protected path: ``delay=<s>`` waits before answering at all
+  (the token is judged after the wait, so one revoked or expired meanwhile gets a 401);
+  ``reset=1`` resets the connection instead of answering (after reading the body). And for
+  a successful answer's body (the JSON as much as the bytes): ``chunked=1`` sends it with
+  ``Transfer-Encoding: chunked`` instead of a ``Content-Length`` (to HTTP/1.1 clients);
+  ``delay_body=<s>`` sends the head and the first 64 KiB, then waits before the rest (a
+  body of 64 KiB or less: the head, then the wait); ``reset_after=<n>`` sends the head and
+  the body's first n bytes (framed as chunks, with ``chunked=1``, but never the last
+  chunk), waits up to 2 s for the client to have them all, then resets. A bad value is a
+  400; other parameters are ignored (they are the API's own, as far as a proxy can tell);
+* HTTP/1.1 with keep-alive (a pooling client reuses its connections): a connection idle,
+  or stalled mid-request, for :attr:`LocalIdP.connection_timeout` seconds is closed, and
+  :meth:`~LocalIdP.stop` ends every open one at once;
+* :attr:`LocalIdP.protected_requests` records what arrived (the last 1000 requests, as
+  :class:`ProtectedRequest`: method, path, query, headers in order, the body's length and
+  SHA-256, the status answered and which connection it came on), for tests of what a proxy
+  forwards and whether it reuses its connections.
+
+The token endpoint answers as it always has: HTTP/1.0, one request per connection, bodies
+read whole (a token request is small) and capped at 64 KiB.
 """
 
 from __future__ import annotations
 
 import base64
 import dataclasses
+import hashlib
 import json
+import math
+import re
 import secrets
 import socket
 import struct
 import threading
 import time
-from collections import Counter
-from collections.abc import Callable, Mapping
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from email.message import Message
 from typing import Any, Literal, cast
@@ -39,23 +81,76 @@ from refresher.loopback import LoopbackServer, QuietHandler, owner_of
 from refresher.presets import ProviderName
 
 __all__ = [
+    "PATTERN_PATH",
     "PROTECTED_PATH",
     "RESET",
     "SHAPES",
     "IssuedToken",
     "LocalIdP",
+    "ProtectedRequest",
     "ProviderShape",
     "Reply",
     "Request",
     "TokenStatus",
+    "pattern_bytes",
+    "pattern_sha256",
 ]
 
 PROTECTED_PATH = "/api/protected"
-"""Path of the stand-in API that accepts the issued tokens."""
+"""Path of the stand-in API that accepts the issued tokens (and every path under it)."""
+
+PATTERN_PATH = PROTECTED_PATH + "/bytes"
+"""``GET PATTERN_PATH/<N>`` answers the first N bytes of the pattern (:func:`pattern_bytes`)."""
 
 _FORM = "application/x-www-form-urlencoded"
 _MAX_BODY = 64 * 1024  # a token request is a few hundred bytes; refuse anything absurd
 _MAX_FIELDS = 32
+
+_CHUNK = 64 * 1024  # the unit the protected API reads and writes bodies in
+_MAX_STREAMED_BODY = 512 * 1024 * 1024  # generous for a proxy's uploads, finite for a test's
+_MAX_PATTERN = 16 * 1024**3  # streamed, so only time bounds it; 16 GiB is past any test
+_MAX_WAIT = 3600.0  # seconds a delay may ask for: a typo should not park a thread for a day
+_RESET_DRAIN = 2.0  # seconds reset_after waits for its bytes to reach the client
+_MAX_CHUNK_LINE = 1024  # a chunk-size line (hex size and extensions) longer than this is bogus
+_MAX_TRAILERS = 64
+_PROTECTED_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+_PATTERN_METHODS = ("GET", "HEAD")
+_DIGITS = re.compile(r"[0-9]{1,20}")  # a size, a length, a count: no sign, no spaces
+# Header values a failing assert should not print: a record's repr masks them.
+_SECRET_HEADERS = frozenset(
+    {"authorization", "proxy-authorization", "x-api-key", "x-refresher-authorization", "cookie"}
+)
+
+_PATTERN_PIECE = bytes(range(256)) * (_CHUNK // 256)
+"""One 64 KiB piece of the pattern. _CHUNK is a multiple of 256, so every piece of a body
+starts at the pattern's start and all full pieces are this same object: nothing is built."""
+
+
+def pattern_bytes(n: int) -> bytes:
+    """The first ``n`` bytes of the pattern ``PATTERN_PATH/<n>`` answers: ``bytes(range(256))``
+    repeated, so byte ``i`` is ``i % 256``. Builds them all; for large n use
+    :func:`pattern_sha256`."""
+    if n < 0:
+        raise ValueError("n must not be negative")
+    return (bytes(range(256)) * (n // 256 + 1))[:n]
+
+
+def _pattern_pieces(n: int) -> Iterator[bytes]:
+    """The first ``n`` pattern bytes in pieces of at most 64 KiB, never more in memory."""
+    for _ in range(n // _CHUNK):
+        yield _PATTERN_PIECE
+    if n % _CHUNK:
+        yield _PATTERN_PIECE[: n % _CHUNK]
+
+
+def pattern_sha256(n: int) -> str:
+    """The hex SHA-256 of :func:`pattern_bytes` ``(n)``, computed without holding them."""
+    if n < 0:
+        raise ValueError("n must not be negative")
+    digest = hashlib.sha256()
+    for piece in _pattern_pieces(n):
+        digest.update(piece)
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -150,6 +245,54 @@ class Request:
     query: str
     headers: Message
     body: bytes
+    """The body, for the token endpoint; empty for the protected API, which streams it."""
+    body_bytes: int | None = None
+    """Protected API only: the length of the body, which was read and hashed, not kept."""
+    body_sha256: str | None = None
+    """Protected API only: the hex SHA-256 of the body."""
+
+
+@dataclass(frozen=True, repr=False)
+class ProtectedRequest:
+    """One request the protected API received, as :attr:`LocalIdP.protected_requests` keeps it."""
+
+    method: str
+    path: str
+    """As sent: not percent-decoded or normalised."""
+    query: str
+    """As sent, without the ``?``."""
+    headers: tuple[tuple[str, str], ...]
+    """Every header, in the order received, with the name as spelled."""
+    body_bytes: int
+    body_sha256: str
+    status: int
+    """The status answered; 0 when the connection was reset instead."""
+    connection: int
+    """Which connection it came on (the server's n-th since it was built, from 1), so a test
+    can tell a reused connection from a new one."""
+
+    def header(self, name: str) -> str | None:
+        """The first value of header ``name`` (any case), or ``None``."""
+        values = self.header_values(name)
+        return values[0] if values else None
+
+    def header_values(self, name: str) -> tuple[str, ...]:
+        """Every value of header ``name`` (any case), in the order received."""
+        wanted = name.lower()
+        return tuple(value for key, value in self.headers if key.lower() == wanted)
+
+    def __repr__(self) -> str:
+        # Tokens and keys stay out of a failing assert's output, as in IssuedToken.
+        shown = tuple(
+            (key, "<redacted>" if key.lower() in _SECRET_HEADERS else value)
+            for key, value in self.headers
+        )
+        return (
+            f"ProtectedRequest(method={self.method!r}, path={self.path!r}, "
+            f"query={self.query!r}, headers={shown!r}, body_bytes={self.body_bytes}, "
+            f"body_sha256={self.body_sha256!r}, status={self.status}, "
+            f"connection={self.connection})"
+        )
 
 
 @dataclass(frozen=True)
@@ -176,6 +319,58 @@ class Reply:
 
 RESET = Reply(status=0, reset=True)
 """No response at all: the connection is closed with a TCP reset."""
+
+
+@dataclass(frozen=True)
+class _Answer:
+    """A reply and how to deliver it: what the protected API's query parameters ask for."""
+
+    reply: Reply
+    pattern_size: int | None = None
+    """The body is this many pattern bytes (streamed) instead of ``reply.body``."""
+    chunked: bool = False
+    body_delay: float = 0.0
+    """Seconds to wait after the first piece of the body (after the head, if one piece)."""
+    reset_after: int | None = None
+    """Send this many body bytes, then reset the connection."""
+
+    @property
+    def length(self) -> int:
+        """The body's length, as the head announces it."""
+        return len(self.reply.body) if self.pattern_size is None else self.pattern_size
+
+    @property
+    def sent_length(self) -> int:
+        """How much of the body is sent: all of it, or ``reset_after`` bytes."""
+        return self.length if self.reset_after is None else min(self.length, self.reset_after)
+
+    def pieces(self) -> Iterator[bytes]:
+        """The body in pieces of at most 64 KiB, cut short at ``reset_after``."""
+        if self.pattern_size is None:
+            body = self.reply.body
+            whole: Iterable[bytes] = (body[i : i + _CHUNK] for i in range(0, len(body), _CHUNK))
+        else:
+            whole = _pattern_pieces(self.pattern_size)
+        left = self.sent_length
+        for piece in whole:
+            if left <= 0:
+                return
+            yield piece[:left]
+            left -= len(piece)
+
+
+@dataclass(frozen=True)
+class _Options:
+    """The protected API's own query parameters (see the module docstring)."""
+
+    delay: float = 0.0
+    delay_body: float = 0.0
+    reset: bool = False
+    reset_after: int | None = None
+    chunked: bool = False
+
+
+_FLAGS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
 
 
 class _Rejected(Exception):
@@ -285,13 +480,99 @@ def _same(given: str | None, expected: str) -> bool:
     return given is not None and secrets.compare_digest(given.encode(), expected.encode())
 
 
+def _is_protected(path: str) -> bool:
+    return path == PROTECTED_PATH or path.startswith(PROTECTED_PATH + "/")
+
+
+def _pattern_size(path: str) -> int | None:
+    """N for ``PATTERN_PATH/<N>``; ``None`` for any other protected path."""
+    prefix = PATTERN_PATH + "/"
+    if not path.startswith(prefix):
+        return None
+    text = path[len(prefix) :]
+    if not _DIGITS.fullmatch(text) or int(text) > _MAX_PATTERN:
+        raise _error(400, "invalid_request", f"N must be a whole number up to {_MAX_PATTERN}")
+    return int(text)
+
+
+def _seconds(name: str, text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value <= _MAX_WAIT:  # also refuses nan
+        raise _error(400, "invalid_request", f"{name} must be seconds from 0 to {_MAX_WAIT:g}")
+    return value
+
+
+def _flag(name: str, text: str) -> bool:
+    value = _FLAGS.get(text.strip().lower())
+    if value is None:
+        raise _error(400, "invalid_request", f"{name} must be 1 or 0")
+    return value
+
+
+def _byte_count(name: str, text: str) -> int:
+    if not _DIGITS.fullmatch(text):
+        raise _error(400, "invalid_request", f"{name} must be a whole number of bytes")
+    return int(text)
+
+
+# The protected API's own query parameters and how each is read (fields of _Options).
+_OPTION_PARSERS: dict[str, Callable[[str, str], object]] = {
+    "delay": _seconds,
+    "delay_body": _seconds,
+    "reset": _flag,
+    "reset_after": _byte_count,
+    "chunked": _flag,
+}
+
+
+def _options(query: str) -> _Options:
+    """Read the protected API's parameters from a query string; the rest is not ours to judge
+    (a proxied API's own query may repeat keys, or be anything at all)."""
+    given: dict[str, object] = {}
+    for key, text in parse_qsl(query, keep_blank_values=True):
+        parse = _OPTION_PARSERS.get(key)
+        if parse is None:
+            continue
+        if key in given:
+            raise _error(400, "invalid_request", f"{key} was sent more than once")
+        given[key] = parse(key, text)
+    return _Options(**cast(dict[str, Any], given))
+
+
+def _chunk_frame(piece: bytes) -> bytes:
+    """One chunk of a ``Transfer-Encoding: chunked`` body (RFC 9112 section 7.1)."""
+    return b"%x\r\n%b\r\n" % (len(piece), piece)
+
+
+def _unacknowledged(sock: socket.socket) -> int:
+    """Bytes sent on ``sock`` that the peer has not acknowledged yet; 0 where the system
+    cannot tell (TIOCOUTQ is Linux's)."""
+    try:
+        import fcntl
+        import termios
+
+        raw = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+    except (ImportError, AttributeError, OSError):
+        return 0
+    return int(struct.unpack("i", raw)[0])
+
+
 class LocalIdP(LoopbackServer):
     """A token endpoint plus a protected API on 127.0.0.1, shaped like one provider.
 
     Use as a context manager, or call :meth:`start` and :meth:`stop` (see
     :class:`~refresher.loopback.LoopbackServer`). All methods and properties are
-    thread-safe; the counters and :attr:`issued` are snapshots.
+    thread-safe; the counters, :attr:`issued` and :attr:`protected_requests` are snapshots.
+    ``record_limit`` is how many protected requests :attr:`protected_requests` keeps.
     """
+
+    connection_timeout: float = 10.0
+    """Seconds a connection may sit idle between requests, or stall mid-request, before the
+    server closes it, so no kept-alive client pins a thread for ever. Settable; affects
+    connections accepted afterwards."""
 
     def __init__(
         self,
@@ -306,6 +587,7 @@ class LocalIdP(LoopbackServer):
         clock: Callable[[], float] = time.time,
         host: str = "127.0.0.1",
         port: int = 0,
+        record_limit: int = 1000,
     ) -> None:
         if isinstance(shape, str):
             if shape not in SHAPES:
@@ -328,6 +610,9 @@ class LocalIdP(LoopbackServer):
         # Requests seen: "token" (every request to the token path, faulted, rejected or not),
         # and the protected API's answers "ok", "unauthorized" (401) and "forbidden" (403).
         self._counts: Counter[str] = Counter()
+        # The protected API's last requests (bounded: a long soak must not grow without end).
+        self._protected_log: deque[ProtectedRequest] = deque(maxlen=record_limit)
+        self._connections = 0  # accepted so far, to number them
 
     # ---------------------------------------------------------------- addresses
 
@@ -388,6 +673,17 @@ class LocalIdP(LoopbackServer):
         with self._lock:
             return self._counts["forbidden"]
 
+    @property
+    def protected_requests(self) -> list[ProtectedRequest]:
+        """The protected API's requests, oldest first: the last ``record_limit`` (a copy).
+
+        A request is recorded once its body has been read and its answer decided (so before
+        the client has the answer); one refused for its framing (400, 411, 413, 501) or cut
+        off mid-body is not.
+        """
+        with self._lock:
+            return list(self._protected_log)
+
     def token_status(self, access_token: str) -> TokenStatus:
         """How the protected API would judge this token right now, by the server's clock."""
         with self._lock:
@@ -405,14 +701,39 @@ class LocalIdP(LoopbackServer):
     # ----------------------------------------------------------------- endpoints
 
     def _route(self, request: Request) -> Reply:
+        """Everything but the protected API (which the handler streams: see _answer_protected)."""
         try:
             if request.path == self.shape.token_path:
                 return self._token_endpoint(request)
-            if request.path == PROTECTED_PATH:
-                return self._protected_endpoint(request)
             raise _error(404, "not_found", "No such endpoint")
         except _Rejected as rejected:
             return rejected.reply
+
+    def _answer_protected(self, request: Request, connection: int) -> _Answer:
+        """The protected API's answer to a request whose body was read; recorded."""
+        try:
+            answer = self._protected_endpoint(request)
+        except _Rejected as rejected:
+            answer = _Answer(rejected.reply)
+        record = ProtectedRequest(
+            method=request.method,
+            path=request.path,
+            query=request.query,
+            headers=tuple((name, str(value)) for name, value in request.headers.items()),
+            body_bytes=request.body_bytes or 0,
+            body_sha256=request.body_sha256 or hashlib.sha256().hexdigest(),
+            status=answer.reply.status,
+            connection=connection,
+        )
+        with self._lock:
+            self._protected_log.append(record)
+        return answer
+
+    def _connection_accepted(self) -> int:
+        """Number a new connection (from 1)."""
+        with self._lock:
+            self._connections += 1
+            return self._connections
 
     def _token_endpoint(self, request: Request) -> Reply:
         with self._lock:
@@ -535,10 +856,44 @@ class LocalIdP(LoopbackServer):
             claims["aud"] = audience
         return jwt.encode(claims, self._signing_key, algorithm="HS256")
 
-    def _protected_endpoint(self, request: Request) -> Reply:
-        """A stand-in API: 200 for a live token of ours, 401 otherwise (403: bad api key)."""
-        if request.method != "GET":
-            raise _error(405, "invalid_request", "Use GET", ("Allow", "GET"))
+    def _protected_endpoint(self, request: Request) -> _Answer:
+        """A stand-in API (see the module docstring): 200 for a live token of ours, 401
+        otherwise (403: bad api key), after any delay the query asks for."""
+        options = _options(request.query)
+        # Wait on `stopping`, not time.sleep, so stop() is not held up by the sleeper.
+        if options.delay and self.stopping.wait(options.delay):
+            return _Answer(RESET)  # stop() came first: the client is gone
+        if options.reset:
+            return _Answer(RESET)
+        size = _pattern_size(request.path)
+        methods = _PROTECTED_METHODS if size is None else _PATTERN_METHODS
+        if request.method not in methods:
+            allowed = ", ".join(methods)
+            raise _error(405, "invalid_request", f"Use one of {allowed}", ("Allow", allowed))
+        self._authorize(request)
+        if size is None:
+            reply = _json(
+                200,
+                {
+                    "ok": True,
+                    "method": request.method,
+                    "path": request.path,
+                    "body_bytes": request.body_bytes or 0,
+                    "body_sha256": request.body_sha256 or hashlib.sha256().hexdigest(),
+                },
+            )
+        else:
+            reply = Reply(200, content_type="application/octet-stream")
+        return _Answer(
+            reply,
+            pattern_size=size,
+            chunked=options.chunked,
+            body_delay=options.delay_body,
+            reset_after=options.reset_after,
+        )
+
+    def _authorize(self, request: Request) -> None:
+        """Raise 403 without the shape's ``x-api-key``, 401 unless the token is ours and live."""
         if self.shape.requires_api_key and not _same(
             request.headers.get("x-api-key"), self._api_key
         ):
@@ -555,22 +910,35 @@ class LocalIdP(LoopbackServer):
         if status != "valid":
             challenge = ("WWW-Authenticate", 'Bearer error="invalid_token"')
             raise _error(401, "invalid_token", f"The access token is {status}", challenge)
-        return _json(200, {"ok": True})
 
 
 class _Handler(QuietHandler):
     """HTTP plumbing only: read the request, hand it to the LocalIdP, write the reply.
 
-    HTTP/1.0 (the default): one request per connection, so no thread lingers on an idle
-    keep-alive connection.
+    The token endpoint (and anything that is not the protected API) speaks HTTP/1.0, one
+    request per connection, as it always has. The protected API speaks HTTP/1.1 and keeps
+    the connection open for the next request, as a pooling client expects; an idle
+    connection is closed after ``connection_timeout`` and stop() ends every one at once.
     """
 
     server_version = "localidp"
-    timeout = 10  # a client that stalls mid-request cannot pin a thread for ever
+    # What parse_request() sees: HTTP/1.0 there, so a request line it refuses and a request
+    # to the token endpoint are answered as always; the protected API upgrades its answer.
+    protocol_version = "HTTP/1.0"
+    connection_number = 0
+    """Which of the server's connections this is (from 1): see ProtectedRequest.connection."""
 
     @property
     def idp(self) -> LocalIdP:
         return cast(LocalIdP, owner_of(self))
+
+    def setup(self) -> None:
+        super().setup()
+        # A client that stalls mid-request, or idles on a kept-alive connection, cannot pin
+        # a thread for ever: every read and write times out (StreamRequestHandler.timeout,
+        # but the server's to set).
+        self.connection.settimeout(self.idp.connection_timeout)
+        self.connection_number = self.idp._connection_accepted()
 
     def do_GET(self) -> None:
         self._dispatch()
@@ -578,15 +946,27 @@ class _Handler(QuietHandler):
     do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = do_HEAD = do_GET
 
     def _dispatch(self) -> None:
+        url = urlsplit(self.path)
         try:
-            request = self._read_request()
+            if _is_protected(url.path):
+                self._serve_protected(url.path, url.query)
+            else:
+                self._serve_token(url.path, url.query)
+        finally:
+            self.protocol_version = _Handler.protocol_version  # the next request starts over
+
+    # --------------------------------------------------------- the token endpoint
+
+    def _serve_token(self, path: str, query: str) -> None:
+        self.close_connection = True  # one request per connection
+        try:
+            request = self._read_request(path, query)
         except _Rejected as rejected:
-            self.close_connection = True
             self._send(rejected.reply)
             return
         self._send(self.idp._route(request))
 
-    def _read_request(self) -> Request:
+    def _read_request(self, path: str, query: str) -> Request:
         """Read the body first, always: closing with unread data would reset the connection."""
         if self.headers.get("Transfer-Encoding") is not None:
             raise _error(411, "invalid_request", "Send a Content-Length, not chunked")
@@ -603,21 +983,154 @@ class _Handler(QuietHandler):
         body = self.rfile.read(length) if length else b""
         if len(body) < length:
             raise _Rejected(RESET)  # the client gave up mid-body; nobody to answer
-        url = urlsplit(self.path)
-        return Request(self.command, url.path, url.query, self.headers, body)
+        return Request(self.command, path, query, self.headers, body)
+
+    # ---------------------------------------------------------- the protected API
+
+    def _serve_protected(self, path: str, query: str) -> None:
+        self.protocol_version = "HTTP/1.1"
+        self.close_connection = not self._keeps_alive()
+        try:
+            body_bytes, body_sha256 = self._stream_body()
+        except _Rejected as rejected:
+            # The body's framing is broken or it is too large: what follows cannot be trusted
+            # to be the next request, so this connection ends with this answer.
+            self.close_connection = True
+            self._send(rejected.reply)
+            return
+        request = Request(self.command, path, query, self.headers, b"", body_bytes, body_sha256)
+        self._deliver(self.idp._answer_protected(request, self.connection_number))
+
+    @property
+    def _http11(self) -> bool:
+        return self.request_version >= "HTTP/1.1"
+
+    def _keeps_alive(self) -> bool:
+        """HTTP/1.1 keeps the connection unless the client says ``close``; 1.0 never does."""
+        options = ",".join(self.headers.get_all("Connection") or [])
+        return self._http11 and "close" not in {o.strip().lower() for o in options.split(",")}
+
+    def _stream_body(self) -> tuple[int, str]:
+        """Read the whole body, hashing piece by piece: (length, hex SHA-256)."""
+        pieces = self._body_pieces()
+        if self._http11 and (self.headers.get("Expect") or "").lower() == "100-continue":
+            self.handle_expect_100()  # only once the framing is known to be acceptable
+        digest = hashlib.sha256()
+        length = 0
+        for piece in pieces:
+            digest.update(piece)
+            length += len(piece)
+        return length, digest.hexdigest()
+
+    def _body_pieces(self) -> Iterator[bytes]:
+        """Check the body's framing (before anything is read) and return a reader of it."""
+        codings = ",".join(self.headers.get_all("Transfer-Encoding") or [])
+        coding = [c.strip().lower() for c in codings.split(",") if c.strip()]
+        lengths = self.headers.get_all("Content-Length") or []
+        if coding and lengths:  # RFC 9112 section 6.1: a request smuggler's signature
+            raise _error(400, "invalid_request", "Send Content-Length or chunked, not both")
+        if coding:
+            if coding != ["chunked"]:
+                raise _error(501, "invalid_request", "Only the chunked transfer coding is known")
+            return self._chunked_pieces()
+        if len({value.strip() for value in lengths}) > 1:
+            raise _error(400, "invalid_request", "Conflicting Content-Length headers")
+        text = lengths[0].strip() if lengths else "0"
+        if not _DIGITS.fullmatch(text):
+            raise _error(400, "invalid_request", "Invalid Content-Length")
+        if int(text) > _MAX_STREAMED_BODY:
+            raise _error(413, "invalid_request", "Request body too large")
+        return self._sized_pieces(int(text))
+
+    def _sized_pieces(self, length: int) -> Iterator[bytes]:
+        left = length
+        while left:
+            piece = self.rfile.read1(min(left, _CHUNK))
+            if not piece:
+                raise _Rejected(RESET)  # the client gave up mid-body; nobody to answer
+            left -= len(piece)
+            yield piece
+
+    def _chunked_pieces(self) -> Iterator[bytes]:
+        """Decode a chunked body (RFC 9112 section 7.1); trailers are read and dropped."""
+        total = 0
+        while size := self._chunk_size():
+            total += size
+            if total > _MAX_STREAMED_BODY:
+                raise _error(413, "invalid_request", "Request body too large")
+            yield from self._sized_pieces(size)
+            if self._line(3) not in (b"\r\n", b"\n"):
+                raise _error(400, "invalid_request", "A chunk is longer than its size")
+        for _ in range(_MAX_TRAILERS + 1):
+            if self._line(_MAX_CHUNK_LINE) in (b"\r\n", b"\n"):
+                return
+        raise _error(400, "invalid_request", "Too many trailer fields")
+
+    def _chunk_size(self) -> int:
+        line = self._line(_MAX_CHUNK_LINE)
+        size = line.split(b";", 1)[0].strip()  # chunk extensions are allowed and ignored
+        if not re.fullmatch(rb"[0-9a-fA-F]{1,15}", size) or not line.endswith(b"\n"):
+            raise _error(400, "invalid_request", "Invalid chunk size")
+        return int(size, 16)
+
+    def _line(self, limit: int) -> bytes:
+        line = self.rfile.readline(limit + 1)
+        if not line:
+            raise _Rejected(RESET)  # the client gave up mid-body; nobody to answer
+        return line
+
+    # --------------------------------------------------------------- answering
 
     def _send(self, reply: Reply) -> None:
+        self._deliver(_Answer(reply))
+
+    def _deliver(self, answer: _Answer) -> None:
+        reply = answer.reply
         if reply.reset:
             self._reset_connection()
             return
+        chunked = answer.chunked and self._http11  # an HTTP/1.0 client cannot take chunks
         self.send_response(reply.status)
         self.send_header("Content-Type", reply.content_type)
-        self.send_header("Content-Length", str(len(reply.body)))
+        if chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            self.send_header("Content-Length", str(answer.length))
         for name, value in reply.headers:
             self.send_header(name, value)
+        if self.close_connection and self.protocol_version >= "HTTP/1.1":
+            self.send_header("Connection", "close")  # 1.1 keeps alive unless told
         self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(reply.body)
+        if self.command != "HEAD" and not self._write_body(answer, chunked):
+            return
+        if answer.reset_after is not None:
+            self._await_delivery()
+            self._reset_connection()
+
+    def _write_body(self, answer: _Answer, chunked: bool) -> bool:
+        """Write the body piece by piece; ``False`` when stop() came during a body_delay."""
+        pause_at = 1 if answer.sent_length > _CHUNK else 0
+        for index, piece in enumerate(answer.pieces()):
+            # Wait on `stopping`, not time.sleep, so stop() is not held up by the sleeper.
+            if (
+                index == pause_at
+                and answer.body_delay
+                and self.idp.stopping.wait(answer.body_delay)
+            ):
+                self.close_connection = True  # stop() has cut the connection already
+                return False
+            self.wfile.write(_chunk_frame(piece) if chunked else piece)
+        if chunked and answer.reset_after is None:
+            self.wfile.write(b"0\r\n\r\n")
+        return True
+
+    def _await_delivery(self) -> None:
+        """Wait until the client has every byte sent (up to 2 s): a reset throws away what
+        is still in our send buffer, and reset_after promises the client those bytes."""
+        deadline = time.monotonic() + _RESET_DRAIN
+        while _unacknowledged(self.connection) and time.monotonic() < deadline:
+            if self.idp.stopping.wait(0.005):
+                return
 
     def _reset_connection(self) -> None:
         """Close with SO_LINGER 0: the kernel sends RST and the client gets no response."""

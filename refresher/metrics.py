@@ -36,7 +36,7 @@ WRITE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5
 REASONS = tuple(reason.value for reason in Reason)
 # Self-healing (probe.py, refresh.py): fixed label sets, every value exported from the start.
 PROBE_OUTCOMES = ("accepted", "rejected", "error")
-REJECTION_SOURCES = ("probe", "report")
+REJECTION_SOURCES = ("probe", "report", "proxy")
 REPORT_OUTCOMES = ("accepted", "rejected", "error", "ignored", "stale", "limited", "forwarded")
 
 
@@ -370,6 +370,86 @@ class ApiStats(Collector):
         yield requests
         yield duration
         yield failures
+
+
+PROXY_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0
+)  # fmt: skip
+# What happened to a request the upstream rejected (proxy.py): replayed and then accepted or
+# rejected again, the replay failed, or it was not replayed (no newer token came within
+# `replay_wait`, or its body was streamed).
+REPLAY_OUTCOMES = ("accepted", "rejected", "failed", "no_new_token", "not_replayable")
+UPSTREAM_ERRORS = ("connect", "connect_timeout", "timeout", "reset", "tls", "protocol")
+PROXY_PARTS = ("upstream", "added")
+
+
+class ProxyStats(Collector):
+    """The proxies' counts (proxy.py), by job: answers by status, replays by outcome, upstream
+    errors by reason, and where the time went (`upstream`: waiting for the upstream's answer
+    heads; `added`: the rest, until the answer's head went back to the consumer)."""
+
+    def __init__(self, jobs: Iterable[str]) -> None:
+        self._lock = threading.Lock()
+        self._jobs = tuple(jobs)
+        self._requests: dict[tuple[str, str], int] = {}
+        self._replays = {(job, outcome): 0 for job in self._jobs for outcome in REPLAY_OUTCOMES}
+        self._errors = {(job, reason): 0 for job in self._jobs for reason in UPSTREAM_ERRORS}
+        self._duration = {
+            (job, part): Buckets(PROXY_BUCKETS) for job in self._jobs for part in PROXY_PARTS
+        }
+
+    def record_request(self, job: str, status: int, upstream: float, added: float) -> None:
+        key = (job, str(status))
+        with self._lock:
+            self._requests[key] = self._requests.get(key, 0) + 1
+            self._duration[(job, "upstream")].observe(max(upstream, 0.0))
+            self._duration[(job, "added")].observe(max(added, 0.0))
+
+    def record_replay(self, job: str, outcome: str) -> None:
+        with self._lock:
+            self._replays[(job, outcome)] += 1
+
+    def record_upstream_error(self, job: str, reason: str) -> None:
+        with self._lock:
+            self._errors[(job, reason)] += 1
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
+            "refresher_proxy_requests",
+            "Requests answered by a job's proxy, by HTTP status sent to the consumer.",
+            labels=["token", "code"],
+        )
+        replays = CounterMetricFamily(
+            "refresher_proxy_replays",
+            "Requests the upstream rejected, by what the proxy did: replayed with a newer "
+            "token (accepted, rejected, failed) or not (no_new_token, not_replayable).",
+            labels=["token", "outcome"],
+        )
+        errors = CounterMetricFamily(
+            "refresher_proxy_upstream_errors",
+            "Requests the upstream did not answer, by reason.",
+            labels=["token", "reason"],
+        )
+        duration = HistogramMetricFamily(
+            "refresher_proxy_request_duration_seconds",
+            "Per proxied request: seconds from sending it upstream to the upstream's answer "
+            "head, the HTTP client's own work included (part=upstream), and the handler's "
+            "other seconds until the answer's head was sent (part=added).",
+            labels=["token", "part"],
+        )
+        with self._lock:
+            for (job, code), count in sorted(self._requests.items()):
+                requests.add_metric([job, code], count)
+            for (job, outcome), count in self._replays.items():
+                replays.add_metric([job, outcome], count)
+            for (job, reason), count in self._errors.items():
+                errors.add_metric([job, reason], count)
+            for (job, part), buckets in self._duration.items():
+                duration.add_metric([job, part], buckets.cumulative(), sum_value=buckets.total)
+        yield requests
+        yield replays
+        yield errors
+        yield duration
 
 
 class WatchStats(Collector):

@@ -119,6 +119,9 @@ class ReportTicket:
 class _Report:
     token: Token
     answer: Future[ReportAnswer]
+    # Seen by the refresher's own proxy: the API rejected the token on a consumer's request
+    # (trusted without a probe; with one, the probe still judges).
+    observed: bool = False
 
 
 @dataclass(frozen=True)
@@ -281,11 +284,13 @@ class JobRunner:
         """Fetch a new token now, whatever the plan says (for a token known to be dead)."""
         return self._fetch_and_write(self.clock())
 
-    def report(self, fingerprint: str) -> ReportTicket:
+    def report(self, fingerprint: str, *, observed: bool = False) -> ReportTicket:
         """A consumer says the API rejected the token with this fingerprint. Answered at once
         when that is not the current token (`stale`) or reports come too fast (`limited`);
         else by the next step, which probes it (`ticket.queued`: the caller wakes the job).
-        Reports for a token already waiting join its probe."""
+        Reports for a token already waiting join its probe. `observed`: the refresher's own
+        proxy saw the API reject it (proxy.py): the job's probe judges it at once, and a job
+        without one trusts it as if `trust_rejection_reports` were on."""
         with self._lock:
             token = self.token
             if token is None:
@@ -294,7 +299,7 @@ class JobRunner:
                 return self.answered_now(ReportAnswer("unavailable", False, None, 1.0))
             if token.fingerprint != fingerprint:
                 return self.answered_now(ReportAnswer("stale", False, token.fingerprint))
-            if self.prober is None and not self.job.trust_rejection_reports:
+            if self.prober is None and not self.job.trust_rejection_reports and not observed:
                 log.info(
                     "rejection report ignored: the job has no probe to confirm it, and "
                     "trust_rejection_reports is off",
@@ -303,13 +308,14 @@ class JobRunner:
                 return self.answered_now(ReportAnswer("ignored", False, token.fingerprint))
             waiting = self._report
             if waiting is not None and waiting.token.access_token == token.access_token:
+                waiting.observed = waiting.observed or observed
                 return ReportTicket(waiting.answer, queued=False)
             wait = self._report_bucket.try_take()
             if wait > 0:
                 return self.answered_now(ReportAnswer("limited", False, token.fingerprint, wait))
             answer: Future[ReportAnswer] = Future()
             answer.set_running_or_notify_cancel()  # no waiter can cancel it for the others
-            self._report = _Report(token, answer)
+            self._report = _Report(token, answer, observed)
         if waiting is not None:  # for a token replaced since: its reporters re-read
             self._resolve(waiting, ReportAnswer("stale", False, token.fingerprint))
         return ReportTicket(answer, queued=True)
@@ -404,7 +410,13 @@ class JobRunner:
             return
         answer = ReportAnswer("error", False, token.fingerprint)
         try:
-            if self.prober is not None:
+            if report is not None and report.observed and self.prober is None:
+                # What the proxy saw, trusted without a probe; like a trusted report it waits
+                # for the floor: a consumer picks the path it calls, and a path that answers
+                # 401 for reasons of its own must not refresh (and revoke) the token at will.
+                refreshing = self._rejected(token, now, "proxy", False)
+                answer = ReportAnswer("rejected", refreshing, token.fingerprint)
+            elif self.prober is not None:
                 result = self._probe(token, "report" if report is not None else "interval")
                 refreshing = result.outcome == "rejected" and self._rejected(
                     token, now, "probe", True

@@ -204,11 +204,13 @@ def test_the_api_listen_address_is_parsed_and_anonymous_callers_only_on_loopback
         ("[::1]:0", ("::1", 0)),
         ("localhost:80", ("127.0.0.1", 80)),
         ("127.1.2.3:9", ("127.1.2.3", 9)),
+        ("9465", ("127.0.0.1", 9465)),  # a port alone is on loopback
+        (9466, ("127.0.0.1", 9466)),
     ):
         config = validate({"tokens": [job], "api": {"enabled": True, "listen": listen}})
         assert config.settings.api.address == address
         assert config.settings.api.loopback
-    for listen in ("9465", "127.0.0.1", "::1:9465", "host:1", "127.0.0.1:65536"):
+    for listen in (":9465", "127.0.0.1", "::1:9465", "host:1", "127.0.0.1:65536", "99999"):
         with pytest.raises(ConfigError) as caught:
             validate({"tokens": [job], "api": {"listen": listen}})
         assert caught.value.problems[0].startswith("api.listen: ")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -196,6 +197,9 @@ def test_demo_refreshes_with_no_expired_read(tmp_path: Path) -> None:
     refreshes = [line for line in result.stdout.splitlines() if "] success" in line]
     assert len(refreshes) >= 3, result.stdout
     assert "0 rejected otherwise" in result.stdout
+    # The consumer that calls through the proxy is never rejected, not even in the window.
+    proxied = re.search(r"proxy consumer calls: (\d+) ok, (\d+) rejected", result.stdout)
+    assert proxied is not None and int(proxied.group(1)) > 0 and proxied.group(2) == "0"
     assert time.monotonic() - started < 30
     assert (tmp_path / "token").exists()
 

@@ -8,8 +8,10 @@ are asserted: a non-root read-only pod without capabilities, RBAC limited to the
 Secrets and the Lease, secrets only as files, leader election with several replicas, the
 CronJob's single writer, the token API (its own Service of ready pods, list/watch and the
 TokenReview binding only when it needs them, a NetworkPolicy admitting only the chosen
-clients), values rejected by the schema, a dashboard that queries only metrics a running
-refresher serves, and a rendered config the refresher itself accepts.
+clients), the proxies (a container port and a Service port per job, the NetworkPolicy's
+ingress to them and egress to their upstreams, their alerts), values rejected by the schema,
+a dashboard that queries only metrics a running refresher serves, and a rendered config the
+refresher itself accepts.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import yaml
 
 from refresher import __version__
 from refresher.config import validate
-from refresher.localidp import LocalIdP
+from refresher.localidp import PROTECTED_PATH, LocalIdP
 from tests.conftest import config_of, job_for, running, wait_for
 from tests.promtools import scrape
 
@@ -55,9 +57,13 @@ UID = 65532
 # when asked, creates. Nothing may update, delete or use a wildcard, and nothing may list or
 # watch, except for the one case in WATCH_VERBS.
 ALLOWED_VERBS = {"get", "patch", "create"}
-# The token API with leader election: every replica lists, then watches, the target Secrets
-# by name (followers serve what the leader writes; the leader sees the followers' reports).
+# The token API or a proxy, with leader election: every replica lists, then watches, the
+# served jobs' target Secrets by name (followers serve what the leader writes; the leader
+# sees the followers' reports).
 WATCH_VERBS = ["list", "watch"]
+# A Kubernetes port name (IANA_SVC_NAME): at most 15 characters, lowercase letters, digits
+# and single '-' between them, at least one letter.
+PORT_NAME = re.compile(r"(?=.*[a-z])[a-z0-9]([a-z0-9]|-(?!-))*(?<!-)")
 # Objects without a namespace (the TokenReview binding).
 CLUSTER_SCOPED = {"ClusterRoleBinding"}
 
@@ -271,6 +277,50 @@ def consumers(who: dict[str, Any]) -> dict[str, Any]:
     return values
 
 
+def generic_job(name: str, **extra: Any) -> dict[str, Any]:
+    """A token job with a Secret sink named after it."""
+    return {
+        "name": name,
+        "token_url": "https://idp.example.com/oauth2/token",
+        "client_id": name,
+        "client_secret": {"file": f"/etc/refresher/secrets/{name}"},
+        "sinks": [{"type": "kubernetes", "name": f"{name}-token"}],
+        **extra,
+    }
+
+
+def elected_proxy() -> dict[str, Any]:
+    """Two replicas, the api off, two jobs: one behind a proxy for service-account consumers
+    (so it is watched and reviewed), one without (neither)."""
+    return {
+        "replicaCount": 2,
+        "config": {
+            "tokens": [
+                generic_job(
+                    "billing",
+                    consumers={"service_accounts": ["app/worker"], "audience": "refresher"},
+                    proxy={"listen": "0.0.0.0:9470", "upstream": "https://billing.example.com/v2"},
+                ),
+                generic_job("reports"),
+            ]
+        },
+    }
+
+
+def proxied(proxy: dict[str, Any], values: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One replica, one job with a bearer-key consumer behind this proxy."""
+    job = generic_job("search", consumers={"bearer_key_file": "/etc/refresher/secrets/key"})
+    job["proxy"] = {"listen": "0.0.0.0:9470", "upstream": "https://search.example.com", **proxy}
+    return {"config": {"tokens": [job]}, **(values or {})}
+
+
+def proxy_example_with(**changes: Any) -> dict[str, Any]:
+    """examples/proxy.yaml with top-level values replaced."""
+    values = example_values("proxy")
+    values.update(changes)
+    return values
+
+
 VARIANTS: dict[str, tuple[str | None, dict[str, Any] | None]] = {
     "default": (None, None),
     **{stem: (stem, None) for stem in EXAMPLE_IDS},
@@ -297,6 +347,44 @@ VARIANTS: dict[str, tuple[str | None, dict[str, Any] | None]] = {
     "probe": (None, probed()),
     "api-bearer-tls": (None, bearer_api()),
     "api-cross-namespace": (None, elected_cross_namespace_api()),
+    "proxy-elected": (None, elected_proxy()),
+    # The api and TLS proxies side by side, every proxy key set.
+    "proxy-full": (
+        None,
+        {
+            **bearer_api(),
+            "config": {
+                "tokens": [
+                    {
+                        **bearer_api()["config"]["tokens"][0],
+                        "proxy": {
+                            "listen": "[::]:9470",
+                            "upstream": "https://billing.example.com/v1",
+                            "headers": {"x-client": "refresher"},
+                            "max_replay_body": "512KiB",
+                            "replay_wait": "1500ms",
+                            "timeouts": {"connect": 2, "read": "30s", "request": "2m"},
+                            "upstream_connections": 20,
+                            "ca_bundle": "/etc/refresher/proxy-ca/ca.crt",
+                            "allow_insecure_http": False,
+                            "forwarded_headers": False,
+                            "max_connections": 256,
+                            "max_connections_per_address": 16,
+                            "tls": {
+                                "cert_file": "/etc/refresher/proxy-tls/tls.crt",
+                                "key_file": "/etc/refresher/proxy-tls/tls.key",
+                            },
+                        },
+                    }
+                ]
+            },
+            "networkPolicy": {
+                "enabled": True,
+                "apiServer": {"cidrs": ["10.0.0.1/32"]},
+                "upstreams": {"cidrs": ["198.51.100.0/24"]},
+            },
+        },
+    ),
 }
 
 
@@ -497,10 +585,17 @@ def secrets_by_namespace(config: dict[str, Any]) -> dict[str, set[str]]:
     return wanted
 
 
+def served_jobs(config: dict[str, Any]) -> list[dict[str, Any]]:
+    """The jobs consumers reach: every job when the api is on, else those with a proxy."""
+    api_on = bool(config.get("api", {}).get("enabled"))
+    return [job for job in config["tokens"] if api_on or job.get("proxy")]
+
+
 def watched_secrets(config: dict[str, Any]) -> dict[str, set[str]]:
-    """What the replicas list and watch: each job's first Secret sink, by namespace."""
+    """What the replicas list and watch with leader election: each served job's first Secret
+    sink, by namespace."""
     watched: dict[str, set[str]] = {}
-    for job in config["tokens"]:
+    for job in served_jobs(config):
         first = next((s for s in job["sinks"] if s["type"] == "kubernetes"), None)
         if first is not None:
             watched.setdefault(first["namespace"], set()).add(first["name"])
@@ -508,17 +603,16 @@ def watched_secrets(config: dict[str, Any]) -> dict[str, set[str]]:
 
 
 def watches_secrets(config: dict[str, Any]) -> bool:
-    """The token API with leader election: every replica lists and watches the Secrets."""
-    api_on = bool(config.get("api", {}).get("enabled"))
-    return api_on and bool(config.get("leader_election", {}).get("enabled"))
+    """The token API or a proxy, with leader election: the replicas list and watch Secrets."""
+    return bool(served_jobs(config)) and bool(config.get("leader_election", {}).get("enabled"))
 
 
 def reviews_tokens(config: dict[str, Any]) -> bool:
-    """The api is on and some job's consumers authenticate by service account."""
-    return bool(config.get("api", {}).get("enabled")) and any(
+    """Some job the api or its proxy serves has consumers who authenticate by service account."""
+    return any(
         (job.get("consumers") or {}).get("service_accounts")
         or (job.get("consumers") or {}).get("namespaces")
-        for job in config["tokens"]
+        for job in served_jobs(config)
     )
 
 
@@ -547,8 +641,8 @@ def test_roles_grant_only_the_named_secrets_and_the_lease(variant: str) -> None:
             assert "*" not in text, f"wildcard in {rule}"
             (resource,) = rule["resources"]
             if rule["verbs"] == WATCH_VERBS:
-                # Only for the token API with leader election, on the named Secrets only.
-                assert watching, f"list/watch granted without the token API and election: {rule}"
+                # Only for the token API or a proxy with leader election, on named Secrets.
+                assert watching, f"list/watch granted without a consumer listener: {rule}"
                 assert resource == "secrets" and rule["apiGroups"] == [""]
                 assert rule["resourceNames"]
                 watched |= set(rule["resourceNames"])
@@ -997,6 +1091,70 @@ def test_network_policy_admits_the_api_port_only_from_the_chosen_clients() -> No
             consumers({"audience": "refresher", "bearer_key_file": "/etc/refresher/k"}),
             ["/config/tokens/0/consumers", "missing property 'service_accounts'"],
         ),
+        (
+            None,
+            proxied({"upstream_timeout": "5s"}),
+            ["/config/tokens/0/proxy", "additional properties 'upstream_timeout' not allowed"],
+        ),
+        (
+            None,
+            proxied({"timeouts": {"connect": 5, "idle": 30}}),
+            ["/config/tokens/0/proxy/timeouts", "additional properties 'idle' not allowed"],
+        ),
+        (None, proxied({"listen": "proxy.example.com:9470"}), ["/config/tokens/0/proxy/listen"]),
+        (None, proxied({"listen": "0.0.0.0:70000"}), ["/config/tokens/0/proxy/listen"]),
+        (None, proxied({"listen": "0.0.0.0"}), ["/config/tokens/0/proxy/listen"]),
+        (None, proxied({"listen": 0}), ["/config/tokens/0/proxy/listen", "minimum"]),
+        (
+            None,
+            {"config": {"tokens": [generic_job("search", proxy={"listen": 9470})]}},
+            ["/config/tokens/0/proxy", "missing property 'upstream'"],
+        ),
+        (
+            None,
+            proxied({"upstream": "ftp://search.example.com"}),
+            ["/config/tokens/0/proxy/upstream", "does not match pattern"],
+        ),
+        (
+            None,
+            proxied({"upstream": "https://search.example.com/v1?tenant=a"}),
+            ["/config/tokens/0/proxy/upstream", "does not match pattern"],
+        ),
+        (
+            None,
+            proxied({"upstream": "http://search.example.com"}),
+            ["/config/tokens/0/proxy/upstream", "does not match pattern"],
+        ),
+        (
+            None,
+            proxied({"headers": {"Authorization": "Bearer mine"}}),
+            ["invalid propertyName 'Authorization'"],
+        ),
+        (
+            None,
+            proxied({"credential_headers": {"x-api-key": "api_key"}}),
+            ["/config/tokens/0", "missing property 'credentials_file'"],
+        ),
+        (
+            None,
+            proxied({"max_replay_body": "1 megabyte"}),
+            ["/config/tokens/0/proxy/max_replay_body", "does not match pattern"],
+        ),
+        (
+            None,
+            proxied({"replay_wait": 60}),
+            ["/config/tokens/0/proxy/replay_wait", "maximum: got 60, want 30"],
+        ),
+        (
+            None,
+            proxied({"tls": {"cert_file": "/etc/tls/tls.crt"}}),
+            ["/config/tokens/0/proxy/tls", "missing property 'key_file'"],
+        ),
+        (
+            ["--set", "networkPolicy.upstreams.hosts={api.example.com}"],
+            None,
+            ["/networkPolicy/upstreams", "additional properties 'hosts' not allowed"],
+        ),
     ],
     ids=[
         "mode",
@@ -1029,6 +1187,22 @@ def test_network_policy_admits_the_api_port_only_from_the_chosen_clients() -> No
         "consumers-unknown-key",
         "consumers-nobody",
         "consumers-audience-for-nobody",
+        "proxy-unknown-key",
+        "proxy-timeouts-unknown-key",
+        "proxy-listen-hostname",
+        "proxy-listen-port",
+        "proxy-listen-no-port",
+        "proxy-listen-port-zero",
+        "proxy-without-upstream",
+        "proxy-upstream-scheme",
+        "proxy-upstream-query",
+        "proxy-upstream-plain-http",
+        "proxy-sets-authorization",
+        "proxy-credential-headers-without-file",
+        "proxy-max-replay-body",
+        "proxy-replay-wait",
+        "proxy-tls-without-key",
+        "upstreams-unknown-key",
     ],
 )
 def test_schema_rejects_bad_values_with_a_clear_message(
@@ -1176,14 +1350,311 @@ def test_the_api_certificate_is_mounted_read_only_from_its_tls_secret() -> None:
     assert all(v["name"] != "api-tls" for v in spec["volumes"])  # plain HTTP by default
 
 
+# ------------------------------------------------------------------------------ the proxies
+
+
+def api_service(docs: list[Doc]) -> Doc | None:
+    """The consumers' Service (the token API's and the proxies'), if rendered."""
+    found = [s for s in of_kind(docs, "Service") if s["metadata"]["name"] == f"{FULLNAME}-api"]
+    assert len(found) <= 1
+    return found[0] if found else None
+
+
+def install_notes(example: str | None = None, values: dict[str, Any] | None = None) -> str:
+    """The NOTES `helm install` prints (a client-side dry run: no cluster needed)."""
+    args = ["install", RELEASE, str(CHART), "--namespace", NAMESPACE, "--dry-run=client"]
+    if example:
+        args += ["--values", str(CHART / "examples" / f"{example}.yaml")]
+    if values is not None:
+        args += ["--values", str(values_file(values))]
+    result = run_helm(*args)
+    assert result.returncode == 0, result.stderr
+    return result.stdout[result.stdout.index("NOTES:") :]
+
+
+def test_each_proxied_job_gets_a_container_port_and_a_service_port_of_its_own() -> None:
+    docs = render("proxy")
+    (_, spec) = next(pod_specs(docs))
+    (container,) = spec["containers"]
+    # Container ports px-<index>: valid whatever the job is called.
+    assert container["ports"] == [
+        {"name": "metrics", "containerPort": 9464, "protocol": "TCP"},
+        {"name": "px-0", "containerPort": 9470, "protocol": "TCP"},
+        {"name": "px-1", "containerPort": 9471, "protocol": "TCP"},
+        {"name": "px-2", "containerPort": 9472, "protocol": "TCP"},
+    ]
+    service = api_service(docs)
+    assert service is not None
+    # Service ports named after the jobs, on the listen ports, to the container ports.
+    assert service["spec"]["ports"] == [
+        {"name": name, "port": port, "targetPort": f"px-{index}", "protocol": "TCP"}
+        | {"appProtocol": "http"}
+        for index, (name, port) in enumerate(
+            [("lucidworks-ai", 9470), ("fusion-query", 9471), ("lucidtech", 9472)]
+        )
+    ]
+
+    # A name is the job's as far as the port-name rules allow, `px-<index>` otherwise; a
+    # proxy with TLS is https.
+    names = [
+        "Fusion_Query.prod",  # lower-cased, '_' and '.' as '-', cut to 15
+        "fusion-query-prod-2",  # cut to the same 15 characters: taken
+        "api",  # the token API's port name
+        "metrics",  # the metrics port's
+        "2024",  # no letter
+        "px-9",  # a px-<n> name of its own
+        "a--b.",  # runs of other characters as one '-', none at the end
+        "x" * 40,
+    ]
+    jobs = [
+        generic_job(
+            name,
+            consumers={"bearer_key_file": "/etc/refresher/secrets/key"},
+            proxy={"listen": f"0.0.0.0:{9470 + index}", "upstream": "https://api.example.com"}
+            | ({"tls": {"cert_file": "/t/tls.crt", "key_file": "/t/tls.key"}} if index else {}),
+            sinks=[{"type": "kubernetes", "name": f"token-{index}"}],
+        )
+        for index, name in enumerate(names)
+    ]
+    docs = render(values={"config": {"tokens": jobs}})
+    service = api_service(docs)
+    assert service is not None
+    ports = service["spec"]["ports"]
+    assert [port["name"] for port in ports] == [
+        "fusion-query-pr",
+        "px-1",
+        "px-2",
+        "px-3",
+        "px-4",
+        "px-5",
+        "a-b",
+        "x" * 15,
+    ]
+    assert [port["appProtocol"] for port in ports] == ["http"] + ["https"] * 7
+    (_, spec) = next(pod_specs(docs))
+    container_ports = spec["containers"][0]["ports"]
+    for port in ports + container_ports:
+        assert len(port["name"]) <= 15 and PORT_NAME.fullmatch(port["name"]), port
+    assert len({p["name"] for p in ports}) == len(ports)
+    by_name = {p["name"]: p["containerPort"] for p in container_ports}
+    assert all(by_name[p["targetPort"]] == p["port"] for p in ports)
+
+
+def test_the_service_exists_for_proxies_alone_and_sends_consumers_to_ready_pods() -> None:
+    docs = render("proxy")
+    assert "api" not in rendered_config(docs)  # the token API is off
+    (metadata, _) = next(pod_specs(docs))
+    services = {s["metadata"]["name"]: s for s in of_kind(docs, "Service")}
+    assert set(services) == {FULLNAME, f"{FULLNAME}-api"}
+    service = services[f"{FULLNAME}-api"]
+    assert [p["name"] for p in service["spec"]["ports"]] == [
+        "lucidworks-ai",
+        "fusion-query",
+        "lucidtech",
+    ]
+    assert not service["spec"].get("publishNotReadyAddresses")
+    assert service["spec"]["selector"].items() <= metadata["labels"].items()
+    assert "refresher.io/scrape-job" not in service["metadata"]["labels"]
+
+    # The api and a proxy side by side: one Service, both ports, its type and annotations.
+    service = api_service(render_variant("proxy-full"))
+    assert service is not None
+    assert service["spec"]["type"] == "LoadBalancer"
+    assert [
+        (p["name"], p["port"], p["targetPort"], p["appProtocol"]) for p in service["spec"]["ports"]
+    ] == [
+        ("api", 443, "api", "https"),
+        ("billing", 9470, "px-0", "https"),
+    ]
+
+    # api.service.enabled: false: no Service, the container ports stay.
+    docs = render("proxy", {"api": {"service": {"enabled": False}}})
+    assert api_service(docs) is None
+    assert len(next(pod_specs(docs))[1]["containers"][0]["ports"]) == 4
+
+
+def test_network_policy_admits_the_proxy_ports_and_lets_the_upstreams_out() -> None:
+    values = example_values("proxy")
+    policy = one(render("proxy"), "NetworkPolicy")["spec"]
+    metrics, proxies = policy["ingress"]
+    assert metrics["ports"] == [{"port": 9464, "protocol": "TCP"}]
+    assert proxies["ports"] == [{"port": port, "protocol": "TCP"} for port in (9470, 9471, 9472)]
+    clients = values["api"]["allowedClients"]
+    assert proxies["from"] == [
+        {"podSelector": clients["podSelector"], "namespaceSelector": clients["namespaceSelector"]}
+    ]
+    idp, upstreams, api_server, dns = policy["egress"]
+    wanted = values["networkPolicy"]["upstreams"]
+    assert upstreams == {
+        "to": [{"ipBlock": {"cidr": "0.0.0.0/0", "except": wanted["except"]}}],
+        "ports": [{"port": 443, "protocol": "TCP"}],
+    }
+    assert [peer["ipBlock"]["cidr"] for peer in api_server["to"]] == ["10.0.0.1/32"]
+    assert "namespaceSelector" in dns["to"][0] and idp["to"][0]["ipBlock"]["cidr"] == "0.0.0.0/0"
+
+    # With the token API too: its rule and the proxies', the same peers.
+    policy = one(render_variant("proxy-full"), "NetworkPolicy")["spec"]
+    _, api, proxy = policy["ingress"]
+    assert api["ports"] == [{"port": 8443, "protocol": "TCP"}]
+    assert proxy["ports"] == [{"port": 9470, "protocol": "TCP"}]
+    assert proxy["from"] == api["from"]
+    assert {
+        "to": [{"ipBlock": {"cidr": "198.51.100.0/24"}}],
+        "ports": [{"port": 443, "protocol": "TCP"}],
+    } in policy["egress"]
+
+    # No selector would admit every pod to the proxies too: refused.
+    values["api"]["allowedClients"]["podSelector"] = None
+    error = render_error(values=values)
+    assert "api.allowedClients.podSelector: the NetworkPolicy admits" in error
+
+
+def test_a_network_policy_that_would_block_an_upstream_is_refused() -> None:
+    values = example_values("proxy")
+    del values["networkPolicy"]["upstreams"]
+    error = render_error(values=values)
+    assert (
+        "networkPolicy.upstreams.cidrs: config.tokens[0].proxy forwards its consumers' requests "
+        "to https://APPLICATION_ID.applications.lucidworks.com, which this policy would block"
+    ) in error
+    assert "[0.0.0.0/0] to allow networkPolicy.upstreams.ports to anywhere" in error
+
+    values = example_values("proxy")
+    values["config"]["tokens"][1]["proxy"]["upstream"] = "https://FUSION_HOST:8764"
+    error = render_error(values=values)
+    assert (
+        "networkPolicy.upstreams.ports: config.tokens[1].proxy.upstream uses port 8764, "
+        "which is not among them (443)"
+    ) in error
+    values["networkPolicy"]["upstreams"]["ports"] = [443, 8764]
+    (_, upstreams, _, _) = one(render(values=values), "NetworkPolicy")["spec"]["egress"]
+    assert {p["port"] for p in upstreams["ports"]} == {443, 8764}
+
+    # An upstream on loopback (another container of the pod) never leaves it: no rule.
+    loopback = proxied(
+        {"upstream": "http://127.0.0.1:8080"},
+        {"networkPolicy": {"enabled": True, "apiServer": {"cidrs": ["10.0.0.1/32"]}}},
+    )
+    assert len(one(render(values=loopback), "NetworkPolicy")["spec"]["egress"]) == 3
+
+
+def test_a_proxy_nothing_could_reach_or_anyone_could_use_is_refused() -> None:
+    # cronjob: `refresher once` serves nothing.
+    error = render_error(values=proxied({}, {"mode": "cronjob"}))
+    assert "config.tokens[0] (search): a proxy in cronjob mode" in error
+    # deployment: a loopback listener (a bare port is one) is out of the consumers' reach.
+    error = render_error(values=proxied({"listen": 9470}))
+    assert (
+        "config.tokens[0] (search): proxy.listen 127.0.0.1:9470 is a loopback address, "
+        "and in deployment mode"
+    ) in error
+    # reachable from other pods: the job says who may call through it (sidecar mode too).
+    for mode in ("deployment", "sidecar"):
+        values = proxied({}, {"mode": mode})
+        del values["config"]["tokens"][0]["consumers"]
+        error = render_error(values=values)
+        assert (
+            "config.tokens[0] (search): proxy.listen 0.0.0.0:9470 is reachable from other pods"
+        ) in error
+        assert "give it `consumers`" in error
+    # a port of its own
+    error = render_error(values=proxied({"listen": "0.0.0.0:9464"}))
+    assert "config.tokens[0] (search): proxy.listen: port 9464 is metrics.port too" in error
+    api = {"api": {"enabled": True, "listen": "0.0.0.0:9470"}}
+    error = render_error(values=proxied({}, api))
+    assert "proxy.listen: port 9470 is api.listen's too" in error
+    values = proxied({})
+    values["config"]["tokens"].append({**values["config"]["tokens"][0], "name": "other"})
+    error = render_error(values=values)
+    assert (
+        "config.tokens[1] (other): proxy.listen: port 9470 is config.tokens[0].proxy.listen's too"
+    ) in error
+    # with leader election, followers proxy with the token they watch in the job's Secret.
+    values = elected_proxy()
+    values["config"]["tokens"][0]["sinks"] = [{"type": "file", "path": "/var/run/tokens/b"}]
+    error = render_error(values=values)
+    assert "config.tokens[0] (billing): with leader election and a proxy" in error
+    assert "give the job a `type: kubernetes` sink" in error
+    # ... which a job without a proxy (and the api off) does not need.
+    values = elected_proxy()
+    values["config"]["tokens"][1]["sinks"] = [{"type": "file", "path": "/var/run/tokens/r"}]
+    assert one(render(values=values), "Deployment")
+
+
+def test_a_proxy_with_leader_election_gets_the_watch_and_the_token_reviews_without_the_api() -> (
+    None
+):
+    docs = render_variant("proxy-elected")
+    assert "api" not in rendered_config(docs)
+    (role,) = of_kind(docs, "Role")
+    secrets = {"apiGroups": [""], "resources": ["secrets"]}
+    # get and patch (the followers' rejection reports are patches too) on both Secrets; list
+    # and watch on the proxied job's only.
+    assert {
+        **secrets,
+        "resourceNames": ["billing-token", "reports-token"],
+        "verbs": ["get", "patch"],
+    } in role["rules"]
+    watches = [rule for rule in role["rules"] if rule["verbs"] == WATCH_VERBS]
+    assert watches == [{**secrets, "resourceNames": ["billing-token"], "verbs": WATCH_VERBS}]
+    # app/worker authenticates to the proxy with a projected token: TokenReviews.
+    (binding,) = of_kind(docs, "ClusterRoleBinding")
+    assert binding["roleRef"]["name"] == "system:auth-delegator"
+    assert next(pod_specs(docs))[1]["automountServiceAccountToken"] is True
+
+    # One replica: nobody follows, nobody watches; the reviews stay.
+    docs = render(values={**elected_proxy(), "replicaCount": 1})
+    for role in of_kind(docs, "Role"):
+        assert all(rule["verbs"] != WATCH_VERBS for rule in role["rules"])
+    assert len(of_kind(docs, "ClusterRoleBinding")) == 1
+    # Bearer keys only: no TokenReview.
+    values = elected_proxy()
+    values["config"]["tokens"][0]["consumers"] = {"bearer_key_file": "/etc/refresher/secrets/k"}
+    assert not of_kind(render(values=values), "ClusterRoleBinding")
+
+
+def test_a_sidecar_loopback_proxy_serves_the_pod_anonymously_without_a_service_port() -> None:
+    docs = render("sidecar")
+    assert not of_kind(docs, "Service") and not of_kind(docs, "NetworkPolicy")
+    (job,) = rendered_config(docs)["tokens"]
+    assert job["proxy"] == {
+        "listen": "127.0.0.1:9470",
+        "upstream": "https://APPLICATION_ID.applications.lucidworks.com",
+    }
+    assert "consumers" not in job  # loopback: the pod's own containers, anonymously
+    # What `helm install` prints for the app's pod: the app's base URL, no container port.
+    notes = install_notes("sidecar")
+    assert '- {name: API_BASE_URL, value: "http://127.0.0.1:9470"}' in notes
+    (ports,) = [line for line in notes.splitlines() if line.strip().startswith("ports:")]
+    assert "9470" not in ports and "px-" not in ports
+    assert (
+        'API_BASE_URL, value: "http://127.0.0.1:9470"'
+        in (CHART / "examples" / "sidecar.yaml").read_text()
+    )
+    # A bare port is loopback too.
+    values = proxied({"listen": 9470}, {"mode": "sidecar"})
+    del values["config"]["tokens"][0]["consumers"]
+    assert not of_kind(render(values=values), "Service")
+    assert '"http://127.0.0.1:9470"' in install_notes(values=values)
+    # In deployment mode the proxies are listed with their Service addresses.
+    notes = install_notes("proxy")
+    assert (
+        "lucidworks-ai: http://rel-refresher-api.tokens.svc:9470 -> "
+        "https://APPLICATION_ID.applications.lucidworks.com"
+    ) in notes
+    assert "X-Refresher-Authorization" in notes
+
+
 # ------------------------------------------------------------------------ the rendered config
 
 
 def validate_with_local_files(config: dict[str, Any], tmp_path: Path) -> None:
     """refresher.config.validate on the rendered config, with every file it names moved
-    under tmp_path: credentials and consumers' bearer keys (the pod's /etc/refresher/secrets
-    is a mounted Secret) and the api's certificate and key (a real pair, from trustme)."""
+    under tmp_path: credentials (a Lucidtech credentials.cfg too) and consumers' bearer keys
+    (the pod's /etc/refresher/secrets is a mounted Secret), the proxies' CA bundles, and the
+    api's and the proxies' certificates and keys (real pairs, from trustme)."""
     config = copy.deepcopy(config)
+    ca: Any = None
 
     def local(path: str) -> Path:
         target = tmp_path / path.lstrip("/")
@@ -1196,23 +1667,40 @@ def validate_with_local_files(config: dict[str, Any], tmp_path: Path) -> None:
             target.write_text("value\n")
             source["file"] = str(target)
 
+    def certificate(tls: dict[str, Any] | None) -> None:
+        nonlocal ca
+        if tls:
+            import trustme
+
+            ca = ca or trustme.CA()
+            issued = ca.issue_cert("localhost")
+            cert, key = local(tls["cert_file"]), local(tls["key_file"])
+            issued.cert_chain_pems[0].write_to_path(str(cert))
+            issued.private_key_pem.write_to_path(str(key))
+            tls.update(cert_file=str(cert), key_file=str(key))
+
     for job in config["tokens"]:
         relocate(job.get("client_id"))
         relocate(job.get("client_secret"))
+        if "credentials_file" in job:
+            cfg = local(job["credentials_file"])
+            cfg.write_text(
+                "client_id = an-id\nclient_secret = a-secret\napi_key = a-key\n"
+                "auth_endpoint = https://auth.example.com\napi_endpoint = https://api.example.com\n"
+            )
+            job["credentials_file"] = str(cfg)
         who = job.get("consumers") or {}
         if "bearer_key_file" in who:
             key = local(who["bearer_key_file"])
             key.write_text("a-shared-consumer-key\n")
             who["bearer_key_file"] = str(key)
-    tls = config.get("api", {}).get("tls")
-    if tls:
-        import trustme
-
-        issued = trustme.CA().issue_cert("localhost")
-        cert, key = local(tls["cert_file"]), local(tls["key_file"])
-        issued.cert_chain_pems[0].write_to_path(str(cert))
-        issued.private_key_pem.write_to_path(str(key))
-        tls.update(cert_file=str(cert), key_file=str(key))
+        proxy = job.get("proxy") or {}
+        if "ca_bundle" in proxy:
+            bundle = local(proxy["ca_bundle"])
+            bundle.write_text("a CA bundle\n")
+            proxy["ca_bundle"] = str(bundle)
+        certificate(proxy.get("tls"))
+    certificate(config.get("api", {}).get("tls"))
     validate(config)
 
 
@@ -1231,8 +1719,15 @@ def test_rendered_config_passes_the_refreshers_own_validation(variant: str, tmp_
         (None, VARIANTS["create-true"][1]),
         ("token-api", None),
         (None, VARIANTS["api-cross-namespace"][1]),
+        (None, VARIANTS["proxy-elected"][1]),
     ],
-    ids=["cross-namespace-elected", "create-true", "token-api-elected", "api-cross-namespace"],
+    ids=[
+        "cross-namespace-elected",
+        "create-true",
+        "token-api-elected",
+        "api-cross-namespace",
+        "proxy-elected",
+    ],
 )
 def test_the_rendered_rbac_is_enough_for_a_running_refresher(
     example: str | None,
@@ -1243,7 +1738,7 @@ def test_the_rendered_rbac_is_enough_for_a_running_refresher(
     """Against a local API server that enforces exactly the rendered Roles, holding what the
     chart creates (the empty target Secrets, the Lease), a refresher running the rendered
     config elects itself and writes every target Secret, using no other verb. With the token
-    API it also lists and watches each target Secret, by name only."""
+    API (or a job's proxy) it also lists and watches each served job's Secret, by name only."""
     from testdoubles.kubeapi import RBAC, FakeKubeAPI, Rule
 
     docs = render(example, values)
@@ -1257,6 +1752,9 @@ def test_the_rendered_rbac_is_enough_for_a_running_refresher(
         job.pop("probe", None)  # it would call the real API the token is for
     if "api" in config:
         config["api"]["listen"] = "127.0.0.1:0"
+    for job in config["tokens"]:
+        if "proxy" in job:
+            job["proxy"]["listen"] = "127.0.0.1:0"
     with FakeKubeAPI() as api:
         api.rbac = RBAC(
             [
@@ -1367,6 +1865,35 @@ def test_prometheus_rule_is_the_rules_file() -> None:
         assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_the_proxy_alerts_are_rendered_for_a_chart_with_proxies() -> None:
+    rule = one(render("proxy"), "PrometheusRule")
+    rules = {r["alert"]: r for g in rule["spec"]["groups"] for r in g["rules"]}
+    errors = rules["RefresherProxyUpstreamErrors"]
+    assert "rate(refresher_proxy_upstream_errors_total[5m])" in errors["expr"]
+    assert "sum by (job, namespace, token, reason)" in errors["expr"]  # over the replicas
+    assert errors["for"] == "10m"
+    # The runbook says what each reason means.
+    for reason in ("connect", "connect_timeout", "timeout", "reset", "tls", "protocol"):
+        assert f"{reason}: " in errors["annotations"]["description"], reason
+    assert "networkPolicy.upstreams" in errors["annotations"]["description"]
+    passed = rules["RefresherProxyRejectionsPassedThrough"]
+    assert (
+        'increase(refresher_proxy_replays_total{outcome=~"no_new_token|rejected"}[10m])) > 0'
+        in passed["expr"]
+    )
+    assert "refresher_token_contested" in passed["annotations"]["description"]
+    for alert in (errors, passed):
+        assert alert["labels"]["severity"] == "warning"
+        for text in alert["annotations"].values():
+            assert "{{ $labels.token }}" in text
+    # Left out on request, like any other.
+    disabled = {"metrics": {"prometheusRule": {"disabledAlerts": ["RefresherProxyUpstreamErrors"]}}}
+    rule = one(render("proxy", disabled), "PrometheusRule")
+    alerts = {r["alert"] for g in rule["spec"]["groups"] for r in g["rules"]}
+    assert "RefresherProxyUpstreamErrors" not in alerts
+    assert "RefresherProxyRejectionsPassedThrough" in alerts
+
+
 def test_dashboard_config_map_carries_the_json_with_the_sidecar_label() -> None:
     docs = render("deployment")
     dashboard = next(d for d in of_kind(docs, "ConfigMap") if "refresher.json" in d["data"])
@@ -1406,7 +1933,20 @@ def test_dashboard_queries_only_metrics_a_running_refresher_serves(
         "refresher_consumer_auth_failures_total",
         "refresher_secret_watch_up",
         "refresher_secret_watch_restarts_total",
+        "refresher_proxy_requests_total",
+        "refresher_proxy_replays_total",
+        "refresher_proxy_upstream_errors_total",
+        "refresher_proxy_request_duration_seconds_bucket",
     } <= queried
+    # The proxy latency panels: p50 and p99 of both parts, by le and part.
+    for part in ("added", "upstream"):
+        for quantile in ("0.5", "0.99"):
+            assert any(
+                expr.startswith(f"histogram_quantile({quantile}, sum by (le, part) (rate(")
+                and "refresher_proxy_request_duration_seconds_bucket" in expr
+                and f'part="{part}"' in expr
+                for expr in exprs
+            ), (part, quantile)
     for panel in dashboard["panels"]:
         if panel["type"] != "row":
             assert panel["targets"] and panel["datasource"]["uid"] == "${datasource}"
@@ -1416,10 +1956,12 @@ def test_dashboard_queries_only_metrics_a_running_refresher_serves(
     idp = make_idp("generic", lifetime=30)
     # With a probe: a job that heals is the one that exports the self-healing series. As in
     # examples/token-api.yaml, leader election, a Secret sink and the token API: the replica
-    # watches the Secret, so it exports the watch series too.
+    # watches the Secret, so it exports the watch series too. A loopback proxy in front of
+    # the local IdP's protected API exports the proxy series.
     job = job_for(
         idp, secret_file, tmp_path / "token", name="dash", probe={"url": idp.protected_url}
     )
+    job["proxy"] = {"listen": "127.0.0.1:0", "upstream": idp.base_url}
     job["sinks"].append({"type": "kubernetes", "name": "dash-token", "create": True})
     metrics = {"enabled": True, "bind": "127.0.0.1", "port": 0}
     api = {"enabled": True, "listen": "127.0.0.1:0"}
@@ -1440,8 +1982,12 @@ def test_dashboard_queries_only_metrics_a_running_refresher_serves(
                 return {sample.name for sample in scrape(url)}
 
             wait_for(lambda: "refresher_token_ttl_seconds" in served(), timeout=10)
-            # The token API's request series exist once it has answered a request.
+            # The token API's request series exist once it has answered a request, and the
+            # proxy's once it has forwarded one.
             requests.get(f"http://127.0.0.1:{daemon.api.port}/v1/tokens/dash", timeout=10)
+            proxy = daemon.proxies["dash"]
+            through = requests.get(f"http://127.0.0.1:{proxy.port}{PROTECTED_PATH}", timeout=10)
+            assert through.status_code == 200, through.text
             names = served()
     missing = queried - names
     assert not missing, f"the dashboard queries metrics the refresher does not serve: {missing}"
@@ -1481,34 +2027,19 @@ def test_chart_readme_documents_every_value() -> None:
     assert set(values) <= set(schema["properties"])
 
 
-def test_the_readme_consumer_example_matches_the_token_api_example() -> None:
-    """The chart README's worked example (a consumer Deployment, Python, curl) is a valid
-    Deployment that examples/token-api.yaml lets in: its service account is a consumer, its
-    projected token has the consumers' audience, its labels and namespace are the
-    NetworkPolicy's chosen clients, and it asks the API Service for that job's token."""
-    import kubernetes_validate
-    from kubernetes_validate.utils import latest_version
-
-    readme = (CHART / "README.md").read_text()
-    section = readme[readme.index("## Token API") : readme.index("## Values")]
-    blocks = re.findall(r"```(\w+)\n(.*?)```", section, re.S)
-    (deployment,) = [
-        yaml.safe_load(text)
-        for lang, text in blocks
-        if lang == "yaml" and "kind: Deployment" in text
-    ]
-    kubernetes_validate.validate(deployment, latest_version(), strict=True)
-    values = example_values("token-api")
-    (job,) = values["config"]["tokens"]
+def _consumer_pod(
+    deployment: dict[str, Any], consumers: dict[str, Any], values: dict[str, Any]
+) -> tuple[str, dict[str, str]]:
+    """A README's consumer Deployment: its service account is one of `consumers`, with a
+    projected token for their audience, in the NetworkPolicy's chosen clients. Returns where
+    the token is mounted and the container's environment."""
     namespace = deployment["metadata"]["namespace"]
     pod = deployment["spec"]["template"]
-    assert (
-        f"{namespace}/{pod['spec']['serviceAccountName']}" in job["consumers"]["service_accounts"]
-    )
+    assert f"{namespace}/{pod['spec']['serviceAccountName']}" in consumers["service_accounts"]
     (volume,) = pod["spec"]["volumes"]
     (source,) = volume["projected"]["sources"]
     assert source["serviceAccountToken"] == {
-        "audience": job["consumers"]["audience"],
+        "audience": consumers["audience"],
         "expirationSeconds": 3600,
         "path": "token",
     }
@@ -1520,7 +2051,29 @@ def test_the_readme_consumer_example_matches_the_token_api_example() -> None:
     (container,) = pod["spec"]["containers"]
     (mount,) = container["volumeMounts"]
     sa_token = f"{mount['mountPath']}/{source['serviceAccountToken']['path']}"
-    env = {item["name"]: item["value"] for item in container["env"]}
+    return sa_token, {item["name"]: item["value"] for item in container["env"]}
+
+
+def test_the_readme_consumer_example_matches_the_token_api_example() -> None:
+    """The chart README's worked example (a consumer Deployment, Python, curl) is a valid
+    Deployment that examples/token-api.yaml lets in: its service account is a consumer, its
+    projected token has the consumers' audience, its labels and namespace are the
+    NetworkPolicy's chosen clients, and it asks the API Service for that job's token."""
+    import kubernetes_validate
+    from kubernetes_validate.utils import latest_version
+
+    readme = (CHART / "README.md").read_text()
+    section = readme[readme.index("## Token API") : readme.index("## Proxy")]
+    blocks = re.findall(r"```(\w+)\n(.*?)```", section, re.S)
+    (deployment,) = [
+        yaml.safe_load(text)
+        for lang, text in blocks
+        if lang == "yaml" and "kind: Deployment" in text
+    ]
+    kubernetes_validate.validate(deployment, latest_version(), strict=True)
+    values = example_values("token-api")
+    (job,) = values["config"]["tokens"]
+    sa_token, env = _consumer_pod(deployment, job["consumers"], values)
     # Installed as release `refresher` in namespace `tokens`: the Service is refresher-api.
     port = values["api"]["service"]["port"]
     assert env["TOKEN_API"] == f"http://refresher-api.tokens.svc:{port}/v1/tokens/{job['name']}"
@@ -1534,3 +2087,67 @@ def test_the_readme_consumer_example_matches_the_token_api_example() -> None:
     for text in shell:
         assert f"SA_TOKEN={sa_token}" in text and "If-None-Match" in text
         assert "?timeout=30" in text
+
+
+def test_the_readme_proxy_examples_match_the_proxy_example() -> None:
+    """The chart README's proxy section: each provider's values are a job of
+    examples/proxy.yaml as it is there; the consumer Deployment is valid, its service
+    account a consumer of the Lucidworks AI job with a projected token for the consumers'
+    audience, in the NetworkPolicy's chosen clients, pointed at that job's Service port; and
+    each curl sends that token in X-Refresher-Authorization, never an Authorization of its
+    own, to its job's port."""
+    import kubernetes_validate
+    from kubernetes_validate.utils import latest_version
+
+    readme = (CHART / "README.md").read_text()
+    section = readme[readme.index("## Proxy") : readme.index("## Values")]
+    for heading in ("Lucidworks AI", "Fusion", "Lucidtech", "Sidecar mode"):
+        assert f"\n### {heading}" in section, heading
+    assert "X-Forwarded" in section and "forwarded_headers" in section
+    blocks = re.findall(r"```(\w+)\n(.*?)```", section, re.S)
+    documents = [yaml.safe_load(text) for lang, text in blocks if lang == "yaml"]
+    values = example_values("proxy")
+    jobs = {job["name"]: job for job in values["config"]["tokens"]}
+    snippets = [doc["config"]["tokens"][0] for doc in documents if "config" in doc]
+    assert [job["name"] for job in snippets] == ["lucidworks-ai", "fusion-query", "lucidtech"]
+    for snippet in snippets:
+        job = jobs[snippet["name"]]
+        for key, value in snippet.items():
+            if key == "proxy":
+                assert value.items() <= job["proxy"].items(), snippet["name"]
+            else:
+                assert job[key] == value, (snippet["name"], key)
+    assert jobs["lucidtech"]["proxy"]["credential_headers"] == {"x-api-key": "api_key"}
+
+    (deployment,) = [doc for doc in documents if doc.get("kind") == "Deployment"]
+    kubernetes_validate.validate(deployment, latest_version(), strict=True)
+    sa_token, env = _consumer_pod(deployment, jobs["lucidworks-ai"]["consumers"], values)
+    # Installed as release `refresher` in namespace `tokens`: the Service is refresher-api.
+    service = "http://refresher-api.tokens.svc"
+    assert env["API_BASE_URL"] == f"{service}:9470"
+
+    curls = [text for lang, text in blocks if lang == "sh" and "curl" in text]
+    assert len(curls) == 3
+    for text, job in zip(curls, snippets, strict=True):
+        assert f'-H "X-Refresher-Authorization: Bearer $(cat {sa_token})"' in text
+        assert not re.search(r"-H ['\"]Authorization:", text), text
+        assert "x-api-key" not in text.lower()  # the proxy adds it
+        port = job["proxy"]["listen"].rsplit(":", 1)[1]
+        assert "$API_BASE_URL/" in text if port == "9470" else f"{service}:{port}/" in text
+    lucidworks, fusion, lucidtech = curls
+    assert "-X POST" in lucidworks and "/ai/prediction/USE_CASE/MODEL_ID" in lucidworks
+    assert "-G" in fusion and "/api/apps/APP/query/PROFILE" in fusion and "q=" in fusion
+    assert "/documents" in lucidtech
+    # The port-name rule's worked example is the chart's.
+    jobs_named = [
+        generic_job(
+            "Fusion_Query.prod",
+            consumers={"bearer_key_file": "/k"},
+            proxy={"listen": "0.0.0.0:9470", "upstream": "https://h"},
+            sinks=[{"type": "kubernetes", "name": "t"}],
+        )
+    ]
+    service_doc = api_service(render(values={"config": {"tokens": jobs_named}}))
+    assert service_doc is not None
+    (port_doc,) = service_doc["spec"]["ports"]
+    assert f"`Fusion_Query.prod` becomes `{port_doc['name']}`" in section

@@ -10,12 +10,16 @@ servers are the fault-injecting double unless a test is about the shipped server
 from __future__ import annotations
 
 import base64
+import hashlib
+import json
 import socket
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator
+import tracemalloc
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
+from http.client import HTTPResponse
 from typing import Any, TypedDict
 from urllib.parse import quote_plus
 
@@ -792,8 +796,12 @@ def test_non_ascii_body_is_a_bad_request(make_idp: MakeIdP, http: requests.Sessi
     [
         ("GET", "/oauth2/token", 405),
         ("PUT", "/oauth2/token", 405),
-        ("POST", "/api/protected", 405),
-        ("DELETE", "/api/protected", 405),
+        # The protected API takes every method with a body (and wants a token first).
+        ("POST", "/api/protected", 401),
+        ("DELETE", "/api/protected/items/7", 401),
+        ("OPTIONS", "/api/protected", 405),
+        ("POST", "/api/protected/bytes/10", 405),
+        ("GET", "/api/protectedx", 404),
         ("GET", "/nowhere", 404),
         ("POST", "/oauth2/token/", 404),
         ("HEAD", "/nowhere", 404),
@@ -950,3 +958,528 @@ def test_a_client_that_hung_up_leaves_no_traceback(
     assert len(idp.issued) == 1  # the handler ran to the end
     out, err = capfd.readouterr()
     assert (out, err) == ("", "")
+
+
+# ------------------------------------------- the protected API, as a proxy's upstream
+
+
+MIB = 1024 * 1024
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def connect(idp: LocalIdP, timeout: float = 5) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", idp.port), timeout=timeout)
+
+
+def send(sock: socket.socket, method: str, target: str, *headers: str, body: bytes = b"") -> None:
+    lines = [f"{method} {target} HTTP/1.1", "Host: 127.0.0.1", *headers, "", ""]
+    sock.sendall("\r\n".join(lines).encode() + body)
+
+
+def answer(sock: socket.socket, method: str = "GET") -> HTTPResponse:
+    """Read one response off a raw socket (http.client decodes the framing)."""
+    response = HTTPResponse(sock, method=method)
+    response.begin()
+    return response
+
+
+def read_until_closed(sock: socket.socket) -> tuple[bytes, OSError | None]:
+    """Everything the server sends until it closes, and the error (a reset) it ended with."""
+    data = b""
+    try:
+        while chunk := sock.recv(MIB):
+            data += chunk
+    except OSError as error:
+        return data, error
+    return data, None
+
+
+def sha256_of(chunks: Iterable[bytes]) -> tuple[int, str]:
+    digest, size = hashlib.sha256(), 0
+    for chunk in chunks:
+        digest.update(chunk)
+        size += len(chunk)
+    return size, digest.hexdigest()
+
+
+@pytest.fixture
+def api(make_idp: MakeIdP, http: requests.Session) -> tuple[LocalIdP, str]:
+    """A generic server and a live token for its protected API."""
+    idp = make_idp("generic")
+    return idp, get_token(http, idp)
+
+
+def test_pattern_helpers() -> None:
+    assert list(localidp.pattern_bytes(600)) == [i % 256 for i in range(600)]
+    for n in (0, 1, 255, 256, 65535, 65536, 65537, 300_000):
+        expected = hashlib.sha256(localidp.pattern_bytes(n)).hexdigest()
+        assert localidp.pattern_sha256(n) == expected
+    with pytest.raises(ValueError):
+        localidp.pattern_bytes(-1)
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"])
+def test_every_method_with_a_body_on_any_sub_path(
+    method: str, api: tuple[LocalIdP, str], http: requests.Session
+) -> None:
+    idp, token = api
+    body = b"payload \x00\xff" * 1000
+    url = idp.protected_url + "/v1/items%2F7?q=1&q=2"
+    response = http.request(method, url, data=body, headers=bearer(token), timeout=5)
+
+    assert response.status_code == 200
+    expected = {
+        "ok": True,
+        "method": method,
+        "path": "/api/protected/v1/items%2F7",  # as sent, not decoded
+        "body_bytes": len(body),
+        "body_sha256": hashlib.sha256(body).hexdigest(),
+    }
+    if method == "HEAD":
+        assert response.content == b""
+        assert int(response.headers["Content-Length"]) == len(
+            json.dumps(expected, separators=(",", ":"))
+        )
+    else:
+        assert response.json() == expected
+    (record,) = idp.protected_requests
+    assert (record.method, record.path, record.query) == (method, expected["path"], "q=1&q=2")
+    assert (record.body_bytes, record.body_sha256) == (len(body), expected["body_sha256"])
+    assert record.status == 200
+    assert record.header("authorization") == f"Bearer {token}"
+    assert idp.protected_ok == 1
+
+
+def test_chunked_upload_is_read_as_it_streams(
+    api: tuple[LocalIdP, str], http: requests.Session
+) -> None:
+    idp, token = api
+    pieces = [bytes([n % 251]) * (n * 7919 % 200_000 + 1) for n in range(160)]  # ~16 MiB
+    size, digest = sha256_of(pieces)
+
+    tracemalloc.start()
+    try:
+        # A generator body: requests sends it with Transfer-Encoding: chunked.
+        response = http.post(idp.protected_url, data=iter(pieces), headers=bearer(token), timeout=5)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+    assert response.json()["body_bytes"] == size
+    assert response.json()["body_sha256"] == digest
+    assert idp.protected_requests[0].header("Transfer-Encoding") == "chunked"
+    assert peak < 4 * MIB  # the server never held the body
+
+
+def test_chunked_framing_is_decoded_exactly(api: tuple[LocalIdP, str]) -> None:
+    idp, token = api
+    # Lower- and upper-case hex, a chunk extension, and a trailer field.
+    chunked = b"5\r\nhello\r\na;ext=1\r\n, chunked!\r\nA\r\n0123456789\r\n0\r\nX-Trailer: 1\r\n\r\n"
+    with connect(idp) as sock:
+        send(
+            sock,
+            "PUT",
+            "/api/protected/upload",
+            f"Authorization: Bearer {token}",
+            "Transfer-Encoding: chunked",
+            body=chunked,
+        )
+        payload = json.loads(answer(sock).read())
+    assert payload["body_bytes"] == 25
+    assert payload["body_sha256"] == hashlib.sha256(b"hello, chunked!0123456789").hexdigest()
+
+
+@pytest.mark.parametrize(
+    ("headers", "body", "status"),
+    [
+        (["Transfer-Encoding: chunked"], b"zz\r\nhello\r\n0\r\n\r\n", 400),
+        (["Transfer-Encoding: chunked"], b"3\r\nhello\r\n0\r\n\r\n", 400),
+        (["Transfer-Encoding: chunked", "Content-Length: 5"], b"hello", 400),
+        (["Transfer-Encoding: gzip, chunked"], b"0\r\n\r\n", 501),
+        (["Content-Length: 5", "Content-Length: 6"], b"hello!", 400),
+        (["Content-Length: +5"], b"hello", 400),
+        (["Transfer-Encoding: chunked"], b"20000001\r\n", 413),  # 512 MiB + 1 in one chunk
+        ([f"Content-Length: {512 * MIB + 1}"], b"", 413),
+    ],
+    ids=[
+        "bad-size",
+        "chunk-too-long",
+        "both-framings",
+        "unknown-coding",
+        "two-lengths",
+        "signed-length",
+        "chunk-over-cap",
+        "length-over-cap",
+    ],
+)
+def test_bad_framing_is_refused_and_closes(
+    headers: list[str], body: bytes, status: int, make_idp: MakeIdP
+) -> None:
+    idp = make_idp("generic")
+    with connect(idp) as sock:
+        send(sock, "POST", "/api/protected", *headers, body=body)
+        data, _ = read_until_closed(sock)  # the server closes after answering
+    assert data.startswith(f"HTTP/1.1 {status} ".encode())
+    assert b"\r\nConnection: close\r\n" in data
+    assert idp.protected_requests == []
+
+
+def test_expect_100_continue_is_answered_once_the_framing_is_known(
+    api: tuple[LocalIdP, str],
+) -> None:
+    idp, token = api
+    with connect(idp) as sock:
+        auth, expect = f"Authorization: Bearer {token}", "Expect: 100-continue"
+        send(sock, "POST", "/api/protected", auth, expect, "Content-Length: 5")
+        assert sock.recv(1024) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        sock.sendall(b"hello")
+        assert json.loads(answer(sock).read())["body_bytes"] == 5
+
+        send(sock, "POST", "/api/protected", auth, expect, f"Content-Length: {600 * MIB}")
+        data, _ = read_until_closed(sock)
+    assert data.startswith(b"HTTP/1.1 413 ")  # refused at once: no 100, no body sent
+
+
+@pytest.mark.parametrize("shape", ["generic", "lucidtech"])
+def test_refusals_drain_the_body_and_keep_the_connection(
+    shape: str, make_idp: MakeIdP, http: requests.Session
+) -> None:
+    idp = make_idp(shape)
+    token = get_token(http, idp)
+    body = bytes(3 * MIB)
+    key = {"x-api-key": "demo-api-key"} if shape == "lucidtech" else {}
+    # Lucidtech's API refuses a good token without its key; the others, no token at all.
+    wrong = bearer(token) if shape == "lucidtech" else {}
+    refused = http.post(idp.protected_url, data=body, headers=wrong, timeout=5)
+    chunked = http.put(idp.protected_url, data=iter([body]), headers=wrong, timeout=5)
+    fine = http.post(idp.protected_url, data=body, headers={**bearer(token), **key}, timeout=5)
+
+    expected = 403 if shape == "lucidtech" else 401
+    assert [refused.status_code, chunked.status_code, fine.status_code] == [expected] * 2 + [200]
+    if expected == 401:
+        assert refused.headers["WWW-Authenticate"] == 'Bearer error="invalid_token"'
+        assert refused.json()["error"] == "invalid_token"
+    records = idp.protected_requests
+    assert [r.status for r in records] == [expected, expected, 200]
+    assert {r.body_bytes for r in records} == {len(body)}  # read in full before refusing
+    assert len({r.connection for r in records}) == 1  # so the connection stayed usable
+    counts = (idp.protected_ok, idp.protected_unauthorized, idp.protected_forbidden)
+    assert counts == ((1, 0, 2) if shape == "lucidtech" else (1, 2, 0))
+
+
+def test_large_download_is_streamed_with_a_content_length(
+    api: tuple[LocalIdP, str], http: requests.Session
+) -> None:
+    idp, token = api
+    size = 100 * MIB
+    url = f"{idp.base_url}{localidp.PATTERN_PATH}/{size}"
+    tracemalloc.start()
+    try:
+        with http.get(url, headers=bearer(token), stream=True, timeout=5) as response:
+            assert response.status_code == 200
+            assert response.headers["Content-Length"] == str(size)
+            assert response.headers["Content-Type"] == "application/octet-stream"
+            received = sha256_of(response.iter_content(MIB))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert received == (size, localidp.pattern_sha256(size))
+    assert peak < 8 * MIB  # neither side built the body whole
+    assert idp.protected_requests[0].status == 200
+
+
+def test_chunked_download_is_http11_chunks(api: tuple[LocalIdP, str]) -> None:
+    idp, token = api
+    size = 5 * MIB + 123
+    with connect(idp) as sock:
+        target = f"{localidp.PATTERN_PATH}/{size}?chunked=1"
+        send(sock, "GET", target, f"Authorization: Bearer {token}")
+        response = answer(sock)
+        assert response.version == 11
+        assert response.getheader("Transfer-Encoding") == "chunked"
+        assert response.getheader("Content-Length") is None
+        assert sha256_of(iter(lambda: response.read(MIB), b"")) == (
+            size,
+            localidp.pattern_sha256(size),
+        )
+
+    with connect(idp) as sock:  # the framing itself, on the wire
+        target = f"{localidp.PATTERN_PATH}/300?chunked=1"
+        send(sock, "GET", target, f"Authorization: Bearer {token}", "Connection: close")
+        data, _ = read_until_closed(sock)
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert b"\r\nTransfer-Encoding: chunked\r\n" in head + b"\r\n"
+    assert body == b"12c\r\n" + localidp.pattern_bytes(300) + b"\r\n0\r\n\r\n"
+
+
+def test_a_gib_download_starts_at_once_and_a_hang_up_is_quiet(
+    api: tuple[LocalIdP, str], http: requests.Session, capfd: pytest.CaptureFixture[str]
+) -> None:
+    idp, token = api
+    target = f"{localidp.PATTERN_PATH}/{1024 * MIB}"
+    head = http.head(idp.base_url + target, headers=bearer(token), timeout=5)
+    assert (head.status_code, head.headers["Content-Length"], head.content) == (
+        200,
+        str(1024 * MIB),
+        b"",
+    )
+    started = time.monotonic()
+    with connect(idp) as sock:
+        send(sock, "GET", target, f"Authorization: Bearer {token}")
+        response = answer(sock)
+        assert response.getheader("Content-Length") == str(1024 * MIB)
+        assert response.read(4 * MIB) == localidp.pattern_bytes(4 * MIB)
+        assert time.monotonic() - started < 2  # the body is made as it is sent
+        # Hang up mid-stream, with a reset: the server's next write fails.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    assert call_api(http, idp, token) == 200
+    idp.stop()
+    assert capfd.readouterr() == ("", "")
+
+
+def test_delay_waits_then_judges_the_token(make_idp: MakeIdP, http: requests.Session) -> None:
+    idp = make_idp("lucidworks")
+    old = get_token(http, idp, scope="machinelearning.predict")
+    statuses: dict[str, int] = {}
+
+    def call(name: str, token: str) -> None:
+        with requests.Session() as session:
+            session.trust_env = False
+            url = idp.protected_url + "?delay=0.3"
+            statuses[name] = session.get(url, headers=bearer(token), timeout=5).status_code
+
+    model = get_token(http, idp, scope="machinelearning.model")
+    started = time.monotonic()
+    threads = [
+        threading.Thread(target=call, args=("revoked", old)),
+        threading.Thread(target=call, args=("kept", model)),
+    ]
+    for thread in threads:
+        thread.start()
+    get_token(http, idp, scope="machinelearning.predict")  # revokes `old` during the delay
+    for thread in threads:
+        thread.join()
+    assert time.monotonic() - started >= 0.3
+    assert statuses == {"revoked": 401, "kept": 200}
+
+
+def test_a_long_delay_times_the_client_out_and_stop_is_prompt(
+    api: tuple[LocalIdP, str], http: requests.Session
+) -> None:
+    idp, token = api
+    with pytest.raises(requests.Timeout):
+        http.post(idp.protected_url + "?delay=30", data=b"x", headers=bearer(token), timeout=0.2)
+    started = time.monotonic()
+    idp.stop()
+    assert time.monotonic() - started < 1.0
+
+
+def test_delay_body_sends_the_head_and_first_chunk_then_waits(api: tuple[LocalIdP, str]) -> None:
+    idp, token = api
+    target = f"{localidp.PATTERN_PATH}/{MIB}"
+    with connect(idp, timeout=5) as sock:
+        send(sock, "GET", target + "?delay_body=0.3", f"Authorization: Bearer {token}")
+        started = time.monotonic()
+        response = answer(sock)
+        assert response.read(65536) == localidp.pattern_bytes(65536)
+        assert time.monotonic() - started < 0.3
+        rest = response.read()
+        assert time.monotonic() - started >= 0.3
+    assert localidp.pattern_bytes(65536) + rest == localidp.pattern_bytes(MIB)
+
+    with connect(idp, timeout=0.2) as sock:  # a client whose read timeout is shorter
+        send(sock, "GET", target + "?delay_body=30", f"Authorization: Bearer {token}")
+        response = answer(sock)
+        assert response.getheader("Content-Length") == str(MIB)
+        response.read(65536)
+        with pytest.raises(TimeoutError):
+            response.read(1)
+        started = time.monotonic()
+        idp.stop()
+        assert time.monotonic() - started < 1.0
+
+
+def test_reset_answers_nothing(api: tuple[LocalIdP, str], http: requests.Session) -> None:
+    idp, token = api
+    with pytest.raises(requests.ConnectionError):
+        http.post(idp.protected_url + "/x?reset=1", data=b"body", headers=bearer(token), timeout=5)
+    assert call_api(http, idp, token) == 200
+    assert [r.status for r in idp.protected_requests] == [0, 200]
+    assert idp.protected_requests[0].body_bytes == 4
+    assert idp.protected_ok == 1  # a reset is not judged
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["length", "chunked"])
+def test_reset_after_cuts_the_body_short(
+    chunked: bool, api: tuple[LocalIdP, str], http: requests.Session
+) -> None:
+    idp, token = api
+    query = "?reset_after=100000" + ("&chunked=1" if chunked else "")
+    with connect(idp) as sock:
+        send(sock, "GET", f"{localidp.PATTERN_PATH}/{MIB}{query}", f"Authorization: Bearer {token}")
+        data, error = read_until_closed(sock)
+    assert isinstance(error, ConnectionResetError)
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ")
+    if chunked:  # chunk by chunk, and never the last chunk
+        assert body == (
+            _frame(localidp.pattern_bytes(65536)) + _frame(localidp.pattern_bytes(34464))
+        )
+    else:
+        assert f"\r\nContent-Length: {MIB}\r\n".encode() in head + b"\r\n"
+        assert body == localidp.pattern_bytes(100_000)  # every byte promised, then the reset
+
+    url = f"{idp.base_url}{localidp.PATTERN_PATH}/{MIB}{query}"
+    with (
+        pytest.raises((requests.ConnectionError, requests.exceptions.ChunkedEncodingError)),
+        http.get(url, headers=bearer(token), stream=True, timeout=5) as response,
+    ):
+        response.content  # noqa: B018
+
+
+def _frame(piece: bytes) -> bytes:
+    return b"%x\r\n%b\r\n" % (len(piece), piece)
+
+
+def test_protected_api_keeps_connections_alive(
+    api: tuple[LocalIdP, str], http: requests.Session
+) -> None:
+    idp, token = api
+    first = http.get(idp.protected_url, headers=bearer(token), timeout=5)
+    second = http.post(idp.protected_url + "/b", data=b"x", headers=bearer(token), timeout=5)
+    assert (first.status_code, second.status_code) == (200, 200)
+    assert first.raw.version == 11 and "Connection" not in first.headers
+    records = idp.protected_requests
+    assert len(records) == 2 and records[0].connection == records[1].connection
+
+    # One raw socket: several answers, then `Connection: close` ends it.
+    with connect(idp) as sock:
+        send(sock, "GET", "/api/protected", f"Authorization: Bearer {token}")
+        assert answer(sock).read()
+        send(sock, "HEAD", f"{localidp.PATTERN_PATH}/10", f"Authorization: Bearer {token}")
+        assert answer(sock, "HEAD").getheader("Content-Length") == "10"
+        send(sock, "GET", "/api/protected", "Connection: close")
+        closing = answer(sock)
+        assert (closing.status, closing.getheader("Connection")) == (401, "close")
+        closing.read()
+        assert read_until_closed(sock) == (b"", None)
+    assert len({r.connection for r in idp.protected_requests[2:]}) == 1
+
+
+def test_token_endpoint_still_answers_http10_once_per_connection(
+    api: tuple[LocalIdP, str],
+) -> None:
+    idp, token = api
+    with connect(idp) as sock:
+        send(sock, "GET", "/api/protected", f"Authorization: Bearer {token}")
+        assert answer(sock).read()  # kept alive...
+        send(sock, "GET", idp.shape.token_path)  # ...until a token endpoint request
+        data, _ = read_until_closed(sock)
+    assert data.startswith(b"HTTP/1.0 405 ")
+    assert b"Connection:" not in data
+
+
+def test_an_http10_client_gets_no_chunks_and_a_closed_connection(
+    api: tuple[LocalIdP, str],
+) -> None:
+    idp, token = api
+    with connect(idp) as sock:
+        target = f"{localidp.PATTERN_PATH}/300?chunked=1"
+        request = f"GET {target} HTTP/1.0\r\nAuthorization: Bearer {token}\r\n\r\n"
+        sock.sendall(request.encode())
+        data, _ = read_until_closed(sock)
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert b"Content-Length: 300" in head and b"chunked" not in head
+    assert body == localidp.pattern_bytes(300)
+
+
+def test_an_idle_kept_alive_connection_is_closed(api: tuple[LocalIdP, str]) -> None:
+    idp, token = api
+    idp.connection_timeout = 0.3
+    with connect(idp) as sock:
+        send(sock, "GET", "/api/protected", f"Authorization: Bearer {token}")
+        assert answer(sock).read()
+        started = time.monotonic()
+        assert read_until_closed(sock) == (b"", None)
+        assert 0.2 <= time.monotonic() - started < 3
+
+
+def test_stop_ends_kept_alive_connections_at_once(
+    api: tuple[LocalIdP, str], http: requests.Session
+) -> None:
+    idp, token = api
+    with connect(idp) as sock:
+        send(sock, "GET", "/api/protected", f"Authorization: Bearer {token}")
+        assert answer(sock).read()
+        started = time.monotonic()
+        idp.stop()
+        assert time.monotonic() - started < 1.0
+        sock.settimeout(1)
+        assert read_until_closed(sock)[0] == b""
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/api/protected?delay=-1",
+        "/api/protected?delay=soon",
+        "/api/protected?delay=nan",
+        "/api/protected?delay_body=99999",
+        "/api/protected?reset=maybe",
+        "/api/protected?chunked=2",
+        f"{localidp.PATTERN_PATH}/10?reset_after=-5",
+        "/api/protected?delay=0&delay=1",
+        f"{localidp.PATTERN_PATH}/ten",
+        f"{localidp.PATTERN_PATH}/",
+        f"{localidp.PATTERN_PATH}/{17 * 1024**3}",
+    ],
+)
+def test_bad_parameters_are_a_bad_request(target: str, api: tuple[LocalIdP, str]) -> None:
+    idp, token = api
+    with requests.Session() as session:
+        session.trust_env = False
+        response = session.get(idp.base_url + target, headers=bearer(token), timeout=5)
+    assert response.status_code == 400
+    assert response.json()["error"] == "invalid_request"
+
+
+def test_the_apis_own_parameters_pass(api: tuple[LocalIdP, str], http: requests.Session) -> None:
+    idp, token = api
+    url = idp.protected_url + "/search?q=a&q=b&flag&delay_ms=5"
+    assert http.get(url, headers=bearer(token), timeout=5).status_code == 200
+    assert idp.protected_requests[0].query == "q=a&q=b&flag&delay_ms=5"
+
+
+def test_the_record_keeps_headers_in_order_is_bounded_and_hides_secrets(
+    make_idp: MakeIdP, http: requests.Session
+) -> None:
+    idp = make_idp("lucidtech", record_limit=3)
+    token = get_token(http, idp)
+    with connect(idp) as sock:
+        headers = ["X-Zeta: 1", "X-Alpha: 2", "X-Zeta: 3", "x-api-key: demo-api-key"]
+        send(sock, "PATCH", "/api/protected/p?x=1", *headers, f"Authorization: Bearer {token}")
+        answer(sock).read()
+    for n in range(3):
+        call_api(http, idp, token, **{"x-api-key": "demo-api-key", "X-N": str(n)})
+
+    records = idp.protected_requests
+    assert [r.header("X-N") for r in records] == ["0", "1", "2"]  # the oldest fell out
+    with connect(idp) as sock:
+        send(sock, "PATCH", "/api/protected/p?x=1", *headers, f"Authorization: Bearer {token}")
+        answer(sock).read()
+    last = idp.protected_requests[-1]
+    assert [name for name, _ in last.headers][:5] == ["Host", *(h.split(":")[0] for h in headers)]
+    assert last.header_values("x-zeta") == ("1", "3")
+    assert last.header("X-Missing") is None
+    assert (last.method, last.path, last.query, last.status) == (
+        "PATCH",
+        "/api/protected/p",
+        "x=1",
+        200,
+    )
+    assert last.body_sha256 == hashlib.sha256(b"").hexdigest()
+    assert token not in repr(last) and "demo-api-key" not in repr(last)
+    assert "X-Alpha" in repr(last)

@@ -108,6 +108,8 @@ def test_every_metric_is_served_with_the_right_labels_and_values(
                 select(s, "refresher_refresh_failures_total", token="api", reason="http_5xx")
                 and value(s, "refresher_consecutive_failures", token="api") >= 1
                 and select(s, "refresher_token_ttl_seconds", token="other")
+                # TTL shows from the IdP's answer; ready waits for the sink's write too.
+                and daemon.runners[1].snapshot().ready
             )
 
         wait_for(failing_and_other_ready, timeout=10)

@@ -76,7 +76,10 @@ The user's `config` with the chart's overlays, as YAML:
   (`refresher once` serves nothing); a loopback listener in deployment mode (the consumers run
   in other pods: nothing could reach it); a port equal to metrics.port; a listener other pods
   can reach while a token job lacks `consumers` (who may read it); and, with leader election,
-  a job without a `type: kubernetes` sink (a follower serves what it watches in that Secret).
+  a job without a `type: kubernetes` sink (a follower serves what it watches in that Secret);
+- proxies (config.tokens[].proxy): passed through as they are, refused for the same reasons
+  as the api (cronjob mode, loopback in deployment mode, no `consumers` on a listener other
+  pods can reach, a port another listener has, no Secret sink with leader election).
 */}}
 {{- define "refresher.configData" -}}
 {{- $config := deepCopy (.Values.config | default dict) -}}
@@ -138,9 +141,34 @@ The user's `config` with the chart's overlays, as YAML:
 {{- else -}}
 {{- $_ := unset $config "leader_election" -}}
 {{- end -}}
-{{- if and .Values.api.enabled (get (get $config "leader_election" | default dict) "enabled") -}}
+{{- /* The proxies (config.tokens[].proxy) pass through as they are; refused, each with its
+reason, as for the api: any proxy in cronjob mode; a loopback listener in deployment mode; a
+listener other pods can reach on a job without `consumers`; a port another listener has. */ -}}
+{{- $ports := dict (toString (int .Values.metrics.port)) "metrics.port" -}}
+{{- if .Values.api.enabled -}}
+{{- $_ := set $ports (include "refresher.apiPort" .) "api.listen's" -}}
+{{- end -}}
+{{- range $proxy := (include "refresher.proxies" . | fromYaml).proxies -}}
+{{- $where := printf "config.tokens[%d] (%s)" (int $proxy.index) $proxy.name -}}
+{{- if eq $.Values.mode "cronjob" -}}
+{{- fail (printf "%s: a proxy in cronjob mode: `refresher once` exits after one pass and serves nothing; a proxy needs mode deployment (or sidecar)" $where) -}}
+{{- end -}}
+{{- if and (eq $.Values.mode "deployment") $proxy.loopback -}}
+{{- fail (printf "%s: proxy.listen %s is a loopback address, and in deployment mode the consumers run in other pods, so nothing could reach it: listen on 0.0.0.0:PORT (or [::]:PORT) and give the job `consumers`, or use mode sidecar" $where $proxy.listen) -}}
+{{- end -}}
+{{- if and (not $proxy.loopback) (not (get (index $config.tokens (int $proxy.index)) "consumers")) -}}
+{{- fail (printf "%s: proxy.listen %s is reachable from other pods, so the job must say who may call its API through the proxy: give it `consumers` (service_accounts or namespaces with an audience, or a bearer_key_file)" $where $proxy.listen) -}}
+{{- end -}}
+{{- with get $ports $proxy.port -}}
+{{- fail (printf "%s: proxy.listen: port %s is %s too; give every listener a port of its own" $where $proxy.port .) -}}
+{{- end -}}
+{{- $_ := set $ports $proxy.port (printf "config.tokens[%d].proxy.listen's" (int $proxy.index)) -}}
+{{- end -}}
+{{- /* With leader election a follower serves, by the api and by the job's proxy, the token it
+watches in the job's Secret: each job served either way needs a `type: kubernetes` sink. */ -}}
+{{- if get (get $config "leader_election" | default dict) "enabled" -}}
 {{- range $index, $job := (get $config "tokens" | default list) -}}
-{{- if kindIs "map" $job -}}
+{{- if and (kindIs "map" $job) (or $.Values.api.enabled (get $job "proxy")) -}}
 {{- $secretSink := false -}}
 {{- range $sink := (get $job "sinks" | default list) -}}
 {{- if and (kindIs "map" $sink) (eq (toString (get $sink "type")) "kubernetes") -}}
@@ -148,7 +176,11 @@ The user's `config` with the chart's overlays, as YAML:
 {{- end -}}
 {{- end -}}
 {{- if not $secretSink -}}
+{{- if $.Values.api.enabled -}}
 {{- fail (printf "config.tokens[%d] (%s): with leader election and the api on, every replica serves the token and a follower serves what it watches in the job's Secret: give the job a `type: kubernetes` sink" $index (toString (get $job "name"))) -}}
+{{- else -}}
+{{- fail (printf "config.tokens[%d] (%s): with leader election and a proxy, every replica serves the proxy and a follower sends the token it watches in the job's Secret: give the job a `type: kubernetes` sink" $index (toString (get $job "name"))) -}}
+{{- end -}}
 {{- end -}}
 {{- end -}}
 {{- end -}}
@@ -156,27 +188,130 @@ The user's `config` with the chart's overlays, as YAML:
 {{- toYaml $config -}}
 {{- end -}}
 
-{{/* ------------------------------------------------------------------ the api listener
+{{/* ------------------------------------------------------------------ listeners
 
-refresher.apiPort: the port of api.listen. refresher.apiLoopback: "true" when its host is a
-loopback address (localhost, 127.x.x.x, [::1]): only the pod's own containers can connect,
-and the refresher serves them without authentication. refresher.apiServed: "true" when the
-api is on and other pods can reach it (0.0.0.0, [::] or another address): then the container
-gets an `api` port, and in deployment mode the API Service and the NetworkPolicy's ingress
-rule exist.
+A listen value is "HOST:PORT" or "[IPv6]:PORT" (api.listen, config.tokens[].proxy.listen), or,
+for a proxy, a bare port number, which the refresher binds on 127.0.0.1.
+refresher.listenText: that value as "HOST:PORT". refresher.listenPort: its port (the digits
+after the last ':'). refresher.listenLoopback: "true" when its host is a loopback address
+(localhost, 127.x.x.x, [::1]): only the pod's own containers can connect, and the refresher
+serves them without authentication.
+
+refresher.apiPort, refresher.apiLoopback: the same for api.listen. refresher.apiServed: "true"
+when the api is on and other pods can reach it (0.0.0.0, [::] or another address): then the
+container gets an `api` port, and in deployment mode the API Service and the NetworkPolicy's
+ingress rule exist.
 */}}
+{{- define "refresher.listenText" -}}
+{{- if or (kindIs "float64" .) (kindIs "int" .) (kindIs "int64" .) -}}
+{{- printf "127.0.0.1:%d" (int .) -}}
+{{- else -}}
+{{- toString . -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "refresher.listenPort" -}}
+{{- regexFind "[0-9]+$" (include "refresher.listenText" .) -}}
+{{- end -}}
+
+{{- define "refresher.listenLoopback" -}}
+{{- $host := regexReplaceAll ":[0-9]+$" (include "refresher.listenText" .) "" | lower -}}
+{{- if or (eq $host "localhost") (eq $host "[::1]") (regexMatch `^127\.[0-9]+\.[0-9]+\.[0-9]+$` $host) -}}true{{- end -}}
+{{- end -}}
+
 {{- define "refresher.apiPort" -}}
-{{- regexFind "[0-9]+$" (toString .Values.api.listen) -}}
+{{- include "refresher.listenPort" .Values.api.listen -}}
 {{- end -}}
 
 {{- define "refresher.apiLoopback" -}}
-{{- $host := regexReplaceAll ":[0-9]+$" (toString .Values.api.listen) "" | lower -}}
-{{- if or (eq $host "localhost") (eq $host "[::1]") (regexMatch `^127\.[0-9]+\.[0-9]+\.[0-9]+$` $host) -}}true{{- end -}}
+{{- include "refresher.listenLoopback" .Values.api.listen -}}
 {{- end -}}
 
 {{- define "refresher.apiServed" -}}
 {{- if and .Values.api.enabled (not (include "refresher.apiLoopback" .)) -}}true{{- end -}}
 {{- end -}}
+
+{{/* ------------------------------------------------------------------ the proxies
+
+A YAML map `{proxies: [...]}`, one entry per token job with a `proxy` (config.tokens[].proxy,
+passed to the refresher as it is), in config order:
+  index, name       the job's place in config.tokens and its name
+  listen, port      proxy.listen as HOST:PORT, and its port
+  loopback          the listener is on loopback: the pod's own containers only (sidecar mode)
+  served            deployment mode and not loopback: the pods get a container port, the API
+                    Service a port and the NetworkPolicy an ingress rule for it
+  containerPort     the container port's name: `px-<index>` (always a valid port name: at
+                    most 15 characters, lowercase letters, digits and '-'; stable when the
+                    job is renamed)
+  servicePort       the API Service port's name: the job's name, lower-cased, every run of
+                    characters other than a-z and 0-9 turned into one '-', cut to 15
+                    characters, without a '-' at either end; `px-<index>` instead when that
+                    leaves no letter, looks like a `px-<n>` name itself, or is taken already
+                    (`api`, `metrics`, or an earlier job's)
+  tls               the proxy serves TLS (proxy.tls): appProtocol https
+  upstream          proxy.upstream
+  upstreamPort      its TCP port (443 or 80 unless it names one; "" when a `${NAME}` hides it)
+  upstreamLeaves    its host is not loopback: the NetworkPolicy must let the pod reach it
+*/}}
+{{- define "refresher.proxies" -}}
+{{- $proxies := list -}}
+{{- $taken := list "api" "metrics" -}}
+{{- range $index, $job := ((.Values.config | default dict).tokens | default list) -}}
+{{- if and (kindIs "map" $job) (kindIs "map" (get $job "proxy")) -}}
+{{- $proxy := get $job "proxy" -}}
+{{- $listen := include "refresher.listenText" (get $proxy "listen") -}}
+{{- $loopback := eq (include "refresher.listenLoopback" (get $proxy "listen")) "true" -}}
+{{- $slug := regexReplaceAll "[^a-z0-9]+" (lower (toString (get $job "name"))) "-" | trimAll "-" | trunc 15 | trimSuffix "-" -}}
+{{- $servicePort := $slug -}}
+{{- if or (not (regexMatch "[a-z]" $slug)) (regexMatch "^px-[0-9]+$" $slug) (has $slug $taken) -}}
+{{- $servicePort = printf "px-%d" $index -}}
+{{- end -}}
+{{- $taken = append $taken $servicePort -}}
+{{- $target := include "refresher.urlTarget" (toString (get $proxy "upstream")) | fromYaml -}}
+{{- $proxies = append $proxies (dict
+    "index" $index
+    "name" (toString (get $job "name"))
+    "listen" $listen
+    "port" (include "refresher.listenPort" (get $proxy "listen"))
+    "loopback" $loopback
+    "served" (and (eq $.Values.mode "deployment") (not $loopback))
+    "containerPort" (printf "px-%d" $index)
+    "servicePort" $servicePort
+    "tls" (not (empty (get $proxy "tls")))
+    "upstream" (toString (get $proxy "upstream"))
+    "upstreamPort" $target.port
+    "upstreamLeaves" $target.leaves) -}}
+{{- end -}}
+{{- end -}}
+{{- toYaml (dict "proxies" $proxies) -}}
+{{- end -}}
+
+{{/* "true" when some job's proxy is served to other pods (deployment mode, not loopback). */}}
+{{- define "refresher.proxiesServed" -}}
+{{- $served := false -}}
+{{- range $proxy := (include "refresher.proxies" . | fromYaml).proxies -}}
+{{- $served = or $served $proxy.served -}}
+{{- end -}}
+{{- if $served -}}true{{- end -}}
+{{- end -}}
+
+{{/* The peers admitted to the token API and the proxies: api.allowedClients' podSelector
+(with its namespaceSelector: {} every namespace, null or absent the release's only) and its
+ipBlocks. */}}
+{{- define "refresher.allowedClientsPeers" -}}
+- podSelector:
+    {{- toYaml .podSelector | nindent 4 }}
+  {{- if hasKey . "namespaceSelector" }}
+  {{- if not (kindIs "invalid" .namespaceSelector) }}
+  namespaceSelector:
+    {{- toYaml .namespaceSelector | nindent 4 }}
+  {{- end }}
+  {{- end }}
+{{- range $cidr := (.ipBlocks | default list) }}
+- ipBlock:
+    cidr: {{ $cidr }}
+{{- end }}
+{{- end }}
 
 {{/* ------------------------------------------------------------------ what Kubernetes access the config needs
 
@@ -185,30 +320,34 @@ A YAML map:
     <namespace>:
       secrets: [names]   target Secrets (get, patch)
       watchSecrets: [n]  the Secret each job's replicas list and watch by name (list,
-                         watch), its first `type: kubernetes` sink: the token API with leader
-                         election (followers serve what the leader writes; the leader
-                         watches for the followers' rejection reports)
+                         watch), its first `type: kubernetes` sink: with leader election, for
+                         each job served by the token API or by its own proxy (followers
+                         serve what the leader writes; the leader watches for the
+                         followers' rejection reports)
       createSecrets: b   a sink there says `create: true` (create on secrets: RBAC cannot limit it by name)
       leases: [names]    the Lease (get, patch)
       createLeases: b    the chart does not create the Lease (create on leases)
   precreate: [{name, namespace, type}]  target Secrets the chart may create
   lease: {name, namespace} or absent
-  tokenReview: b         the api is on and a job's consumers name service_accounts or
-                         namespaces: the refresher checks their tokens with TokenReviews
-                         (a ClusterRoleBinding to system:auth-delegator)
+  tokenReview: b         a job served by the api or its proxy has consumers naming
+                         service_accounts or namespaces: the refresher checks their tokens
+                         with TokenReviews (a ClusterRoleBinding to system:auth-delegator)
 */}}
 {{- define "refresher.kubePlan" -}}
 {{- $config := include "refresher.configData" . | fromYaml -}}
 {{- $namespaces := dict -}}
 {{- $precreate := list -}}
 {{- $apiOn := ($config.api | default dict).enabled -}}
-{{- $watching := and $apiOn ($config.leader_election | default dict).enabled -}}
+{{- $electing := ($config.leader_election | default dict).enabled -}}
 {{- $tokenReview := false -}}
 {{- range $job := ($config.tokens | default list) -}}
+{{- /* Served to consumers: by the api (every job) or by the job's own proxy. */ -}}
+{{- $served := or $apiOn (kindIs "map" $job.proxy) -}}
 {{- $consumers := $job.consumers | default dict -}}
-{{- if and $apiOn (kindIs "map" $consumers) (or $consumers.service_accounts $consumers.namespaces) -}}
+{{- if and $served (kindIs "map" $consumers) (or $consumers.service_accounts $consumers.namespaces) -}}
 {{- $tokenReview = true -}}
 {{- end -}}
+{{- $watching := and $served $electing -}}
 {{- $watched := false -}}
 {{- range $sink := ($job.sinks | default list) -}}
 {{- if eq (toString $sink.type) "kubernetes" -}}
@@ -240,20 +379,19 @@ A YAML map:
 {{- toYaml $plan -}}
 {{- end -}}
 
-{{/* ------------------------------------------------------------------ where the probes go
+{{/* ------------------------------------------------------------------ where the probes and the proxies go
 
-A YAML map `{probes: [{where, port}]}`: every token job's probe whose URL leaves the pod (not
-localhost, 127.x or [::1]), with `where` its path in the config and `port` the URL's TCP port
-(443 or 80 unless it names one; "" when a `${NAME}` hides it). The NetworkPolicy needs them:
-a probe the policy blocks only ever errs, which never refreshes, and self-healing would be
-off without a word.
+refresher.urlTarget: for a URL, a YAML map `{port, leaves}`: `port` its TCP port (443 or 80
+unless it names one; "" when a `${NAME}` hides it) and `leaves` true when its host is not
+loopback (localhost, 127.x or [::1]), so a NetworkPolicy must let the pod reach it.
+
+refresher.probeTargets: a YAML map `{probes: [{where, port}]}`: every token job's probe whose
+URL leaves the pod, with `where` its path in the config and `port` the URL's TCP port. The
+NetworkPolicy needs them: a probe the policy blocks only ever errs, which never refreshes,
+and self-healing would be off without a word.
 */}}
-{{- define "refresher.probeTargets" -}}
-{{- $config := include "refresher.configData" . | fromYaml -}}
-{{- $probes := list -}}
-{{- range $index, $job := ($config.tokens | default list) -}}
-{{- if and (kindIs "map" $job) (kindIs "map" (get $job "probe")) -}}
-{{- $url := toString (get $job.probe "url") -}}
+{{- define "refresher.urlTarget" -}}
+{{- $url := toString . -}}
 {{- $scheme := lower (regexFind "^[A-Za-z][A-Za-z0-9+.-]*://" $url | trimSuffix "://") -}}
 {{- $authority := regexReplaceAll "^[A-Za-z][A-Za-z0-9+.-]*://([^/?#]*).*$" $url "${1}" -}}
 {{- $authority = regexReplaceAll "^.*@" $authority "" | lower -}}
@@ -262,8 +400,18 @@ off without a word.
 {{- if and (not $port) (not (contains "${" $authority)) -}}
 {{- $port = ternary "80" "443" (eq $scheme "http") -}}
 {{- end -}}
-{{- if not (or (eq $host "localhost") (eq $host "[::1]") (regexMatch `^127\.[0-9]+\.[0-9]+\.[0-9]+$` $host)) -}}
-{{- $probes = append $probes (dict "where" (printf "config.tokens[%d].probe" $index) "port" $port) -}}
+{{- $loopback := or (eq $host "localhost") (eq $host "[::1]") (regexMatch `^127\.[0-9]+\.[0-9]+\.[0-9]+$` $host) -}}
+{{- toYaml (dict "port" $port "leaves" (not $loopback)) -}}
+{{- end -}}
+
+{{- define "refresher.probeTargets" -}}
+{{- $config := include "refresher.configData" . | fromYaml -}}
+{{- $probes := list -}}
+{{- range $index, $job := ($config.tokens | default list) -}}
+{{- if and (kindIs "map" $job) (kindIs "map" (get $job "probe")) -}}
+{{- $target := include "refresher.urlTarget" (get $job.probe "url") | fromYaml -}}
+{{- if $target.leaves -}}
+{{- $probes = append $probes (dict "where" (printf "config.tokens[%d].probe" $index) "port" $target.port) -}}
 {{- end -}}
 {{- end -}}
 {{- end -}}
@@ -347,6 +495,15 @@ spec:
         - name: api
           containerPort: {{ include "refresher.apiPort" . }}
           protocol: TCP
+        {{- end }}
+        {{- range $proxy := (include "refresher.proxies" . | fromYaml).proxies }}
+        {{- if $proxy.served }}
+        # The proxy of token job {{ $proxy.name }} (config.tokens[{{ $proxy.index }}]): px-<index>, a
+        # valid port name whatever the job is called.
+        - name: {{ $proxy.containerPort }}
+          containerPort: {{ $proxy.port }}
+          protocol: TCP
+        {{- end }}
         {{- end }}
       {{- with .Values.livenessProbe }}
       livenessProbe:
