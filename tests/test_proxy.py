@@ -446,7 +446,10 @@ def test_a_request_goes_upstream_with_the_current_token_and_nothing_of_the_consu
         assert "x-refresher-authorization" not in headers
         assert "x-forwarded-for" not in headers
         assert seen.query == "q=1"
-        assert _metric(daemon, "refresher_proxy_requests_total", token=JOB, code="200") == 1
+        # Counted once the answer is written, which the consumer may see first.
+        wait_for(
+            lambda: _metric(daemon, "refresher_proxy_requests_total", token=JOB, code="200") == 1
+        )
 
 
 def test_a_rogue_reissue_is_healed_by_one_replay_the_consumer_never_sees_the_401(
