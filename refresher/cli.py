@@ -19,10 +19,11 @@ from urllib.parse import urlsplit
 
 from refresher import __version__, logs
 from refresher.clock import format_utc
-from refresher.config import Config, load_config
+from refresher.config import Config, KubernetesSinkConfig, load_config
 from refresher.errors import ConfigError, RefreshError
 from refresher.idp import IdPClient, new_session
 from refresher.metrics import Metrics
+from refresher.nudge import NEVER_WHY
 from refresher.refresh import JobRunner
 from refresher.schedule import as_stored, believable, stored_lifetime_bound, token_refresh_at
 from refresher.sinks import SinkFactory, describe
@@ -137,6 +138,10 @@ def cmd_run(config: Config, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# How long `once` waits for the nudges of its writes before it exits.
+NUDGE_WAIT = 60.0
+
+
 def run_once(config: Config, metrics: Metrics) -> list[JobRunner]:
     """One pass: every job reads its sinks and refreshes only if due. Returns the runners."""
     from refresher.daemon import build_runners
@@ -151,7 +156,19 @@ def run_once(config: Config, metrics: Metrics) -> list[JobRunner]:
 
     with ThreadPoolExecutor(config.settings.max_concurrent_refreshes) as pool:
         list(pool.map(one, runners))
+    _wait_for_nudges(runners, NUDGE_WAIT)
     return runners
+
+
+def _wait_for_nudges(runners: Sequence[JobRunner], seconds: float) -> None:
+    """Let the nudges the pass started finish (they run on threads of their own, which the
+    end of the process would cut off), at most `seconds` in all."""
+    deadline = time.monotonic() + seconds
+    for runner in runners:
+        for sink in runner.sinks:
+            nudger = getattr(sink, "nudger", None)
+            if nudger is not None and not nudger.idle.wait(max(0.0, deadline - time.monotonic())):
+                log.warning("a nudge did not finish in time", extra={"token": runner.job.name})
 
 
 def cmd_once(config: Config, args: argparse.Namespace) -> int:
@@ -276,11 +293,42 @@ def status_rows(config: Config, now: float) -> tuple[list[tuple[str, ...]], bool
     return rows, all_valid
 
 
-def cmd_status(config: Config, args: argparse.Namespace) -> int:
-    rows, all_valid = status_rows(config, time.time())
+def never_updated_rows(config: Config) -> list[tuple[str, ...]]:
+    """The consumer pods a nudge cannot help (nudge.py), for each Secret sink with a nudge:
+    one row per pod and reason, or one saying why the pods could not be listed."""
+    rows: list[tuple[str, ...]] = []
+    factory = SinkFactory(config.settings.kubernetes)
+    for job in config.jobs:
+        for sink_config in job.sinks:
+            if not isinstance(sink_config, KubernetesSinkConfig) or sink_config.nudge is None:
+                continue
+            sink = factory.build(sink_config, job=job.name)
+            nudger = getattr(sink, "nudger", None)
+            assert nudger is not None
+            try:
+                pods = nudger.list_pods()
+            except Exception as err:
+                rows.append((job.name, sink.name, "-", f"cannot list pods: {type(err).__name__}"))
+                continue
+            for found in nudger.never_updated(pods):
+                rows.append((job.name, sink.name, found.pod, NEVER_WHY[found.reason]))
+    return rows
+
+
+def _print_table(rows: list[tuple[str, ...]]) -> None:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print(
             "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
         )
+
+
+def cmd_status(config: Config, args: argparse.Namespace) -> int:
+    rows, all_valid = status_rows(config, time.time())
+    _print_table(rows)
+    never = never_updated_rows(config)
+    if never:
+        print("\nPods that will not see a new token (a nudge cannot help; their owner can mount")
+        print("the Secret as a plain volume, or use the token API or the proxy):")
+        _print_table([("JOB", "SINK", "POD", "WHY"), *never])
     return EXIT_OK if all_valid else EXIT_FAILED

@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -137,6 +138,42 @@ _DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 SecretKey = Annotated[str, Field(pattern=r"^[-._a-zA-Z0-9]+$", max_length=253)]
 
 
+_LABEL_NAME = r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
+_LABEL_KEY = rf"(?:[a-z0-9]([-a-z0-9.]{{0,251}}[a-z0-9])?/)?{_LABEL_NAME}"
+_LABEL_VALUE = rf"(?:{_LABEL_NAME})?"
+_REQUIREMENT = re.compile(
+    rf"\s*(?:!\s*{_LABEL_KEY}"
+    rf"|{_LABEL_KEY}\s*(?:(?:==|=|!=)\s*{_LABEL_VALUE}"
+    rf"|\s(?:in|notin)\s*\(\s*{_LABEL_VALUE}(?:\s*,\s*{_LABEL_VALUE})*\s*\))?)\s*"
+)
+
+
+def _label_selector(value: str) -> str:
+    """A Kubernetes label selector (`app=web,tier in (a,b),!canary`); not an empty one."""
+    if not value.strip():
+        raise ValueError("an empty selector would nudge every pod in the namespace")
+    # Commas inside `in (...)` do not split requirements.
+    parts = re.split(r",(?![^()]*\))", value)
+    bad = [part for part in parts if _REQUIREMENT.fullmatch(part) is None]
+    if bad:
+        raise ValueError(f"not a label selector requirement: {bad[0].strip()!r}")
+    return value
+
+
+class NudgeConfig(_Strict):
+    """Consumer pods told of each new token, so the kubelet syncs the mounted Secret at once
+    instead of on its next periodic sync (nudge.py)."""
+
+    # The consumers' pods, in the Secret's namespace: `app=consumer,tier=web`.
+    selector: Annotated[str, AfterValidator(_label_selector), Field(max_length=1024)]
+    # Pods patched at once, and each API call's timeout.
+    max_concurrent: int = Field(default=4, ge=1, le=64)
+    timeout: PositiveDuration = 5.0
+    # At most this many pods are nudged per write (a selector that matches a whole
+    # namespace is a mistake, not a plan).
+    max_pods: int = Field(default=500, ge=1, le=10_000)
+
+
 class KubernetesSinkConfig(_Strict):
     """A Secret the token is written into (one API write per refresh)."""
 
@@ -157,6 +194,9 @@ class KubernetesSinkConfig(_Strict):
     secret_type: str = "Opaque"
     # Create the Secret when it is missing (needs the `create` RBAC verb).
     create: bool = False
+    # After each write, annotate the consumers' pods that mount it (needs `list` and `patch`
+    # on pods in the Secret's namespace).
+    nudge: NudgeConfig | None = None
 
 
 SinkConfig = Annotated[FileSinkConfig | KubernetesSinkConfig, Field(discriminator="type")]

@@ -43,7 +43,7 @@ from refresher import logs
 from refresher.board import TokenBoard
 from refresher.clock import Clock
 from refresher.clockguard import ClockGuard
-from refresher.config import Config
+from refresher.config import Config, KubernetesSinkConfig
 from refresher.credentials import CredentialRef, read_credentials
 from refresher.errors import RefreshError
 from refresher.idp import IdPClient, new_session
@@ -202,6 +202,12 @@ class Daemon:
             }
             self.watches = self._secret_watches(served)
         self.metrics.registry.register(WatchStats(self._watch_states))
+        if any(
+            isinstance(sink, KubernetesSinkConfig) and sink.nudge is not None
+            for job in config.jobs
+            for sink in job.sinks
+        ):
+            self.metrics.registry.register(self.sinks.nudge_stats)
         # Liveness (see liveness.py): the heartbeat's last stamp and the steps in progress.
         self._heartbeat_timeout = config.settings.metrics.heartbeat_timeout
         self._last_beat = time.monotonic()

@@ -452,6 +452,72 @@ class ProxyStats(Collector):
         yield duration
 
 
+NUDGE_OUTCOMES = ("nudged", "gone", "forbidden", "error", "list_failed")
+NEVER_UPDATED_REASONS = ("subpath", "env")
+NUDGE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class NudgeStats(Collector):
+    """Nudges of consumer pods after Secret writes (nudge.py), by job: each pod's outcome
+    (`list_failed`: one per nudge whose pod list failed), each nudge's duration, and the
+    pods a nudge cannot help, from the last list."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._nudges: dict[tuple[str, str], int] = {}
+        self._never: dict[tuple[str, str], int] = {}
+        self._duration = Buckets(NUDGE_BUCKETS)
+        self.jobs: set[str] = set()
+
+    def add_job(self, job: str) -> None:
+        with self._lock:
+            self.jobs.add(job)
+            for outcome in NUDGE_OUTCOMES:
+                self._nudges.setdefault((job, outcome), 0)
+            for reason in NEVER_UPDATED_REASONS:
+                self._never.setdefault((job, reason), 0)
+
+    def record_nudge(self, job: str, outcome: str) -> None:
+        with self._lock:
+            self._nudges[(job, outcome)] = self._nudges.get((job, outcome), 0) + 1
+
+    def record_nudge_duration(self, seconds: float) -> None:
+        with self._lock:
+            self._duration.observe(max(seconds, 0.0))
+
+    def set_never_updated(self, job: str, counts: dict[str, int]) -> None:
+        with self._lock:
+            for reason, count in counts.items():
+                self._never[(job, reason)] = count
+
+    def collect(self) -> Iterator[Metric]:
+        nudges = CounterMetricFamily(
+            "refresher_pod_nudges",
+            "Consumer pods annotated after a Secret write, by outcome (list_failed: a nudge "
+            "whose pod list failed).",
+            labels=["token", "outcome"],
+        )
+        duration = HistogramMetricFamily(
+            "refresher_pod_nudge_duration_seconds",
+            "Time to list and annotate a Secret's consumer pods after a write.",
+        )
+        never = GaugeMetricFamily(
+            "refresher_consumers_never_updated",
+            "Pods (from the last nudge's list) whose copy of the Secret the kubelet never "
+            "updates: a subPath mount, or environment variables.",
+            labels=["token", "reason"],
+        )
+        with self._lock:
+            for (job, outcome), count in sorted(self._nudges.items()):
+                nudges.add_metric([job, outcome], count)
+            duration.add_metric([], self._duration.cumulative(), sum_value=self._duration.total)
+            for (job, reason), count in sorted(self._never.items()):
+                never.add_metric([job, reason], count)
+        yield nudges
+        yield duration
+        yield never
+
+
 class WatchStats(Collector):
     """Each replica's Secret watches (watch.py): `(job, up, restarts)` from `source`."""
 

@@ -1,4 +1,4 @@
-"""A loopback HTTP server that speaks the Kubernetes API for Secrets, Leases and TokenReviews.
+"""A loopback HTTP server that speaks the Kubernetes API for Secrets, Leases, Pods and TokenReviews.
 
 Tests and benchmarks point the real ``kubernetes`` client at it (``write_kubeconfig``) and get
 the wire behaviour of a kube-apiserver: the same paths and verbs, ``resourceVersion`` optimistic
@@ -12,8 +12,10 @@ response headers) and TokenReviews too.
 Where the real server differs from a naive expectation, the fake follows the server:
 ``Lease`` MicroTime fields must carry exactly six fractional digits (what Python's
 ``datetime.isoformat()`` does not guarantee), an apply patch without ``fieldManager`` is a 422,
-a name-restricted RBAC rule does not authorize ``create``, and Secrets/Leases delete with a
-``Status`` of ``Success``.
+a name-restricted RBAC rule does not authorize ``create``, Secrets/Leases delete with a
+``Status`` of ``Success`` while a pod's DELETE answers the deleted pod, an unknown field label
+of a Secret or pod selector is a 400 ``field label not supported: X``, and a pod's spec is all
+but immutable.
 
 The server is a :class:`refresher.loopback.LoopbackServer`: 127.0.0.1 only, HTTP/1.1 with
 keep-alive, and a ``stop()`` that wakes delayed responses and drops kept-alive connections
@@ -77,16 +79,66 @@ or expired token, or one whose audiences miss the target audiences, answers ``us
 client's ``status.authenticated`` is ``None``.  The caller needs RBAC ``create`` on
 ``tokenreviews`` at the cluster scope (a ``Rule`` whose namespace is ``"*"``, the default).
 
+Pods (core/v1 ``/api/v1/namespaces/NS/pods[/NAME]``, for the refresher's nudges, issue 18):
+
+* Seeded by tests with ``add_pod(ns, name, labels=, annotations=, spec=, status=)`` (the server
+  fills ``uid``, ``resourceVersion``, ``creationTimestamp``, ``kind``/``apiVersion``; a default
+  spec with one container; the status is stored as given, ``{"phase": "Running"}`` by default),
+  ``delete_pod`` and ``pod``; ``get_object``/``put_object``/``delete_object("pods", ...)`` too.
+  The spec is validated as on create: containers need a ``name`` and an ``image`` and a
+  ``volumeMount`` must name one of the pod's ``volumes`` (422 ``Not found: "x"``).
+* ``GET`` (one pod, or a ``PodList`` with ``labelSelector`` -- equality, ``!=``, ``in``,
+  ``notin``, ``key``, ``!key`` -- and ``fieldSelector`` on the pod field labels:
+  ``metadata.name``, ``metadata.namespace``, ``spec.nodeName``, ``spec.restartPolicy``,
+  ``spec.schedulerName``, ``spec.serviceAccountName``, ``spec.hostNetwork``, ``status.phase``,
+  ``status.podIP``, ``status.nominatedNodeName``; any other is a 400 ``field label not
+  supported: X``), ``PATCH`` with all four patch types, ``PUT``, ``POST`` (status set to
+  ``Pending`` and the QoS class) and ``DELETE``; watches work as for Secrets but are not tested.
+  ``CoreV1Api.patch_namespaced_pod`` with a dict body sends
+  ``application/strategic-merge-patch+json`` (a list body: JSON patch); the strategic merge
+  patch merges ``containers``, ``initContainers``, ``ephemeralContainers`` and ``volumes`` by
+  ``name``, a container's ``env`` by ``name`` and ``volumeMounts`` by ``mountPath``, and
+  replaces atomic lists (``tolerations``, ``envFrom``) as the server does.
+* An update may change metadata (labels, annotations...) freely, but of the spec only what
+  ``ValidatePodUpdate`` allows: container and init-container images, a lower
+  ``activeDeadlineSeconds``, added tolerations, removed scheduling gates.  Anything else is a
+  422 ``Pod "NAME" is invalid: spec: Forbidden: pod updates may not change fields other than
+  `spec.containers[*].image`,...`` with the server's exact list, then a newline and a diff
+  (an approximation of Go's deliberately unstable ``cmp.Diff``: match up to the newline); adding
+  or removing a container is ``spec.containers: Forbidden: pod updates may not add or remove
+  containers``.  ``status`` in a patch or update is ignored (the status subresource's job).  A
+  change bumps ``resourceVersion``; a patch that changes nothing does not.  A missing pod is a
+  404 ``pods "NAME" not found``.
+* ``vanish_after_next_list(ns, names)``: right after the next successful pod list in ``ns`` is
+  answered, those pods are deleted, so the client's follow-up GET/PATCH finds them gone (404).
+* RBAC (``Rule(verbs, "pods", ns)``), ``inject_errors``/``inject_delay`` and the request record
+  apply as for Secrets; ``inject_errors(..., resource="pods")`` and
+  ``inject_delay(..., resource="pods")`` fail or hold back only pod requests (a slow pod API
+  while Secret writes stay fast).  ``request_count(verb, resource)`` counts recorded requests by
+  the verb the server authorizes them as (``"list"``, ``"patch"``... or an HTTP method in
+  capitals), e.g. a nudge of 50 pods costs ``request_count("list", "pods") == 1`` and
+  ``request_count("patch", "pods") == 50``; each ``RecordedRequest`` has ``verb``,
+  ``resource``, ``namespace``, ``name`` and ``received_at`` (``time.time()``) for finer filters.
+* Unlike a real server: no defaulting (a stored pod has exactly the fields it was given, so a
+  patch that spells out a default the server would have filled in counts as a change), specs are
+  compared as JSON with nulls and empty lists/maps ignored, only the validation above (no
+  label/annotation syntax, resource or security checks, no rules for gated pods), a DELETE
+  removes the pod at once (no ``deletionTimestamp``, no grace period), no kubelet (the status
+  never changes by itself), no ``/status``, ``/log``, ``/exec`` or ``/eviction`` subresources,
+  and server-side apply treats pod lists as atomic (no ``k:{"name":...}`` ownership).
+
 Scope and simplifications (kept deliberately small):
 
-* only namespaced ``secrets`` (core/v1) and ``leases`` (coordination.k8s.io/v1), and
-  ``tokenreviews``; no discovery, no pagination, no ``sendInitialEvents``, no watch of a single
-  object by URL (``/secrets/NAME?watch`` or ``/api/v1/watch/...``); lists and watches support
+* only namespaced ``secrets`` and ``pods`` (core/v1) and ``leases`` (coordination.k8s.io/v1),
+  and ``tokenreviews``; no discovery, no pagination (``limit`` and ``continue`` are ignored: a
+  list answers everything), no ``sendInitialEvents``, no watch of a single object by URL
+  (``/secrets/NAME?watch`` or ``/api/v1/watch/...``); lists and watches support
   ``labelSelector`` and ``fieldSelector`` and ignore ``resourceVersion`` on lists;
 * RBAC rules name a resource and a namespace, not an API group; ``list`` and ``watch`` of a
   name-restricted rule need ``fieldSelector=metadata.name=<name>``, as with the real authorizer;
 * strategic merge patch behaves as a JSON merge patch plus the ``$patch`` directives and the
-  merge keys of ``metadata.ownerReferences`` / ``metadata.finalizers``;
+  merge keys of ``metadata.ownerReferences`` / ``metadata.finalizers`` and of the pod lists
+  above (no ``$retainKeys``, no ``$setElementOrder`` ordering);
 * server-side apply tracks ownership per leaf field (lists are atomic) and reports conflicts like
   the real server; ``stringData`` of an applied Secret is converted to ``data`` before ownership
   is computed.
@@ -107,7 +159,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http import HTTPStatus
@@ -127,7 +179,7 @@ __all__ = [
     "Rule",
 ]
 
-Resource = Literal["secrets", "leases"]
+Resource = Literal["secrets", "leases", "pods"]
 JSONObject = dict[str, Any]
 FieldPath = tuple[str, ...]
 
@@ -224,10 +276,37 @@ class RecordedRequest:
     query: dict[str, list[str]]
     headers: dict[str, str]  # lower-case names
     body: bytes
+    received_at: float = 0.0  # time.time() when the server received it
 
     def json(self) -> Any:
         """The body decoded as JSON (``None`` when empty)."""
         return json.loads(self.body) if self.body else None
+
+    @property
+    def resource(self) -> str | None:
+        """``secrets``, ``leases``, ``pods`` or ``tokenreviews``; None for any other path."""
+        target = _classify(self.method, self.path, self.query)
+        return None if target is None else target[1]
+
+    @property
+    def verb(self) -> str | None:
+        """The verb the server authorizes the request as: ``get``, ``list``, ``watch``,
+        ``create``, ``update``, ``patch`` or ``delete``; None for an unknown path or a method
+        the path does not allow."""
+        target = _classify(self.method, self.path, self.query)
+        return None if target is None else target[0]
+
+    @property
+    def namespace(self) -> str | None:
+        """The namespace in the path ("" for a cluster-scoped resource); None if unknown."""
+        target = _classify(self.method, self.path, self.query)
+        return None if target is None else target[2]
+
+    @property
+    def name(self) -> str | None:
+        """The object name in the path ("" for a collection); None for an unknown path."""
+        target = _classify(self.method, self.path, self.query)
+        return None if target is None else target[3]
 
 
 @dataclass(frozen=True)
@@ -404,10 +483,11 @@ class _FieldError:
 
 SECRETS = _Kind("secrets", "", "Secret", "/api/v1")
 LEASES = _Kind("leases", "coordination.k8s.io", "Lease", "/apis/coordination.k8s.io/v1")
+PODS = _Kind("pods", "", "Pod", "/api/v1")
 TOKEN_REVIEWS = _Kind(
     "tokenreviews", "authentication.k8s.io", "TokenReview", "/apis/authentication.k8s.io/v1"
 )
-_KINDS: dict[str, _Kind] = {SECRETS.resource: SECRETS, LEASES.resource: LEASES}
+_KINDS: dict[str, _Kind] = {k.resource: k for k in (SECRETS, LEASES, PODS)}
 _TOKEN_REVIEW_PATH = re.compile(r"^/apis/authentication\.k8s\.io/v1/tokenreviews/?$")
 DEFAULT_API_AUDIENCE = "https://kubernetes.default.svc"
 _ROUTE = re.compile(
@@ -429,6 +509,41 @@ def _route(path: str) -> tuple[_Kind, str, str] | None:
     if kind is None or kind.prefix != match["prefix"]:
         return None
     return kind, unquote(match["namespace"]), unquote(match["name"] or "")
+
+
+def _verb(method: str, name: str, query: Mapping[str, list[str]]) -> str | None:
+    """The verb a request is authorized as (None: the path does not allow the method).
+    Raises ``ApiStatusError`` for a ``watch`` parameter that is not a boolean."""
+    verbs = (
+        {"GET": "get", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}
+        if name
+        else {"GET": "list", "POST": "create"}
+    )
+    verb = verbs.get(method)
+    if verb == "list" and _parse_bool("watch", query.get("watch", [""])[0]):
+        verb = "watch"
+    return verb
+
+
+def _classify(
+    method: str, path: str, query: Mapping[str, list[str]]
+) -> tuple[str | None, str, str, str] | None:
+    """(verb, resource, namespace, name) of a recorded request; None for an unknown path."""
+    if _TOKEN_REVIEW_PATH.match(path):
+        return ("create" if method == "POST" else None), TOKEN_REVIEWS.resource, "", ""
+    route = _route(path)
+    if route is None:
+        return None
+    kind, namespace, name = route
+    try:
+        verb = _verb(method, name, query)
+    except ApiStatusError:
+        verb = "list"  # the server answers 400; it was meant as a list or a watch
+    return verb, kind.resource, namespace, name
+
+
+def _default_pod_spec() -> JSONObject:
+    return {"containers": [{"name": "app", "image": "registry.example/app:1"}]}
 
 
 def _now() -> str:
@@ -542,19 +657,46 @@ def merge_patch(target: Any, patch: Any) -> Any:
 
 
 _DELETE = object()
-# Lists with a patch strategy of "merge" in Secret/Lease: merge key, or None for sets of scalars.
+# Lists with a patch strategy of "merge" (``patchStrategy:"merge"`` in k8s.io/api): the merge
+# key, or None for sets of scalars.  A "*" stands for the items of a list.  Every other list is
+# atomic (replaced as a whole), e.g. ``tolerations`` and ``envFrom``.
+_CONTAINER_LISTS: dict[FieldPath, str | None] = {
+    ("env",): "name",
+    ("volumeMounts",): "mountPath",
+    ("volumeDevices",): "devicePath",
+    ("ports",): "containerPort",
+}
 _SMP_LIST_KEYS: dict[FieldPath, str | None] = {
     ("metadata", "ownerReferences"): "uid",
     ("metadata", "finalizers"): None,
+    # Pod
+    ("spec", "volumes"): "name",
+    ("spec", "containers"): "name",
+    ("spec", "initContainers"): "name",
+    ("spec", "ephemeralContainers"): "name",
+    ("spec", "imagePullSecrets"): "name",
+    ("spec", "hostAliases"): "ip",
+    ("spec", "schedulingGates"): "name",
+    ("spec", "resourceClaims"): "name",
+    ("status", "conditions"): "type",
+    ("status", "podIPs"): "ip",
+    ("status", "hostIPs"): "ip",
+    **{
+        ("spec", containers, "*", *sub): key
+        for containers in ("containers", "initContainers", "ephemeralContainers")
+        for sub, key in _CONTAINER_LISTS.items()
+    },
 }
 
 
 def strategic_merge_patch(target: Any, patch: Any, path: FieldPath = ()) -> Any:
-    """Strategic merge patch for the (list-free) schemas of Secret and Lease.
+    """Strategic merge patch for the schemas of Secret, Lease and Pod.
 
     Maps merge and ``null`` deletes, like a merge patch; in addition the ``$patch: replace`` /
     ``$patch: delete`` directives and ``$deleteFromPrimitiveList/<field>`` are understood, and
-    ``ownerReferences`` (by ``uid``) / ``finalizers`` (as a set) are merged instead of replaced.
+    the lists of ``_SMP_LIST_KEYS`` (``ownerReferences`` by ``uid``, ``finalizers`` as a set, a
+    pod's ``containers`` and ``volumes`` by ``name``, a container's ``volumeMounts`` by
+    ``mountPath``...) are merged item by item instead of replaced.
     """
     if not isinstance(patch, dict):
         return copy.deepcopy(patch)
@@ -581,7 +723,7 @@ def strategic_merge_patch(target: Any, patch: Any, path: FieldPath = ()) -> Any:
         if value is None:
             result.pop(key, None)
         elif sub_path in _SMP_LIST_KEYS and isinstance(value, list):
-            result[key] = _merge_list(result.get(key), value, _SMP_LIST_KEYS[sub_path])
+            result[key] = _merge_list(result.get(key), value, _SMP_LIST_KEYS[sub_path], sub_path)
         else:
             merged = strategic_merge_patch(result.get(key), value, sub_path)
             if merged is _DELETE:
@@ -591,7 +733,9 @@ def strategic_merge_patch(target: Any, patch: Any, path: FieldPath = ()) -> Any:
     return result
 
 
-def _merge_list(current: Any, patch: list[Any], merge_key: str | None) -> list[Any]:
+def _merge_list(
+    current: Any, patch: list[Any], merge_key: str | None, path: FieldPath
+) -> list[Any]:
     result = list(copy.deepcopy(current)) if isinstance(current, list) else []
     if merge_key is None:
         return result + [item for item in patch if item not in result]
@@ -599,16 +743,22 @@ def _merge_list(current: Any, patch: list[Any], merge_key: str | None) -> list[A
         if not isinstance(item, dict):
             raise ApiStatusError(400, f"invalid list item for merge key {merge_key}: {item!r}")
         index = next(
-            (i for i, old in enumerate(result) if old.get(merge_key) == item.get(merge_key)),
+            (
+                i
+                for i, old in enumerate(result)
+                if isinstance(old, dict) and old.get(merge_key) == item.get(merge_key)
+            ),
             None,
         )
         if item.get("$patch") == "delete":
             if index is not None:
                 del result[index]
-        elif index is None:
-            result.append({k: v for k, v in item.items() if v is not None})
+            continue
+        merged = strategic_merge_patch({} if index is None else result[index], item, (*path, "*"))
+        if index is None:
+            result.append(merged)
         else:
-            result[index] = merge_patch(result[index], item)
+            result[index] = merged
     return result
 
 
@@ -791,12 +941,27 @@ def _expect(
 
 
 class _Normalizer:
-    """Turns a decoded request object into the object the server stores."""
+    """Turns a decoded request object into the object the server stores.
 
-    def __init__(self, kind: _Kind, namespace: str, name: str) -> None:
+    ``partial``: an apply configuration (no required fields, no server-set status);
+    ``seeded``: a pod seeded by a test (``add_pod``) keeps the status it was given and may
+    carry ephemeral containers.
+    """
+
+    def __init__(
+        self,
+        kind: _Kind,
+        namespace: str,
+        name: str,
+        *,
+        partial: bool = False,
+        seeded: bool = False,
+    ) -> None:
         self.kind = kind
         self.namespace = namespace
         self.name = name
+        self.partial = partial
+        self.seeded = seeded
         self.warnings: list[str] = []
 
     def _drop_unknown(self, obj: JSONObject, known: frozenset[str], prefix: str) -> None:
@@ -835,7 +1000,12 @@ class _Normalizer:
             meta["uid"] = str(uuid.uuid4())
             meta["creationTimestamp"] = _now()
         body = {k: v for k, v in obj.items() if k not in ("apiVersion", "kind", "metadata")}
-        body = self._secret(body, old) if kind is SECRETS else self._lease(body)
+        if kind is SECRETS:
+            body = self._secret(body, old)
+        elif kind is PODS:
+            body = self._pod(body, old)
+        else:
+            body = self._lease(body)
         ordered_meta = {k: meta[k] for k in _METADATA_ORDER if k in meta}
         return {"kind": kind.kind, "apiVersion": kind.api_version, "metadata": ordered_meta, **body}
 
@@ -940,6 +1110,258 @@ class _Normalizer:
             raise kind.invalid(self.name, errors)
         return {"spec": spec}
 
+    def _pod(self, body: JSONObject, old: JSONObject | None) -> JSONObject:
+        kind = self.kind
+        self._drop_unknown(body, frozenset({"spec", "status"}), "")
+        spec = body.get("spec")
+        spec = {} if spec is None else spec
+        _expect(kind, spec, dict, "Pod.spec", "v1.PodSpec")
+        for key, go_type in _POD_SPEC_LISTS.items():
+            items = spec.get(key)
+            if items is None:
+                spec.pop(key, None)
+                continue
+            _expect(kind, items, list, f"PodSpec.spec.{key}", f"[]{go_type}")
+            for item in items:
+                _expect(kind, item, dict, f"PodSpec.spec.{key}", go_type)
+        for key in ("containers", "initContainers", "ephemeralContainers"):
+            for container in spec.get(key) or []:
+                for list_key in ("volumeMounts", "env", "envFrom"):
+                    value = container.get(list_key)
+                    if value is not None:
+                        where = f"Container.spec.{key}.{list_key}"
+                        _expect(kind, value, list, where, "[]interface {}")
+                        for item in value:
+                            _expect(kind, item, dict, where, "map[string]interface {}")
+        status = body.get("status")
+        status = {} if status is None else status
+        _expect(kind, status, dict, "Pod.status", "v1.PodStatus")
+        errors: list[_FieldError] = []
+        if old is not None:
+            # The main resource never writes status (that is the status subresource's job).
+            status = copy.deepcopy(old.get("status") or {})
+            errors = _pod_update_errors(spec, old.get("spec") or {})
+        elif not self.partial:
+            errors = _pod_create_errors(spec, seeded=self.seeded)
+            if not self.seeded:
+                status = {"phase": "Pending", "qosClass": _qos_class(spec)}
+        if errors:
+            raise kind.invalid(self.name, errors)
+        return {"spec": spec, "status": status}
+
+
+# --------------------------------------------------------------------------------------------
+# Pods: what the registry's pod strategy validates
+# --------------------------------------------------------------------------------------------
+
+_POD_SPEC_LISTS = {
+    "volumes": "v1.Volume",
+    "initContainers": "v1.Container",
+    "containers": "v1.Container",
+    "ephemeralContainers": "v1.EphemeralContainer",
+    "tolerations": "v1.Toleration",
+    "schedulingGates": "v1.PodSchedulingGate",
+}
+_UPDATABLE_POD_SPEC_FIELDS = ",".join(
+    (
+        "`spec.containers[*].image`",
+        "`spec.initContainers[*].image`",
+        "`spec.activeDeadlineSeconds`",
+        "`spec.tolerations` (only additions to existing tolerations)",
+        "`spec.terminationGracePeriodSeconds` (allow it to be set to 1 if it was previously "
+        "negative)",
+    )
+)
+_MAX_INT32 = 2**31 - 1
+
+
+def _pruned(value: Any) -> Any:
+    """A value as Go's semantic equality sees it after decoding: nulls, empty lists and empty
+    maps are the same as absent."""
+    if isinstance(value, dict):
+        pruned = {k: _pruned(v) for k, v in value.items()}
+        return {k: v for k, v in pruned.items() if v is not None and v != [] and v != {}}
+    if isinstance(value, list):
+        return [_pruned(v) for v in value]
+    return value
+
+
+def _required(path: str) -> _FieldError:
+    return _FieldError(path, "FieldValueRequired", "Required value")
+
+
+def _duplicate(path: str, value: Any) -> _FieldError:
+    return _FieldError(path, "FieldValueDuplicate", f"Duplicate value: {_go_quote(value)}")
+
+
+def _pod_create_errors(spec: JSONObject, *, seeded: bool) -> list[_FieldError]:
+    """ValidatePodCreate, for the fields a test builds: volumes, containers, their mounts."""
+    errors: list[_FieldError] = []
+    volumes: set[str] = set()
+    for index, volume in enumerate(spec.get("volumes") or []):
+        name = volume.get("name")
+        if not name:
+            errors.append(_required(f"spec.volumes[{index}].name"))
+        elif name in volumes:
+            errors.append(_duplicate(f"spec.volumes[{index}].name", name))
+        volumes.add(str(name))
+    if not spec.get("containers"):
+        errors.append(_required("spec.containers"))
+    if spec.get("ephemeralContainers") and not seeded:
+        errors.append(_FieldError.forbidden("spec.ephemeralContainers", "cannot be set on create"))
+    names: set[str] = set()
+    for key in ("initContainers", "containers", "ephemeralContainers"):
+        for index, container in enumerate(spec.get(key) or []):
+            where = f"spec.{key}[{index}]"
+            name = container.get("name")
+            if not name:
+                errors.append(_required(f"{where}.name"))
+            elif name in names:
+                errors.append(_duplicate(f"{where}.name", name))
+            names.add(str(name))
+            if not container.get("image"):
+                errors.append(_required(f"{where}.image"))
+            for number, mount in enumerate(container.get("volumeMounts") or []):
+                mount_name = mount.get("name")
+                if not mount_name:
+                    errors.append(_required(f"{where}.volumeMounts[{number}].name"))
+                elif mount_name not in volumes:
+                    errors.append(
+                        _FieldError(
+                            f"{where}.volumeMounts[{number}].name",
+                            "FieldValueNotFound",
+                            f"Not found: {_go_quote(mount_name)}",
+                        )
+                    )
+                if not mount.get("mountPath"):
+                    errors.append(_required(f"{where}.volumeMounts[{number}].mountPath"))
+    return errors
+
+
+def _pod_update_errors(new: JSONObject, old: JSONObject) -> list[_FieldError]:
+    """ValidatePodUpdate: a pod's spec may change only in its images, a lower
+    ``activeDeadlineSeconds``, added tolerations, removed scheduling gates and a negative
+    ``terminationGracePeriodSeconds`` set to 1; everything else is the one ``spec`` Forbidden
+    error, with a diff of the specs."""
+    errors: list[_FieldError] = []
+    for key in ("containers", "initContainers"):
+        new_containers, old_containers = new.get(key) or [], old.get(key) or []
+        if len(new_containers) != len(old_containers):
+            errors.append(
+                _FieldError.forbidden(f"spec.{key}", "pod updates may not add or remove containers")
+            )
+            return errors
+        for index, container in enumerate(new_containers):
+            image = container.get("image")
+            if not image:
+                errors.append(_required(f"spec.{key}[{index}].image"))
+            elif isinstance(image, str) and image.strip() != image:
+                errors.append(
+                    _FieldError.invalid(
+                        f"spec.{key}[{index}].image",
+                        image,
+                        "must not have leading or trailing whitespace",
+                    )
+                )
+    new_deadline, old_deadline = new.get("activeDeadlineSeconds"), old.get("activeDeadlineSeconds")
+    deadline_path = "spec.activeDeadlineSeconds"
+    if new_deadline is not None:
+        if not isinstance(new_deadline, int) or not 0 <= new_deadline <= _MAX_INT32:
+            errors.append(
+                _FieldError.invalid(
+                    deadline_path, new_deadline, f"must be between 0 and {_MAX_INT32}, inclusive"
+                )
+            )
+            return errors
+        if isinstance(old_deadline, int) and old_deadline < new_deadline:
+            errors.append(
+                _FieldError.invalid(
+                    deadline_path, new_deadline, "must be less than or equal to previous value"
+                )
+            )
+            return errors
+    elif old_deadline is not None:
+        errors.append(
+            _FieldError(
+                deadline_path,
+                "FieldValueInvalid",
+                'Invalid value: "null": must not update from a positive integer to nil value',
+            )
+        )
+    new_tolerations = [_pruned(t) for t in new.get("tolerations") or []]
+    for toleration in old.get("tolerations") or []:
+        if not any(
+            _pruned({**toleration, "tolerationSeconds": candidate.get("tolerationSeconds")})
+            == candidate
+            for candidate in new_tolerations
+        ):
+            errors.append(
+                _FieldError.forbidden(
+                    "spec.tolerations",
+                    "existing toleration can not be modified except its tolerationSeconds",
+                )
+            )
+            break
+    old_gates = {gate.get("name") for gate in old.get("schedulingGates") or []}
+    for index, gate in enumerate(new.get("schedulingGates") or []):
+        if gate.get("name") not in old_gates:
+            errors.append(
+                _FieldError.forbidden(
+                    f"spec.schedulingGates[{index}].name",
+                    f"only deletion is allowed, but found new scheduling gate '{gate.get('name')}'",
+                )
+            )
+    if _pruned(new) == _pruned(old):
+        return errors
+    munged = copy.deepcopy(new)
+    for key in ("containers", "initContainers"):
+        for container, before in zip(munged.get(key) or [], old.get(key) or [], strict=True):
+            container["image"] = before.get("image")
+    for key in ("activeDeadlineSeconds", "schedulingGates", "tolerations"):
+        munged[key] = copy.deepcopy(old.get(key))
+    grace = old.get("terminationGracePeriodSeconds")
+    if isinstance(grace, int) and grace < 0 and munged.get("terminationGracePeriodSeconds") == 1:
+        munged["terminationGracePeriodSeconds"] = grace
+    if _pruned(munged) != _pruned(old):
+        errors.append(
+            _FieldError.forbidden(
+                "spec",
+                f"pod updates may not change fields other than {_UPDATABLE_POD_SPEC_FIELDS}\n"
+                + _spec_diff(_pruned(old), _pruned(munged)),
+            )
+        )
+    return errors
+
+
+def _spec_diff(old: JSONObject, new: JSONObject) -> str:
+    """A readable stand-in for the ``cmp.Diff(oldPod.Spec, mungedPodSpec)`` the server appends
+    (Go's cmp output is unstable by design): one ``-``/``+`` line per changed spec field."""
+    lines = ["  core.PodSpec{"]
+    for key in list(old) + [k for k in new if k not in old]:
+        if old.get(key) == new.get(key):
+            continue
+        go_name = key[:1].upper() + key[1:]
+        if key in old:
+            lines.append(f"- \t{go_name}: {json.dumps(old[key], sort_keys=True)},")
+        if key in new:
+            lines.append(f"+ \t{go_name}: {json.dumps(new[key], sort_keys=True)},")
+    lines.append("  }")
+    return "\n".join(lines) + "\n"
+
+
+def _qos_class(spec: JSONObject) -> str:
+    """The QoS class the server puts in a new pod's status (GetPodQOS, for cpu and memory)."""
+    containers = [*(spec.get("initContainers") or []), *(spec.get("containers") or [])]
+    resources = [c.get("resources") or {} for c in containers]
+    if not any(r.get("requests") or r.get("limits") for r in resources):
+        return "BestEffort"
+    for r in resources:
+        limits, requests = r.get("limits") or {}, r.get("requests") or {}
+        for name in ("cpu", "memory"):
+            if name not in limits or requests.get(name, limits[name]) != limits[name]:
+                return "Burstable"
+    return "Guaranteed"
+
 
 # --------------------------------------------------------------------------------------------
 # Selectors
@@ -980,25 +1402,64 @@ def _label_matcher(selector: str) -> Any:
     return matches
 
 
+# The field labels a kind's field selectors may use (its AddFieldLabelConversionFunc); a kind
+# without one (Lease) gets the default: metadata.name and metadata.namespace.
+_POD_FIELD_LABELS = (
+    "metadata.name",
+    "metadata.namespace",
+    "spec.nodeName",
+    "spec.restartPolicy",
+    "spec.schedulerName",
+    "spec.serviceAccountName",
+    "spec.hostNetwork",
+    "status.phase",
+    "status.podIP",
+    "status.nominatedNodeName",
+)
+_FIELD_LABELS: dict[str, tuple[str, ...]] = {
+    SECRETS.resource: ("type", "metadata.namespace", "metadata.name"),
+    PODS.resource: _POD_FIELD_LABELS,
+}
+
+
 def _field_requirements(kind: _Kind, selector: str) -> list[tuple[str, bool, str]]:
-    allowed = ["metadata.name", "metadata.namespace"] + (["type"] if kind is SECRETS else [])
+    allowed = _FIELD_LABELS.get(kind.resource)
     requirements = []
     for part in (p.strip() for p in selector.split(",") if p.strip()):
         m = re.fullmatch(r"([^=!]+?)\s*(==|=|!=)\s*(.*)", part)
         if m is None:
             raise ApiStatusError(400, f"invalid selector: '{part}'; can't understand '{part}'")
         key, op, value = m.groups()
-        if key not in allowed:
-            quoted = ", ".join(f'"{a}"' for a in allowed)
-            raise ApiStatusError(400, f'"{key}" is not a known field selector: only {quoted}')
+        if kind is PODS and key == "spec.host":
+            key = "spec.nodeName"  # what the server still accepts from old clients
+        if allowed is None and key not in ("metadata.name", "metadata.namespace"):
+            raise ApiStatusError(
+                400,
+                f'"{key}" is not a known field selector: only "metadata.name", '
+                '"metadata.namespace"',
+            )
+        if allowed is not None and key not in allowed:
+            raise ApiStatusError(400, f"field label not supported: {key}")
         requirements.append((key, op == "!=", value))
     return requirements
 
 
 def _field_value(obj: JSONObject, key: str) -> str:
+    """The value of a field label, as the registry's selectable fields put it."""
     if key == "type":
         return str(obj.get("type", ""))
-    return str(obj["metadata"].get(key.split(".", 1)[1], ""))
+    if key.startswith("metadata."):
+        return str(obj["metadata"].get(key.split(".", 1)[1], ""))
+    section, _, name = key.partition(".")
+    values = obj.get(section) or {}
+    if key == "spec.hostNetwork":
+        return "true" if values.get("hostNetwork") is True else "false"
+    if key == "status.podIP":
+        ips = values.get("podIPs") or []
+        first = ips[0].get("ip") if ips and isinstance(ips[0], dict) else None
+        return str(first or values.get("podIP") or "")
+    value = values.get(name)
+    return "" if value is None else str(value)
 
 
 _Matcher = Callable[[JSONObject], bool]
@@ -1193,8 +1654,11 @@ class FakeKubeAPI(LoopbackServer):
         self._conflicts_left = 0
         self._errors_left = 0
         self._error_status = 500
+        self._error_resource: str | None = None
         self._delays_left = 0
         self._delay_seconds = 0.0
+        self._delay_resource: str | None = None
+        self._vanishing: dict[str, set[str]] = {}  # namespace -> pods deleted after a list
 
     # -- lifecycle (start, stop, context manager: refresher.loopback.LoopbackServer) -----------
 
@@ -1267,10 +1731,57 @@ class FakeKubeAPI(LoopbackServer):
     def delete_object(self, resource: Resource, namespace: str, name: str) -> None:
         """Delete an object if it exists."""
         with self._lock:
-            stored = self._store.pop((resource, namespace, name), None)
-            if stored is not None:
-                self._revision += 1
-                self._record(_KINDS[resource], stored, None)
+            self._remove(_KINDS[resource], namespace, name)
+
+    # -- pods (direct access) -------------------------------------------------------------------
+
+    def add_pod(
+        self,
+        namespace: str,
+        name: str,
+        *,
+        labels: Mapping[str, str] | None = None,
+        annotations: Mapping[str, str] | None = None,
+        spec: JSONObject | None = None,
+        status: JSONObject | None = None,
+        manager: str = "test-harness",
+    ) -> JSONObject:
+        """Create a pod as a test's fixture; returns it as the API shows it.
+
+        The server fills ``uid``, ``resourceVersion`` and ``creationTimestamp``.  ``spec``
+        defaults to one container (``app``, image ``registry.example/app:1``) and is validated
+        as on create (containers need a name and an image, a ``volumeMount`` must name a volume:
+        ``ApiStatusError`` 422 otherwise), except that ``ephemeralContainers`` are allowed here.
+        ``status`` is stored as given (default: ``{"phase": "Running"}``), as if the kubelet
+        had written it.  An existing pod is an ``ApiStatusError`` 409: ``delete_pod`` first.
+        """
+        body: JSONObject = {
+            "metadata": {"name": name},
+            "spec": copy.deepcopy(spec) if spec is not None else _default_pod_spec(),
+            "status": copy.deepcopy(status) if status is not None else {"phase": "Running"},
+        }
+        if labels:
+            body["metadata"]["labels"] = dict(labels)
+        if annotations:
+            body["metadata"]["annotations"] = dict(annotations)
+        with self._lock:
+            return self._create(PODS, namespace, name, body, manager, False, seeded=True).body
+
+    def delete_pod(self, namespace: str, name: str) -> None:
+        """Delete a pod at once if it exists (no graceful termination)."""
+        self.delete_object("pods", namespace, name)
+
+    def pod(self, namespace: str, name: str) -> JSONObject | None:
+        """A pod as the API shows it (``managedFields`` included), or None."""
+        return self.get_object("pods", namespace, name)
+
+    def vanish_after_next_list(self, namespace: str, names: Iterable[str]) -> None:
+        """Right after the next pod LIST in ``namespace`` is answered (a successful list, not a
+        watch), the pods ``names`` are deleted, as if they went away between the client's list
+        and what it does next: the list shows them, a later GET or PATCH gets 404.  Names that
+        do not exist then are ignored; calls before that list add up."""
+        with self._lock:
+            self._vanishing.setdefault(namespace, set()).update(names)
 
     # -- watches --------------------------------------------------------------------------------
 
@@ -1403,18 +1914,22 @@ class FakeKubeAPI(LoopbackServer):
         with self._lock:
             self._conflicts_left = count
 
-    def inject_errors(self, count: int, status: int = 500) -> None:
-        """The next ``count`` requests (any verb, before authentication) answer ``status``."""
+    def inject_errors(self, count: int, status: int = 500, *, resource: str | None = None) -> None:
+        """The next ``count`` requests (any verb, before authentication) answer ``status``;
+        with ``resource`` (e.g. ``"pods"``) only requests for that resource count and fail."""
         with self._lock:
             self._errors_left = count
             self._error_status = status
+            self._error_resource = resource
 
-    def inject_delay(self, count: int, seconds: float) -> None:
+    def inject_delay(self, count: int, seconds: float, *, resource: str | None = None) -> None:
         """The next ``count`` requests are processed normally, but their responses are held
-        back for ``seconds`` (a slow server / lost response, for client timeout tests)."""
+        back for ``seconds`` (a slow server / lost response, for client timeout tests); with
+        ``resource`` (e.g. ``"pods"``) only requests for that resource count and wait."""
         with self._lock:
             self._delays_left = count
             self._delay_seconds = seconds
+            self._delay_resource = resource
 
     # -- observation ----------------------------------------------------------------------------
 
@@ -1426,6 +1941,40 @@ class FakeKubeAPI(LoopbackServer):
     def clear_requests(self) -> None:
         with self._lock:
             self._requests.clear()
+
+    def request_count(
+        self,
+        verb: str | None = None,
+        resource: str | None = None,
+        *,
+        namespace: str | None = None,
+        name: str | None = None,
+    ) -> int:
+        """Requests received (whatever their answer, injected errors and 403s included) for
+        ``verb`` on ``resource``; None matches any.  ``verb`` is what the server authorizes
+        the request as (``get``, ``list``, ``watch``, ``create``, ``update``, ``patch``,
+        ``delete``) or, in capitals, an HTTP method (``GET``, ``PATCH``...).  E.g. a nudge of
+        50 pods is ``request_count("list", "pods") == 1`` and
+        ``request_count("patch", "pods") == 50``.  ``requests`` has the same classification
+        per request (``RecordedRequest.verb``, ``.resource``, ``.namespace``, ``.name``)."""
+        with self._lock:
+            recorded = list(self._requests)
+        count = 0
+        for request in recorded:
+            target = _classify(request.method, request.path, request.query)
+            if target is None:
+                continue
+            got_verb, got_resource, got_namespace, got_name = target
+            if verb is not None and verb != (request.method if verb.isupper() else got_verb):
+                continue
+            if resource is not None and resource != got_resource:
+                continue
+            if namespace is not None and namespace != got_namespace:
+                continue
+            if name is not None and name != got_name:
+                continue
+            count += 1
+        return count
 
     def write_count(self, resource: str | None = None) -> int:
         """Number of POST/PUT/PATCH/DELETE requests received (optionally for one resource);
@@ -1452,9 +2001,14 @@ class FakeKubeAPI(LoopbackServer):
         """Answer one HTTP request (called by the handler thread)."""
         split = urlsplit(target)
         query = parse_qs(split.query, keep_blank_values=True)
+        request = RecordedRequest(method, split.path, query, headers, body, time.time())
+        resource = request.resource
         with self._lock:
-            self._requests.append(RecordedRequest(method, split.path, query, headers, body))
+            self._requests.append(request)
         try:
+            injected = self._injected_error(resource)
+            if injected is not None:
+                raise injected
             response = self._handle(method, split.path, query, headers, body)
         except ApiStatusError as error:
             response = _Response(error.code, error.status(), error.headers)
@@ -1464,15 +2018,17 @@ class FakeKubeAPI(LoopbackServer):
             failure = ApiStatusError(500, f"Internal error occurred: {error!r}")
             response = _Response(500, failure.status())
         with self._lock:
-            delay = self._delay_seconds if self._delays_left > 0 else 0.0
-            self._delays_left = max(0, self._delays_left - 1)
+            delay = 0.0
+            if self._delays_left > 0 and self._delay_resource in (None, resource):
+                delay = self._delay_seconds
+                self._delays_left -= 1
         if delay:
             self.stopping.wait(delay)  # stop() wakes it
         return response
 
-    def _injected_error(self) -> ApiStatusError | None:
+    def _injected_error(self, resource: str | None) -> ApiStatusError | None:
         with self._lock:
-            if self._errors_left <= 0:
+            if self._errors_left <= 0 or self._error_resource not in (None, resource):
                 return None
             self._errors_left -= 1
             code = self._error_status
@@ -1520,9 +2076,6 @@ class FakeKubeAPI(LoopbackServer):
         headers: dict[str, str],
         body: bytes,
     ) -> _Response:
-        injected = self._injected_error()
-        if injected is not None:
-            raise injected
         self._authenticate(headers)
         if _TOKEN_REVIEW_PATH.match(path):
             if method != "POST":
@@ -1537,20 +2090,13 @@ class FakeKubeAPI(LoopbackServer):
         if route is None:
             raise ApiStatusError(404, "the server could not find the requested resource")
         kind, namespace, name = route
-        verbs = (
-            {"GET": "get", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}
-            if name
-            else {"GET": "list", "POST": "create"}
-        )
-        verb = verbs.get(method)
+        verb = _verb(method, name, query)
         if verb is None:
             raise ApiStatusError(
                 405,
                 "the server does not allow this method on the requested resource",
                 details=kind.details(name),
             )
-        if verb == "list" and _parse_bool("watch", query.get("watch", [""])[0]):
-            verb = "watch"
         field_selector = query.get("fieldSelector", [""])[0]
         auth_name = name
         if verb in ("list", "watch"):
@@ -1629,7 +2175,17 @@ class FakeKubeAPI(LoopbackServer):
             "metadata": {"resourceVersion": str(self._revision)},
             "items": items,
         }
+        if kind is PODS:
+            for name in sorted(self._vanishing.pop(namespace, set())):
+                self._remove(kind, namespace, name)
         return _Response(200, body)
+
+    def _remove(self, kind: _Kind, namespace: str, name: str) -> None:
+        """Delete an object at once, if it exists (a new resourceVersion, a watch event)."""
+        stored = self._store.pop((kind.resource, namespace, name), None)
+        if stored is not None:
+            self._revision += 1
+            self._record(kind, stored, None)
 
     def _watch(self, kind: _Kind, namespace: str, query: dict[str, list[str]]) -> _Response:
         """Register a watch; the handler streams what it collects (see ``_next_events``)."""
@@ -1893,6 +2449,7 @@ class FakeKubeAPI(LoopbackServer):
         dry_run: bool,
         *,
         apply_config: JSONObject | None = None,
+        seeded: bool = False,
     ) -> _Response:
         if not name:
             raise kind.invalid(
@@ -1905,7 +2462,7 @@ class FakeKubeAPI(LoopbackServer):
         key = (kind.resource, namespace, name)
         if key in self._store:
             raise kind.already_exists(name)
-        normalizer = _Normalizer(kind, namespace, name)
+        normalizer = _Normalizer(kind, namespace, name, seeded=seeded)
         candidate = normalizer(obj, None)
         now = _now()
         if apply_config is not None:
@@ -2190,9 +2747,10 @@ class FakeKubeAPI(LoopbackServer):
                 f"ResourceVersion in object meta: {current['resourceVersion']}",
             )
         if not dry_run:
-            del self._store[(kind.resource, namespace, name)]
-            self._revision += 1
-            self._record(kind, stored, None)
+            self._remove(kind, namespace, name)
+        if kind is PODS:
+            # The pod registry returns the deleted object (ReturnDeletedObject), not a Status.
+            return _Response(200, self._render(kind, stored))
         details = kind.details(name)
         details["uid"] = current["uid"]
         body_out = {
@@ -2239,7 +2797,7 @@ def _normalized_apply_config(
 ) -> JSONObject:
     """An apply configuration as the fields it sets (``stringData`` becomes ``data``), without
     server-owned metadata and without defaults the configuration did not mention."""
-    normalized = _Normalizer(kind, namespace, name)(config, None)
+    normalized = _Normalizer(kind, namespace, name, partial=True)(config, None)
     normalized.pop("kind")
     normalized.pop("apiVersion")
     meta = normalized["metadata"]
@@ -2251,6 +2809,10 @@ def _normalized_apply_config(
         normalized.pop("type", None)
     if kind is LEASES and not config.get("spec"):
         normalized.pop("spec", None)
+    if kind is PODS:
+        normalized.pop("status", None)  # the main resource never writes status
+        if not config.get("spec"):
+            normalized.pop("spec", None)
     return normalized
 
 

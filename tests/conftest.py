@@ -169,6 +169,20 @@ def running(config: Config, **kwargs: Any) -> Iterator[Daemon]:
         daemon.stop()
 
 
+def metric_value(daemon: Daemon, name: str, **labels: str) -> float:
+    """The value of one sample of a daemon's metrics, as a scrape would see it (0 when
+    absent)."""
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = generate_latest(daemon.metrics.registry).decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    return 0.0
+
+
 def wait_for(condition: Callable[[], bool], timeout: float = 10.0, interval: float = 0.02) -> None:
     """Poll until `condition()` holds; fail the test with a clear message otherwise."""
     deadline = time.monotonic() + timeout

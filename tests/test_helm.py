@@ -8,7 +8,8 @@ are asserted: a non-root read-only pod without capabilities, RBAC limited to the
 Secrets and the Lease, secrets only as files, leader election with several replicas, the
 CronJob's single writer, the token API (its own Service of ready pods, list/watch and the
 TokenReview binding only when it needs them, a NetworkPolicy admitting only the chosen
-clients), the proxies (a container port and a Service port per job, the NetworkPolicy's
+clients), list and patch on pods only in the namespaces of the Secrets a sink nudges, the
+proxies (a container port and a Service port per job, the NetworkPolicy's
 ingress to them and egress to their upstreams, their alerts), values rejected by the schema,
 a dashboard that queries only metrics a running refresher serves, and a rendered config the
 refresher itself accepts.
@@ -55,8 +56,13 @@ UID = 65532
 
 # Verbs the refresher uses: it reads (get), writes JSON merge patches (patch) and, only
 # when asked, creates. Nothing may update, delete or use a wildcard, and nothing may list or
-# watch, except for the one case in WATCH_VERBS.
+# watch, except for the one case in WATCH_VERBS and the nudge's NUDGE_RULE.
 ALLOWED_VERBS = {"get", "patch", "create"}
+# A Secret sink's nudge: the refresher lists the pods its selector names in the Secret's
+# namespace and merge-patches one annotation onto those that mount it. RBAC can narrow
+# neither verb (not to an annotation, not to a selector's pods, and pod names change), so
+# the rule has no resourceNames; it exists only in the namespaces of nudged Secrets.
+NUDGE_RULE = {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "patch"]}
 # The token API or a proxy, with leader election: every replica lists, then watches, the
 # served jobs' target Secrets by name (followers serve what the leader writes; the leader
 # sees the followers' reports).
@@ -312,6 +318,15 @@ def proxied(proxy: dict[str, Any], values: dict[str, Any] | None = None) -> dict
     job = generic_job("search", consumers={"bearer_key_file": "/etc/refresher/secrets/key"})
     job["proxy"] = {"listen": "0.0.0.0:9470", "upstream": "https://search.example.com", **proxy}
     return {"config": {"tokens": [job]}, **(values or {})}
+
+
+def nudged(nudge: Any, sink_type: str = "kubernetes") -> dict[str, Any]:
+    """One job whose one sink (a Secret, or a file) has this nudge."""
+    job = generic_job("predict")
+    if sink_type == "file":
+        job["sinks"] = [{"type": "file", "path": "/var/run/tokens/predict"}]
+    job["sinks"][0]["nudge"] = nudge
+    return {"config": {"tokens": [job]}}
 
 
 def proxy_example_with(**changes: Any) -> dict[str, Any]:
@@ -602,6 +617,27 @@ def watched_secrets(config: dict[str, Any]) -> dict[str, set[str]]:
     return watched
 
 
+def nudged_namespaces(config: dict[str, Any]) -> set[str]:
+    """The namespaces of the Secrets whose sink has a nudge (the chart defaulted them)."""
+    return {sink["namespace"] for sink in kubernetes_sinks(config) if sink.get("nudge")}
+
+
+def rules_on_pods(docs: Iterable[Doc]) -> dict[tuple[str, str | None], list[Doc]]:
+    """Every RBAC rule that mentions pods, by (kind, namespace) of its Role or ClusterRole;
+    and every ClusterRoleBinding or RoleBinding whose text mentions pods at all."""
+    found: dict[tuple[str, str | None], list[Doc]] = {}
+    for doc in docs:
+        if doc["kind"] in ("Role", "ClusterRole"):
+            rules = [r for r in doc.get("rules") or [] if "pods" in json.dumps(r)]
+        elif doc["kind"] in ("RoleBinding", "ClusterRoleBinding"):
+            rules = [doc] if "pods" in json.dumps(doc) else []
+        else:
+            continue
+        if rules:
+            found.setdefault((doc["kind"], doc["metadata"].get("namespace")), []).extend(rules)
+    return found
+
+
 def watches_secrets(config: dict[str, Any]) -> bool:
     """The token API or a proxy, with leader election: the replicas list and watch Secrets."""
     return bool(served_jobs(config)) and bool(config.get("leader_election", {}).get("enabled"))
@@ -631,6 +667,7 @@ def test_roles_grant_only_the_named_secrets_and_the_lease(variant: str) -> None:
     _, values = VARIANTS[variant]
     lease_created_by_chart = ((values or {}).get("leaderElection") or {}).get("createLease", True)
     watching = watches_secrets(config)
+    nudging = nudged_namespaces(config)
 
     for namespace, role in roles.items():
         secrets: set[str] = set()
@@ -639,6 +676,11 @@ def test_roles_grant_only_the_named_secrets_and_the_lease(variant: str) -> None:
         for rule in role["rules"]:
             text = json.dumps(rule)
             assert "*" not in text, f"wildcard in {rule}"
+            if "pods" in text:
+                # Only where a Secret sink nudges: list and patch, nothing else.
+                assert rule == NUDGE_RULE, rule
+                assert namespace in nudging, f"pods granted in {namespace} without a nudge"
+                continue
             (resource,) = rule["resources"]
             if rule["verbs"] == WATCH_VERBS:
                 # Only for the token API or a proxy with leader election, on named Secrets.
@@ -673,6 +715,7 @@ def test_roles_grant_only_the_named_secrets_and_the_lease(variant: str) -> None:
             "create" in r["verbs"] and r["resources"] == ["secrets"] for r in role["rules"]
         )
         assert has_create == (namespace in creating)
+        assert (NUDGE_RULE in role["rules"]) == (namespace in nudging)
 
     bindings = {b["metadata"]["namespace"]: b for b in of_kind(docs, "RoleBinding")}
     assert set(bindings) == set(roles)
@@ -783,6 +826,72 @@ def test_cross_namespace_targets_get_a_role_and_binding_in_each_namespace() -> N
         ("team-b", "search-api-token"),
         (NAMESPACE, "search-api-token"),
     }
+
+
+def test_nudged_secrets_get_list_and_patch_on_pods_in_their_namespaces_only() -> None:
+    # examples/nudge.yaml: a nudged Secret in the release namespace (no `namespace`), one in
+    # `apps`, and one without a nudge in `batch`.
+    docs = render("nudge")
+    config = rendered_config(docs)
+    sinks = {(s["namespace"], s["name"]): s.get("nudge") for s in kubernetes_sinks(config)}
+    assert sinks == {
+        (NAMESPACE, "predict-token"): {"selector": "app=predict-client"},
+        ("apps", "search-token"): {
+            "selector": "app=search,tier=web",
+            "max_concurrent": 8,
+            "timeout": "3s",
+            "max_pods": 200,
+        },
+        ("batch", "search-token"): None,
+    }  # the nudges reach the refresher as written, in the defaulted namespaces
+    roles = {r["metadata"]["namespace"]: r for r in of_kind(docs, "Role")}
+    assert set(roles) == {NAMESPACE, "apps", "batch"}
+    for namespace in (NAMESPACE, "apps"):
+        pods = [r for r in roles[namespace]["rules"] if "pods" in json.dumps(r)]
+        assert pods == [NUDGE_RULE], namespace  # exactly list + patch, core group, no names
+    assert "pods" not in json.dumps(roles["batch"])
+    assert rules_on_pods(docs).keys() == {("Role", NAMESPACE), ("Role", "apps")}
+
+    bindings = {b["metadata"]["namespace"]: b for b in of_kind(docs, "RoleBinding")}
+    for namespace in (NAMESPACE, "apps"):
+        assert bindings[namespace]["roleRef"] == {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": "Role",
+            "name": roles[namespace]["metadata"]["name"],
+        }
+        assert bindings[namespace]["subjects"] == [
+            {"kind": "ServiceAccount", "name": FULLNAME, "namespace": NAMESPACE}
+        ]
+    # Nothing cluster-wide: no ClusterRole, and no cluster binding says pods.
+    assert not of_kind(docs, "ClusterRole")
+    for binding in of_kind(docs, "ClusterRoleBinding"):
+        assert "pods" not in json.dumps(binding)
+
+    # The defaulted namespace follows the release: installed elsewhere, the grant moves too.
+    elsewhere = render("nudge", namespace="platform")
+    assert rules_on_pods(elsewhere).keys() == {("Role", "platform"), ("Role", "apps")}
+
+    # rbac.create: false renders no pod rights either (NOTES say what to grant).
+    assert not rules_on_pods(render("nudge", {"rbac": {"create": False}}))
+    notes = install_notes("nudge")
+    assert 'apps/search-token (search): the pods matching "app=search,tier=web"' in notes
+    assert "the Role grants\n`list` and `patch` on every pod of that namespace" in notes
+    assert "`refresher status` lists them" in notes
+
+
+def test_pods_are_granted_only_where_a_secret_sink_nudges() -> None:
+    # Every variant, and the default values: rules on pods exist exactly in the namespaces of
+    # nudged Secrets, in Roles only; a config without a nudge has no rule mentioning pods.
+    nudged_somewhere = []
+    for variant in VARIANTS:
+        docs = render_variant(variant)
+        config = rendered_config(docs)
+        expected = {("Role", namespace) for namespace in nudged_namespaces(config)}
+        assert rules_on_pods(docs).keys() == expected, variant
+        if expected:
+            nudged_somewhere.append(variant)
+    assert nudged_somewhere == ["nudge"]
+    assert not rules_on_pods(render())
 
 
 def test_precreated_target_secrets_are_empty_and_kept() -> None:
@@ -1155,6 +1264,61 @@ def test_network_policy_admits_the_api_port_only_from_the_chosen_clients() -> No
             None,
             ["/networkPolicy/upstreams", "additional properties 'hosts' not allowed"],
         ),
+        (
+            None,
+            nudged({"max_concurrent": 2}),
+            ["/config/tokens/0/sinks/0/nudge", "missing property 'selector'"],
+        ),
+        (
+            None,
+            nudged({"selector": ""}),
+            ["/config/tokens/0/sinks/0/nudge/selector", "minLength: got 0, want 1"],
+        ),
+        (
+            None,
+            nudged({"selector": "   "}),
+            ["/config/tokens/0/sinks/0/nudge/selector", "does not match pattern"],
+        ),
+        (
+            None,
+            nudged({"selector": "app=consumer", "restart": True}),
+            ["/config/tokens/0/sinks/0/nudge", "additional properties 'restart' not allowed"],
+        ),
+        (
+            None,
+            nudged({"selector": "app=consumer", "max_concurrent": 0}),
+            ["/config/tokens/0/sinks/0/nudge/max_concurrent", "minimum: got 0, want 1"],
+        ),
+        (
+            None,
+            nudged({"selector": "app=consumer", "max_concurrent": 65}),
+            ["/config/tokens/0/sinks/0/nudge/max_concurrent", "maximum: got 65, want 64"],
+        ),
+        (
+            None,
+            nudged({"selector": "app=consumer", "max_pods": 0}),
+            ["/config/tokens/0/sinks/0/nudge/max_pods", "minimum: got 0, want 1"],
+        ),
+        (
+            None,
+            nudged({"selector": "app=consumer", "timeout": "5 sec"}),
+            ["/config/tokens/0/sinks/0/nudge/timeout", "does not match pattern"],
+        ),
+        (
+            None,
+            nudged({"selector": "app=consumer", "timeout": 0}),
+            ["/config/tokens/0/sinks/0/nudge/timeout", "exclusiveMinimum"],
+        ),
+        (
+            None,
+            nudged("app=consumer"),
+            ["/config/tokens/0/sinks/0/nudge", "want object"],
+        ),
+        (
+            None,
+            nudged({"selector": "app=consumer"}, sink_type="file"),
+            ["/config/tokens/0/sinks/0/nudge", "'not' failed"],
+        ),
     ],
     ids=[
         "mode",
@@ -1203,6 +1367,17 @@ def test_network_policy_admits_the_api_port_only_from_the_chosen_clients() -> No
         "proxy-replay-wait",
         "proxy-tls-without-key",
         "upstreams-unknown-key",
+        "nudge-without-selector",
+        "nudge-empty-selector",
+        "nudge-blank-selector",
+        "nudge-unknown-key",
+        "nudge-max-concurrent-zero",
+        "nudge-max-concurrent-too-many",
+        "nudge-max-pods-zero",
+        "nudge-timeout-pattern",
+        "nudge-timeout-zero",
+        "nudge-not-an-object",
+        "nudge-on-a-file-sink",
     ],
 )
 def test_schema_rejects_bad_values_with_a_clear_message(
@@ -1720,6 +1895,7 @@ def test_rendered_config_passes_the_refreshers_own_validation(variant: str, tmp_
         ("token-api", None),
         (None, VARIANTS["api-cross-namespace"][1]),
         (None, VARIANTS["proxy-elected"][1]),
+        ("nudge", None),
     ],
     ids=[
         "cross-namespace-elected",
@@ -1727,6 +1903,7 @@ def test_rendered_config_passes_the_refreshers_own_validation(variant: str, tmp_
         "token-api-elected",
         "api-cross-namespace",
         "proxy-elected",
+        "nudge",
     ],
 )
 def test_the_rendered_rbac_is_enough_for_a_running_refresher(
@@ -1738,7 +1915,9 @@ def test_the_rendered_rbac_is_enough_for_a_running_refresher(
     """Against a local API server that enforces exactly the rendered Roles, holding what the
     chart creates (the empty target Secrets, the Lease), a refresher running the rendered
     config elects itself and writes every target Secret, using no other verb. With the token
-    API (or a job's proxy) it also lists and watches each served job's Secret, by name only."""
+    API (or a job's proxy) it also lists and watches each served job's Secret, by name only.
+    With nudges it annotates the consumer pods that mount a nudged Secret, touching pods in no
+    other namespace and with no verb but list and patch."""
     from testdoubles.kubeapi import RBAC, FakeKubeAPI, Rule
 
     docs = render(example, values)
@@ -1787,6 +1966,37 @@ def test_the_rendered_rbac_is_enough_for_a_running_refresher(
                     path.write_text("client-secret-value\n")
                     source["file"] = str(path)
         targets = [(s["namespace"], s["name"]) for s in kubernetes_sinks(config)]
+        # A consumer pod mounting each target Secret: labelled for the sink's nudge if it
+        # has one (it must be annotated), unlabelled otherwise (nothing may touch it).
+        consumers: dict[tuple[str, str], bool] = {}
+        for index, sink in enumerate(kubernetes_sinks(config)):
+            selector = (sink.get("nudge") or {}).get("selector", "")
+            labels = dict(term.split("=", 1) for term in selector.split(",") if term)
+            pod = f"consumer-{index}"
+            api.add_pod(
+                sink["namespace"],
+                pod,
+                labels=labels,
+                spec={
+                    "volumes": [{"name": "token", "secret": {"secretName": sink["name"]}}],
+                    "containers": [
+                        {
+                            "name": "app",
+                            "image": "registry.example/app:1",
+                            "volumeMounts": [{"name": "token", "mountPath": "/var/run/token"}],
+                        }
+                    ],
+                },
+            )
+            consumers[(sink["namespace"], pod)] = bool(labels)
+
+        def nudged(namespace: str, pod: str) -> bool:
+            found = api.pod(namespace, pod) or {}
+            annotations = found.get("metadata", {}).get("annotations") or {}
+            return bool(annotations.get("refresher.io/token-fingerprint"))
+
+        def every_nudge_done() -> bool:
+            return all(nudged(ns, pod) for (ns, pod), wanted in consumers.items() if wanted)
 
         def all_written() -> bool:
             found = [api.get_object("secrets", ns, name) for ns, name in targets]
@@ -1811,6 +2021,8 @@ def test_the_rendered_rbac_is_enough_for_a_running_refresher(
 
         with running(validate(config)) as daemon:
             wait_for(all_written, timeout=15)
+            if nudged_namespaces(config):
+                wait_for(every_nudge_done, timeout=15)
             if watches_secrets(config):
                 wait_for(watching_every_target, timeout=15)
             if "leader_election" in config:
@@ -1827,6 +2039,12 @@ def test_the_rendered_rbac_is_enough_for_a_running_refresher(
             assert not secret_collection_reads()
         statuses = {r.method for r in api.requests}
         assert statuses <= {"GET", "PATCH", "POST"}
+        # Pods: list and patch, only where a Secret is nudged; the others are left alone.
+        on_pods = [r for r in api.requests if r.resource == "pods"]
+        assert {r.verb for r in on_pods} <= {"list", "patch"}
+        assert {r.namespace for r in on_pods} == nudged_namespaces(config)
+        for (namespace, pod), wanted in consumers.items():
+            assert nudged(namespace, pod) == wanted, (namespace, pod)
         if not any(s.get("create") for s in kubernetes_sinks(config)):
             assert not [r for r in api.requests if r.method == "POST" and "secrets" in r.path]
 
@@ -1937,6 +2155,9 @@ def test_dashboard_queries_only_metrics_a_running_refresher_serves(
         "refresher_proxy_replays_total",
         "refresher_proxy_upstream_errors_total",
         "refresher_proxy_request_duration_seconds_bucket",
+        "refresher_pod_nudges_total",
+        "refresher_pod_nudge_duration_seconds_bucket",
+        "refresher_consumers_never_updated",
     } <= queried
     # The proxy latency panels: p50 and p99 of both parts, by le and part.
     for part in ("added", "upstream"):
@@ -1957,12 +2178,20 @@ def test_dashboard_queries_only_metrics_a_running_refresher_serves(
     # With a probe: a job that heals is the one that exports the self-healing series. As in
     # examples/token-api.yaml, leader election, a Secret sink and the token API: the replica
     # watches the Secret, so it exports the watch series too. A loopback proxy in front of
-    # the local IdP's protected API exports the proxy series.
+    # the local IdP's protected API exports the proxy series, and a nudge on the Secret sink
+    # the nudge series (from the start, whether or not a pod matches its selector).
     job = job_for(
         idp, secret_file, tmp_path / "token", name="dash", probe={"url": idp.protected_url}
     )
     job["proxy"] = {"listen": "127.0.0.1:0", "upstream": idp.base_url}
-    job["sinks"].append({"type": "kubernetes", "name": "dash-token", "create": True})
+    job["sinks"].append(
+        {
+            "type": "kubernetes",
+            "name": "dash-token",
+            "create": True,
+            "nudge": {"selector": "app=dash-consumer"},
+        }
+    )
     metrics = {"enabled": True, "bind": "127.0.0.1", "port": 0}
     api = {"enabled": True, "listen": "127.0.0.1:0"}
     with FakeKubeAPI() as kube:

@@ -33,7 +33,7 @@ from kubernetes.client import (
 from kubernetes.client.exceptions import ApiException
 from kubernetes.watch import Watch
 
-from testdoubles.kubeapi import RBAC, FakeKubeAPI, Rule
+from testdoubles.kubeapi import RBAC, ApiStatusError, FakeKubeAPI, Rule
 
 NS = "default"
 T = 5  # _request_timeout for every call
@@ -1342,3 +1342,391 @@ def test_token_review_needs_create_on_tokenreviews_at_the_cluster_scope(
         with pytest.raises(ApiException) as caught:
             review(authn, token, ["refresher"])
         assert caught.value.status == 401
+
+
+# --------------------------------------------------------------------------------------------
+# Pods (issue 18: nudging the pods that mount a Secret)
+# --------------------------------------------------------------------------------------------
+
+POD_SPEC_FORBIDDEN = (
+    "spec: Forbidden: pod updates may not change fields other than "
+    "`spec.containers[*].image`,`spec.initContainers[*].image`,`spec.activeDeadlineSeconds`,"
+    "`spec.tolerations` (only additions to existing tolerations),"
+    "`spec.terminationGracePeriodSeconds` (allow it to be set to 1 if it was previously "
+    "negative)\n"
+)
+
+
+def consumer_spec(secret: str = "tok") -> dict[str, Any]:
+    """A pod that uses `secret` every way the refresher has to tell apart."""
+    return {
+        "volumes": [
+            {"name": "direct", "secret": {"secretName": secret}},
+            {"name": "bundle", "projected": {"sources": [{"secret": {"name": secret}}]}},
+        ],
+        "initContainers": [
+            {"name": "init", "image": "busybox:1", "envFrom": [{"secretRef": {"name": secret}}]}
+        ],
+        "containers": [
+            {
+                "name": "app",
+                "image": "app:1",
+                "volumeMounts": [
+                    {"name": "direct", "mountPath": "/var/run/tok", "readOnly": True},
+                    {"name": "bundle", "mountPath": "/etc/tok", "subPath": "token"},
+                ],
+                "env": [
+                    {
+                        "name": "TOKEN",
+                        "valueFrom": {"secretKeyRef": {"name": secret, "key": "token"}},
+                    }
+                ],
+            },
+            {"name": "sidecar", "image": "sidecar:1"},
+        ],
+    }
+
+
+def without_volatile(pod: dict[str, Any] | None) -> dict[str, Any]:
+    """A pod without what every write changes (resourceVersion, managedFields)."""
+    assert pod is not None
+    pod = json.loads(json.dumps(pod))
+    pod["metadata"].pop("resourceVersion")
+    pod["metadata"].pop("managedFields", None)
+    return pod
+
+
+def test_seeded_pods_get_server_fields_and_are_validated(kube: FakeKubeAPI) -> None:
+    pod = kube.add_pod(NS, "web-1", labels={"app": "web"}, annotations={"note": "x"})
+    assert pod["kind"] == "Pod" and pod["apiVersion"] == "v1"
+    meta = pod["metadata"]
+    assert meta["name"] == "web-1" and meta["namespace"] == NS
+    assert meta["uid"] and int(meta["resourceVersion"]) > 0 and meta["creationTimestamp"]
+    assert meta["labels"] == {"app": "web"} and meta["annotations"] == {"note": "x"}
+    assert pod["spec"] == {"containers": [{"name": "app", "image": "registry.example/app:1"}]}
+    assert pod["status"] == {"phase": "Running"}
+    assert kube.pod(NS, "web-1") == pod
+    assert kube.get_object("pods", NS, "web-1") == pod
+
+    with pytest.raises(ApiStatusError) as caught:
+        kube.add_pod(NS, "web-1")
+    assert caught.value.code == 409 and caught.value.message == 'pods "web-1" already exists'
+
+    spec = consumer_spec()
+    spec["containers"][0]["volumeMounts"].append({"name": "missing", "mountPath": "/m"})
+    with pytest.raises(ApiStatusError) as caught:
+        kube.add_pod(NS, "broken", spec=spec)
+    assert caught.value.code == 422
+    assert caught.value.message == (
+        'Pod "broken" is invalid: spec.containers[0].volumeMounts[2].name: Not found: "missing"'
+    )
+    assert kube.pod(NS, "broken") is None
+
+    kube.delete_pod(NS, "web-1")
+    kube.delete_pod(NS, "web-1")  # already gone: nothing happens
+    assert kube.pod(NS, "web-1") is None
+
+
+def test_list_pods_with_label_and_field_selectors(kube: FakeKubeAPI, core: CoreV1Api) -> None:
+    for name, labels in (
+        ("a", {"app": "web", "tier": "front"}),
+        ("b", {"app": "web", "tier": "back", "canary": "true"}),
+        ("c", {"app": "db", "tier": "back"}),
+        ("d", {"app": "web"}),
+    ):
+        kube.add_pod(NS, name, labels=labels)
+    kube.add_pod("elsewhere", "e", labels={"app": "web"})
+    kube.add_pod(NS, "pending", labels={"app": "web"}, status={"phase": "Pending"})
+
+    def names(**selectors: str) -> list[str]:
+        listed = core.list_namespaced_pod(NS, _request_timeout=T, **selectors)
+        return [pod.metadata.name for pod in listed.items]
+
+    assert names(label_selector="app=web") == ["a", "b", "d", "pending"]
+    assert names(label_selector="app==web,tier=back") == ["b"]
+    assert names(label_selector="app!=web") == ["c"]
+    assert names(label_selector="tier in (front, back)") == ["a", "b", "c"]
+    assert names(label_selector="app=web,tier notin (front)") == ["b", "d", "pending"]
+    assert names(label_selector="app=web,!canary") == ["a", "d", "pending"]
+    assert names(label_selector="canary") == ["b"]
+    assert names(label_selector="app=web", field_selector="status.phase=Running") == [
+        "a",
+        "b",
+        "d",
+    ]
+    assert names(field_selector="metadata.name=c") == ["c"]
+    assert names(field_selector=f"metadata.namespace={NS},metadata.name!=a") == [
+        "b",
+        "c",
+        "d",
+        "pending",
+    ]
+
+    raw = core.list_namespaced_pod(NS, _request_timeout=T, _preload_content=False)
+    body = json.loads(raw.data)
+    assert body["kind"] == "PodList" and body["apiVersion"] == "v1"
+    assert int(body["metadata"]["resourceVersion"]) > 0
+    assert "kind" not in body["items"][0]  # typed list items carry no kind
+
+    with pytest.raises(ApiException) as caught:
+        core.list_namespaced_pod(NS, field_selector="spec.foo=x", _request_timeout=T)
+    assert caught.value.status == 400
+    assert status_of(caught.value)["message"] == "field label not supported: spec.foo"
+
+
+def test_get_pod_parses_in_the_client(kube: FakeKubeAPI, core: CoreV1Api) -> None:
+    kube.add_pod(NS, "consumer", spec=consumer_spec())
+    pod = core.read_namespaced_pod("consumer", NS, _request_timeout=T)
+    assert pod.kind == "Pod" and pod.status.phase == "Running"
+    spec = pod.spec
+    assert spec.volumes[0].secret.secret_name == "tok"
+    assert spec.volumes[1].projected.sources[0].secret.name == "tok"
+    assert spec.init_containers[0].env_from[0].secret_ref.name == "tok"
+    app = spec.containers[0]
+    assert app.volume_mounts[1].sub_path == "token"
+    assert app.env[0].value_from.secret_key_ref.name == "tok"
+    assert last_request(kube, "GET").path == f"/api/v1/namespaces/{NS}/pods/consumer"
+
+    with pytest.raises(ApiException) as caught:
+        core.read_namespaced_pod("nope", NS, _request_timeout=T)
+    assert caught.value.status == 404
+    assert status_of(caught.value)["message"] == 'pods "nope" not found'
+
+
+def test_annotation_patch_changes_only_the_annotation(kube: FakeKubeAPI, core: CoreV1Api) -> None:
+    seeded = kube.add_pod(NS, "consumer", labels={"app": "web"}, spec=consumer_spec())
+    before = without_volatile(seeded)
+    body = {"metadata": {"annotations": {"refresher.io/token-fingerprint": "abc"}}}
+
+    # A dict body: the client picks the strategic merge patch.
+    patched = core.patch_namespaced_pod("consumer", NS, body, _request_timeout=T)
+    assert last_request(kube, "PATCH").headers["content-type"] == (
+        "application/strategic-merge-patch+json"
+    )
+    assert patched.metadata.annotations == {"refresher.io/token-fingerprint": "abc"}
+    first_rv = int(patched.metadata.resource_version)
+    assert first_rv > int(seeded["metadata"]["resourceVersion"])
+    after = without_volatile(kube.pod(NS, "consumer"))
+    assert after["metadata"].pop("annotations") == {"refresher.io/token-fingerprint": "abc"}
+    assert after == before  # nothing else changed
+
+    # The same patch again changes nothing: no write, the same resourceVersion.
+    again = core.patch_namespaced_pod("consumer", NS, body, _request_timeout=T)
+    assert int(again.metadata.resource_version) == first_rv
+
+    # A merge patch, and a JSON patch (a list body), work the same way.
+    merge = {"metadata": {"annotations": {"refresher.io/token-fingerprint": "def"}}}
+    core.patch_namespaced_pod(
+        "consumer", NS, merge, _content_type="application/merge-patch+json", _request_timeout=T
+    )
+    assert last_request(kube, "PATCH").headers["content-type"] == "application/merge-patch+json"
+    operations = [
+        {
+            "op": "replace",
+            "path": "/metadata/annotations/refresher.io~1token-fingerprint",
+            "value": "x",
+        }
+    ]
+    final = core.patch_namespaced_pod("consumer", NS, operations, _request_timeout=T)
+    assert last_request(kube, "PATCH").headers["content-type"] == "application/json-patch+json"
+    assert final.metadata.annotations == {"refresher.io/token-fingerprint": "x"}
+    assert int(final.metadata.resource_version) > first_rv
+    after = without_volatile(kube.pod(NS, "consumer"))
+    after["metadata"].pop("annotations")
+    assert after == before
+
+
+def test_pod_spec_changes_are_refused_with_422(kube: FakeKubeAPI, core: CoreV1Api) -> None:
+    kube.add_pod(NS, "consumer", spec=consumer_spec())
+    before = kube.pod(NS, "consumer")
+
+    def refused(body: Any, content_type: str | None = None) -> dict[str, Any]:
+        options = {} if content_type is None else {"_content_type": content_type}
+        with pytest.raises(ApiException) as caught:
+            core.patch_namespaced_pod("consumer", NS, body, _request_timeout=T, **options)
+        assert caught.value.status == 422
+        return status_of(caught.value)
+
+    # Strategic merge: containers merge by name, so this only adds an env variable.
+    status = refused(
+        {"spec": {"containers": [{"name": "app", "env": [{"name": "X", "value": "1"}]}]}}
+    )
+    assert status["reason"] == "Invalid"
+    assert status["message"].startswith(f'Pod "consumer" is invalid: {POD_SPEC_FORBIDDEN}')
+    assert '"X"' in status["message"]  # the diff shows the change
+    assert status["details"]["name"] == "consumer" and status["details"]["kind"] == "Pod"
+    [cause] = status["details"]["causes"]
+    assert cause["reason"] == "FieldValueForbidden" and cause["field"] == "spec"
+
+    # A merge patch replaces lists: new volumes.
+    status = refused(
+        {"spec": {"volumes": [{"name": "direct", "secret": {"secretName": "other"}}]}},
+        "application/merge-patch+json",
+    )
+    assert status["message"].startswith(f'Pod "consumer" is invalid: {POD_SPEC_FORBIDDEN}')
+    status = refused({"spec": {"nodeName": "node-2"}})
+    assert status["message"].startswith(f'Pod "consumer" is invalid: {POD_SPEC_FORBIDDEN}')
+
+    status = refused({"spec": {"containers": [{"name": "third", "image": "x:1"}]}})
+    assert status["message"] == (
+        'Pod "consumer" is invalid: spec.containers: Forbidden: pod updates may not add or '
+        "remove containers"
+    )
+    assert kube.pod(NS, "consumer") == before  # nothing was written
+
+    # What a real server allows: an image (the other fields of the container stay), and the
+    # status in a patch of the main resource is ignored.
+    patched = core.patch_namespaced_pod(
+        "consumer",
+        NS,
+        {"spec": {"containers": [{"name": "app", "image": "app:2"}]}, "status": {"phase": "X"}},
+        _request_timeout=T,
+    )
+    assert [c.image for c in patched.spec.containers] == ["app:2", "sidecar:1"]
+    assert patched.spec.containers[0].env[0].name == "TOKEN"
+    assert patched.status.phase == "Running"
+
+
+def test_patch_of_a_missing_pod_is_404(kube: FakeKubeAPI, core: CoreV1Api) -> None:
+    body = {"metadata": {"annotations": {"a": "1"}}}
+    with pytest.raises(ApiException) as caught:
+        core.patch_namespaced_pod("gone", NS, body, _request_timeout=T)
+    assert caught.value.status == 404
+    status = status_of(caught.value)
+    assert status["reason"] == "NotFound"
+    assert status["message"] == 'pods "gone" not found'
+    assert status["details"] == {"name": "gone", "kind": "pods"}
+
+
+def test_pods_vanish_after_the_next_list(kube: FakeKubeAPI, core: CoreV1Api) -> None:
+    for name in ("a", "b", "c"):
+        kube.add_pod(NS, name, labels={"app": "web"})
+    kube.add_pod("elsewhere", "b", labels={"app": "web"})
+    kube.vanish_after_next_list(NS, ["b", "c", "never-existed"])
+
+    core.list_namespaced_pod("elsewhere", _request_timeout=T)  # another namespace: no effect
+    assert kube.pod(NS, "b") is not None
+    core.list_namespaced_secret(NS, _request_timeout=T)  # nor a Secret list, nor a pod watch
+    stream = Watch().stream(
+        core.list_namespaced_pod, NS, timeout_seconds=5, _request_timeout=(T, WATCH_READ_TIMEOUT)
+    )
+    with contextlib.closing(stream):
+        assert next(stream)["type"] == "ADDED"
+    assert kube.pod(NS, "b") is not None
+
+    listed = core.list_namespaced_pod(NS, label_selector="app=web", _request_timeout=T)
+    assert [p.metadata.name for p in listed.items] == ["a", "b", "c"]  # the list shows them
+    body = {"metadata": {"annotations": {"n": "1"}}}
+    core.patch_namespaced_pod("a", NS, body, _request_timeout=T)
+    for name in ("b", "c"):
+        with pytest.raises(ApiException) as caught:
+            core.patch_namespaced_pod(name, NS, body, _request_timeout=T)
+        assert caught.value.status == 404
+    assert kube.pod("elsewhere", "b") is not None
+    relisted = core.list_namespaced_pod(NS, _request_timeout=T)
+    assert [p.metadata.name for p in relisted.items] == ["a"]
+    assert int(relisted.metadata.resource_version) > int(listed.metadata.resource_version)
+
+
+def test_rbac_list_without_patch_is_403(kube: FakeKubeAPI, tmp_path: Path) -> None:
+    kube.rbac = RBAC([Rule(frozenset({"list", "get"}), "pods", NS)])
+    kube.add_pod(NS, "web-1")
+    before = kube.pod(NS, "web-1")
+    with client_for(kube, tmp_path) as client:
+        core = CoreV1Api(client)
+        assert [
+            p.metadata.name for p in core.list_namespaced_pod(NS, _request_timeout=T).items
+        ] == ["web-1"]
+        with pytest.raises(ApiException) as caught:
+            core.patch_namespaced_pod(
+                "web-1", NS, {"metadata": {"annotations": {"a": "1"}}}, _request_timeout=T
+            )
+        assert caught.value.status == 403
+        status = status_of(caught.value)
+        assert status["reason"] == "Forbidden"
+        assert status["message"] == (
+            f'pods "web-1" is forbidden: User "{USER}" cannot patch resource "pods" in API group '
+            f'"" in the namespace "{NS}"'
+        )
+        assert status["details"] == {"name": "web-1", "kind": "pods"}
+        with pytest.raises(ApiException) as caught:
+            core.list_namespaced_pod("kube-system", _request_timeout=T)
+        assert caught.value.status == 403
+    assert kube.pod(NS, "web-1") == before
+
+
+def test_injected_error_and_delay_on_a_pod_list(kube: FakeKubeAPI, core: CoreV1Api) -> None:
+    kube.add_pod(NS, "web-1")
+    kube.inject_errors(1, status=503)
+    with pytest.raises(ApiException) as caught:
+        core.list_namespaced_pod(NS, _request_timeout=T)
+    assert caught.value.status == 503
+    assert status_of(caught.value)["reason"] == "ServiceUnavailable"
+
+    kube.inject_delay(1, 0.3)
+    started = time.monotonic()
+    listed = core.list_namespaced_pod(NS, _request_timeout=T)
+    assert time.monotonic() - started >= 0.3
+    assert [p.metadata.name for p in listed.items] == ["web-1"]
+
+    # A read timeout on a GET: urllib3's default Retry(3) sends it again, silently.
+    kube.clear_requests()
+    kube.inject_delay(1, 0.5)
+    assert len(core.list_namespaced_pod(NS, _request_timeout=0.1).items) == 1
+    assert kube.request_count("list", "pods") == 2
+    kube.inject_delay(4, 0.5)
+    with pytest.raises(urllib3.exceptions.MaxRetryError) as timed_out:
+        core.list_namespaced_pod(NS, _request_timeout=0.1)
+    assert isinstance(timed_out.value.reason, urllib3.exceptions.ReadTimeoutError)
+    assert kube.request_count("list", "pods") == 2 + 4
+
+
+def test_faults_limited_to_pods_spare_secret_requests(kube: FakeKubeAPI, core: CoreV1Api) -> None:
+    kube.add_pod(NS, "web-1")
+    seed_secret(kube)
+    kube.inject_errors(1, status=500, resource="pods")
+    core.read_namespaced_secret("tok", NS, _request_timeout=T)  # not a pod request: no error
+    with pytest.raises(ApiException) as caught:
+        core.list_namespaced_pod(NS, _request_timeout=T)
+    assert caught.value.status == 500
+    core.list_namespaced_pod(NS, _request_timeout=T)  # used up
+
+    kube.inject_delay(1, 0.3, resource="pods")
+    started = time.monotonic()
+    core.patch_namespaced_secret("tok", NS, {"data": {"a": b64("1")}}, _request_timeout=T)
+    assert time.monotonic() - started < 0.3  # the Secret write does not wait
+    before_patch = time.time()
+    core.patch_namespaced_pod("web-1", NS, {"metadata": {"labels": {"n": "1"}}}, _request_timeout=T)
+    assert time.monotonic() - started >= 0.3  # the pod patch does
+    [patch] = [r for r in kube.requests if r.verb == "patch" and r.resource == "pods"]
+    assert before_patch <= patch.received_at <= time.time()
+
+
+def test_request_counts_by_verb_and_resource(kube: FakeKubeAPI, core: CoreV1Api) -> None:
+    for index in range(5):
+        kube.add_pod(NS, f"web-{index}", labels={"app": "web"})
+    seed_secret(kube)
+    core.read_namespaced_secret("tok", NS, _request_timeout=T)
+    kube.clear_requests()
+
+    listed = core.list_namespaced_pod(NS, label_selector="app=web", _request_timeout=T)
+    for pod in listed.items:
+        core.patch_namespaced_pod(
+            pod.metadata.name, NS, {"metadata": {"annotations": {"n": "1"}}}, _request_timeout=T
+        )
+    core.read_namespaced_pod("web-0", NS, _request_timeout=T)
+    core.read_namespaced_secret("tok", NS, _request_timeout=T)
+
+    assert kube.request_count("list", "pods") == 1
+    assert kube.request_count("patch", "pods") == 5
+    assert kube.request_count("get", "pods") == 1
+    assert kube.request_count("GET", "pods") == 2  # an HTTP method: the list and the get
+    assert kube.request_count("PATCH") == 5
+    assert kube.request_count(resource="secrets") == 1
+    assert kube.request_count("patch", "pods", name="web-3") == 1
+    assert kube.request_count("patch", "pods", namespace="elsewhere") == 0
+    assert kube.request_count() == len(kube.requests) == 8
+    assert kube.write_count("pods") == 5
+    patches = [r for r in kube.requests if r.verb == "patch" and r.resource == "pods"]
+    assert [r.name for r in patches] == [f"web-{i}" for i in range(5)]
+    assert {r.namespace for r in patches} == {NS}

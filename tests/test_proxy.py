@@ -24,8 +24,6 @@ import pytest
 import requests
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from prometheus_client import generate_latest
-from prometheus_client.parser import text_string_to_metric_families
 
 from refresher.config import ProxyConfig, validate
 from refresher.daemon import Daemon
@@ -44,6 +42,9 @@ from tests.conftest import (
     rogue_request,
     running,
     wait_for,
+)
+from tests.conftest import (
+    metric_value as _metric,
 )
 
 JOB = "lucidworks-job"
@@ -151,16 +152,6 @@ def _proxying(
     with running(config_of(job)) as daemon:
         wait_for(lambda: sink.exists() and daemon.runners[0].snapshot().ready)
         yield daemon, f"http://127.0.0.1:{daemon.proxies[JOB].port}", sink
-
-
-def _metric(daemon: Daemon, name: str, **labels: str) -> float:
-    """The value of one sample of the daemon's metrics (0 when absent)."""
-    text = generate_latest(daemon.metrics.registry).decode()
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return float(sample.value)
-    return 0.0
 
 
 def _replays(daemon: Daemon, outcome: str) -> float:

@@ -11,6 +11,7 @@ import threading
 from typing import TYPE_CHECKING, Protocol
 
 from refresher.config import FileSinkConfig, KubernetesSettings, KubernetesSinkConfig
+from refresher.metrics import NudgeStats
 from refresher.tokens import Token
 
 if TYPE_CHECKING:
@@ -59,6 +60,8 @@ class SinkFactory:
         self._settings = kubernetes
         self._kube: Kube | None = None
         self._lock = threading.Lock()
+        # Every Secret sink's nudges (nudge.py), for the daemon's metrics.
+        self.nudge_stats = NudgeStats()
 
     def kube(self) -> Kube:
         with self._lock:
@@ -75,7 +78,7 @@ class SinkFactory:
             return FileSink(config)
         from refresher.sinks.kubernetes import KubernetesSecretSink
 
-        return KubernetesSecretSink(config, self.kube(), job=job)
+        return KubernetesSecretSink(config, self.kube(), job=job, nudge_stats=self.nudge_stats)
 
 
 def describe(config: FileSinkConfig | KubernetesSinkConfig) -> str:

@@ -15,7 +15,7 @@ import binascii
 import json
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import urllib3
 from kubernetes.client.exceptions import ApiException
@@ -24,7 +24,11 @@ from refresher.clock import format_utc, parse_utc
 from refresher.config import KubernetesSinkConfig
 from refresher.errors import Reason, RefreshError
 from refresher.kube import Kube
+from refresher.metrics import NudgeStats
 from refresher.tokens import Token, fingerprint, stored_times, token_problem
+
+if TYPE_CHECKING:
+    from refresher.nudge import Nudger
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +57,14 @@ def _status_message(err: ApiException) -> str:
 
 
 class KubernetesSecretSink:
-    def __init__(self, config: KubernetesSinkConfig, kube: Kube, *, job: str) -> None:
+    def __init__(
+        self,
+        config: KubernetesSinkConfig,
+        kube: Kube,
+        *,
+        job: str,
+        nudge_stats: NudgeStats | None = None,
+    ) -> None:
         self.config = config
         self.kube = kube
         self.job = job
@@ -61,6 +72,13 @@ class KubernetesSecretSink:
         self.name = f"kubernetes:{self.namespace}/{config.name}"
         self._api = kube.core()
         self._resource_version: str | None = None  # of the Secret as we last saw it
+        self.nudger: Nudger | None = None
+        if config.nudge is not None:
+            from refresher.nudge import Nudger
+
+            stats = nudge_stats or NudgeStats()
+            stats.add_job(job)
+            self.nudger = Nudger(job, self.namespace, config.name, config.nudge, kube, stats)
 
     @property
     def _where(self) -> str:
@@ -123,7 +141,11 @@ class KubernetesSecretSink:
         )
 
     def settle(self, token: Token) -> None:
-        pass  # the API server made the write durable before it answered
+        # The API server made the write durable before it answered. Called after the last
+        # sink of the refresh was written, so the nudge (on a thread of its own) cannot
+        # delay any of them.
+        if self.nudger is not None:
+            self.nudger.nudge(token)
 
     def note_rejected(self, fingerprint_: str) -> None:
         """A follower's rejection report, for the leader, which watches this Secret: one

@@ -325,6 +325,8 @@ A YAML map:
                          serve what the leader writes; the leader watches for the
                          followers' rejection reports)
       createSecrets: b   a sink there says `create: true` (create on secrets: RBAC cannot limit it by name)
+      nudgePods: b       a Secret sink there has a `nudge` (list and patch on pods: RBAC cannot
+                         limit patch to an annotation, nor to the selector's pods)
       leases: [names]    the Lease (get, patch)
       createLeases: b    the chart does not create the Lease (create on leases)
   precreate: [{name, namespace, type}]  target Secrets the chart may create
@@ -351,7 +353,7 @@ A YAML map:
 {{- $watched := false -}}
 {{- range $sink := ($job.sinks | default list) -}}
 {{- if eq (toString $sink.type) "kubernetes" -}}
-{{- $entry := get $namespaces $sink.namespace | default (dict "secrets" (list) "watchSecrets" (list) "createSecrets" false "leases" (list) "createLeases" false) -}}
+{{- $entry := get $namespaces $sink.namespace | default (dict "secrets" (list) "watchSecrets" (list) "createSecrets" false "nudgePods" false "leases" (list) "createLeases" false) -}}
 {{- $_ := set $entry "secrets" (append $entry.secrets $sink.name | uniq) -}}
 {{- if and $watching (not $watched) -}}
 {{- $_ := set $entry "watchSecrets" (append $entry.watchSecrets $sink.name | uniq) -}}
@@ -359,6 +361,11 @@ A YAML map:
 {{- end -}}
 {{- if $sink.create -}}
 {{- $_ := set $entry "createSecrets" true -}}
+{{- end -}}
+{{- /* nudge: after each write, list the pods its selector names in the Secret's namespace
+and patch one annotation onto those that mount the Secret. */ -}}
+{{- if $sink.nudge -}}
+{{- $_ := set $entry "nudgePods" true -}}
 {{- end -}}
 {{- $_ := set $namespaces $sink.namespace $entry -}}
 {{- $precreate = append $precreate (dict "name" $sink.name "namespace" $sink.namespace "type" (default "Opaque" $sink.secret_type)) -}}
@@ -368,7 +375,7 @@ A YAML map:
 {{- $plan := dict "namespaces" $namespaces "precreate" $precreate "tokenReview" $tokenReview -}}
 {{- $election := $config.leader_election | default dict -}}
 {{- if $election.enabled -}}
-{{- $entry := get $namespaces $election.namespace | default (dict "secrets" (list) "watchSecrets" (list) "createSecrets" false "leases" (list) "createLeases" false) -}}
+{{- $entry := get $namespaces $election.namespace | default (dict "secrets" (list) "watchSecrets" (list) "createSecrets" false "nudgePods" false "leases" (list) "createLeases" false) -}}
 {{- $_ := set $entry "leases" (append $entry.leases $election.name | uniq) -}}
 {{- if not $.Values.leaderElection.createLease -}}
 {{- $_ := set $entry "createLeases" true -}}
@@ -418,7 +425,8 @@ and self-healing would be off without a word.
 {{- toYaml (dict "probes" $probes) -}}
 {{- end -}}
 
-{{/* Whether the pod talks to the API server at all (Secrets, the Lease, TokenReviews): "true" or "". */}}
+{{/* Whether the pod talks to the API server at all (Secrets, the Lease, TokenReviews, the pods
+a Secret sink's nudge patches, which only a Secret sink has): "true" or "". */}}
 {{- define "refresher.usesKubernetes" -}}
 {{- $plan := include "refresher.kubePlan" . | fromYaml -}}
 {{- if or $plan.namespaces $plan.tokenReview -}}true{{- end -}}
