@@ -167,8 +167,11 @@ def _wait_for_nudges(runners: Sequence[JobRunner], seconds: float) -> None:
     for runner in runners:
         for sink in runner.sinks:
             nudger = getattr(sink, "nudger", None)
-            if nudger is not None and not nudger.idle.wait(max(0.0, deadline - time.monotonic())):
+            if nudger is None:
+                continue
+            if not nudger.idle.wait(max(0.0, deadline - time.monotonic())):
                 log.warning("a nudge did not finish in time", extra={"token": runner.job.name})
+            nudger.close()  # what is left is not waited for at exit
 
 
 def cmd_once(config: Config, args: argparse.Namespace) -> int:

@@ -138,13 +138,20 @@ _DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 SecretKey = Annotated[str, Field(pattern=r"^[-._a-zA-Z0-9]+$", max_length=253)]
 
 
-_LABEL_NAME = r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
-_LABEL_KEY = rf"(?:[a-z0-9]([-a-z0-9.]{{0,251}}[a-z0-9])?/)?{_LABEL_NAME}"
+# Label selectors as the API server parses them: keys with an optional DNS-subdomain prefix,
+# `=`, `==`, `!=`, `in`, `notin`, `key`, `!key`, and `>`/`<` with an integer; ASCII spaces.
+_LABEL_NAME = r"[A-Za-z0-9](?:[-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
+_DNS_PART = r"[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?"
+_LABEL_KEY = rf"(?:{_DNS_PART}(?:\.{_DNS_PART})*/)?{_LABEL_NAME}"
 _LABEL_VALUE = rf"(?:{_LABEL_NAME})?"
+_SPACE = r"[ \t\r\n]*"
 _REQUIREMENT = re.compile(
-    rf"\s*(?:!\s*{_LABEL_KEY}"
-    rf"|{_LABEL_KEY}\s*(?:(?:==|=|!=)\s*{_LABEL_VALUE}"
-    rf"|\s(?:in|notin)\s*\(\s*{_LABEL_VALUE}(?:\s*,\s*{_LABEL_VALUE})*\s*\))?)\s*"
+    rf"{_SPACE}(?:!{_SPACE}{_LABEL_KEY}"
+    rf"|{_LABEL_KEY}{_SPACE}(?:(?:==|=|!=){_SPACE}{_LABEL_VALUE}"
+    rf"|(?:>|<){_SPACE}-?[0-9]+"
+    rf"|[ \t\r\n](?:in|notin){_SPACE}\({_SPACE}{_LABEL_VALUE}"
+    rf"(?:{_SPACE},{_SPACE}{_LABEL_VALUE})*{_SPACE}\))?){_SPACE}",
+    re.ASCII,
 )
 
 

@@ -480,6 +480,11 @@ class Daemon:
             self.server.stop()
         for gate in self.gates:
             gate.close()
+        for runner in self.runners:
+            for sink in runner.sinks:
+                nudger = getattr(sink, "nudger", None)
+                if nudger is not None:
+                    nudger.close()  # a successor nudges from now on
         self._stopped.set()
         log.info("stopped")
 

@@ -31,7 +31,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import CancelledError, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,13 +59,21 @@ class Usage:
     never: tuple[str, ...] = ()  # SUBPATH, ENV: copies the kubelet never updates
 
 
-def usage(pod: Mapping[str, Any], secret: str) -> Usage:
-    """How `pod` (the API's JSON) uses the Secret named `secret`. Pure."""
+def usage(pod: Mapping[str, Any], secret: str, keys: Iterable[str] | None = None) -> Usage:
+    """How `pod` (the API's JSON) uses the Secret named `secret`; with `keys`, a volume whose
+    `items` pick none of those keys does not count. Pure.
+
+    Only containers that run while the token changes count: the app's, ephemeral ones, and
+    init containers that are sidecars (`restartPolicy: Always`); an ordinary init container
+    has finished by then."""
     spec = pod.get("spec") or {}
-    volumes = {volume.get("name") for volume in spec.get("volumes") or [] if _names(volume, secret)}
+    wanted = None if keys is None else frozenset(keys)
+    volumes = {
+        volume.get("name") for volume in spec.get("volumes") or [] if _holds(volume, secret, wanted)
+    }
     updated = False
     never: set[str] = set()
-    for container in _containers(spec):
+    for container in _running_containers(spec):
         for mount in container.get("volumeMounts") or []:
             if mount.get("name") in volumes:
                 if mount.get("subPath") or mount.get("subPathExpr"):
@@ -82,18 +90,35 @@ def usage(pod: Mapping[str, Any], secret: str) -> Usage:
     return Usage(updated, tuple(sorted(never)))
 
 
-def _names(volume: Mapping[str, Any], secret: str) -> bool:
-    """Whether a pod volume holds the Secret: a `secret` volume, or a `projected` one with a
-    `secret` source."""
-    if (volume.get("secret") or {}).get("secretName") == secret:
-        return True
-    sources = (volume.get("projected") or {}).get("sources") or []
-    return any((source.get("secret") or {}).get("name") == secret for source in sources)
+def _holds(volume: Mapping[str, Any], secret: str, keys: frozenset[str] | None) -> bool:
+    """Whether a pod volume holds the Secret (a `secret` volume, or a `projected` one with a
+    `secret` source) and, with `keys`, one of those keys."""
+    sources = [volume.get("secret") or {}]
+    sources += [
+        (each.get("secret") or {}) for each in (volume.get("projected") or {}).get("sources") or []
+    ]
+    for source in sources:
+        if (source.get("secretName") or source.get("name")) != secret:
+            continue
+        items = source.get("items")
+        if keys is None or not items or any(item.get("key") in keys for item in items):
+            return True
+    return False
 
 
-def _containers(spec: Mapping[str, Any]) -> Iterable[Mapping[str, Any]]:
-    for key in ("initContainers", "containers", "ephemeralContainers"):
-        yield from spec.get(key) or []
+def _running_containers(spec: Mapping[str, Any]) -> Iterable[Mapping[str, Any]]:
+    yield from spec.get("containers") or []
+    yield from spec.get("ephemeralContainers") or []
+    for container in spec.get("initContainers") or []:
+        if container.get("restartPolicy") == "Always":  # a sidecar: it runs along
+            yield container
+
+
+def _settled(pod: Mapping[str, Any]) -> bool:
+    """A pod that is going away or done: nothing of it will read a new token."""
+    metadata = pod.get("metadata") or {}
+    phase = (pod.get("status") or {}).get("phase")
+    return bool(metadata.get("deletionTimestamp")) or phase in ("Succeeded", "Failed")
 
 
 @dataclass(frozen=True)
@@ -115,10 +140,12 @@ class Nudger:
         config: NudgeConfig,
         kube: Kube,
         stats: NudgeStats,
+        keys: Iterable[str] | None = None,
     ) -> None:
         self.job = job
         self.namespace = namespace
         self.secret = secret
+        self.keys = None if keys is None else frozenset(keys)  # the sink's own keys
         self.config = config
         self.kube = kube
         self.stats = stats
@@ -132,18 +159,34 @@ class Nudger:
         self._warned: set[tuple[str, str]] = set()  # (pod uid, reason) already logged
         self.idle = threading.Event()  # set while no nudge runs (tests and benchmarks wait)
         self.idle.set()
+        self._closed = threading.Event()
 
     def nudge(self, token: Token) -> None:
         """Nudge the pods for `token`, on a thread of its own; never raises."""
         with self._lock:
+            if self._closed.is_set():
+                return
             if self._running:
                 self._next = token  # the running one is followed by one for the newest
                 return
             self._running = True
             self.idle.clear()
-        threading.Thread(
-            target=self._run, args=(token,), name=f"refresher-nudge-{self.job}", daemon=True
-        ).start()
+        try:
+            threading.Thread(
+                target=self._run, args=(token,), name=f"refresher-nudge-{self.job}", daemon=True
+            ).start()
+        except Exception as err:  # no thread to be had: this write is not nudged, the next is
+            with self._lock:
+                self._running = False
+                self.idle.set()
+            self.stats.record_nudge(self.job, "error")
+            log.error("cannot start a nudge", extra={"token": self.job, "error": _why(err)})
+
+    def close(self) -> None:
+        """Stop nudging (the daemon stops, or `once` is done): patches not yet sent are not
+        sent, and nothing waits for them at exit."""
+        self._closed.set()
+        self._patches.shutdown(wait=False, cancel_futures=True)
 
     def _run(self, token: Token) -> None:
         next_token: Token | None = token
@@ -164,6 +207,7 @@ class Nudger:
             pods = self.list_pods()
         except Exception as err:
             self.stats.record_nudge(self.job, "list_failed")
+            self.stats.record_nudge_duration(time.perf_counter() - started)
             log.warning(
                 "cannot list the pods to nudge",
                 extra={"token": self.job, "error": _why(err), "selector": self.config.selector},
@@ -174,7 +218,9 @@ class Nudger:
         targets = [
             pod
             for pod in pods
-            if usage(pod, self.secret).updated and _annotation(pod) != fingerprint
+            if not _settled(pod)
+            and usage(pod, self.secret, self.keys).updated
+            and _annotation(pod) != fingerprint
         ]
         if len(targets) > self.config.max_pods:
             log.warning(
@@ -182,7 +228,10 @@ class Nudger:
                 extra={"token": self.job, "pods": len(targets), "max_pods": self.config.max_pods},
             )
             targets = targets[: self.config.max_pods]
-        outcomes = list(self._patches.map(lambda pod: self._patch(pod, fingerprint), targets))
+        try:
+            outcomes = list(self._patches.map(lambda pod: self._patch(pod, fingerprint), targets))
+        except (CancelledError, RuntimeError):  # closed meanwhile: the process is stopping
+            return
         for outcome in outcomes:
             self.stats.record_nudge(self.job, outcome)
         self.stats.record_nudge_duration(time.perf_counter() - started)
@@ -197,6 +246,7 @@ class Nudger:
         answer = self._core.list_namespaced_pod(
             self.namespace,
             label_selector=self.config.selector,
+            resource_version="0",  # from the API server's cache, not a read of etcd each time
             _request_timeout=self.config.timeout,
             _preload_content=False,  # plain JSON: no model objects for every pod field
         )
@@ -208,11 +258,16 @@ class Nudger:
         return [found for each in self.never_updated_each(pods) for found in each]
 
     def never_updated_each(self, pods: Iterable[Mapping[str, Any]]) -> list[list[NeverUpdated]]:
-        result = []
+        result: list[list[NeverUpdated]] = []
         for pod in pods:
+            if _settled(pod):  # done or going away: nothing to tell its owner
+                result.append([])
+                continue
             metadata = pod.get("metadata") or {}
             where = f"{metadata.get('namespace') or self.namespace}/{metadata.get('name')}"
-            result.append([NeverUpdated(where, reason) for reason in usage(pod, self.secret).never])
+            result.append(
+                [NeverUpdated(where, reason) for reason in usage(pod, self.secret, self.keys).never]
+            )
         return result
 
     def _judge_never_updated(self, pods: list[dict[str, Any]]) -> None:
@@ -238,10 +293,16 @@ class Nudger:
         from kubernetes.client.exceptions import ApiException
 
         name = (pod.get("metadata") or {}).get("name")
+        if self._closed.is_set():
+            return "error"
         body = {"metadata": {"annotations": {FINGERPRINT_ANNOTATION: fingerprint}}}
         try:
             self._core.patch_namespaced_pod(
-                name, self.namespace, body, _request_timeout=self.config.timeout
+                name,
+                self.namespace,
+                body,
+                _content_type="application/merge-patch+json",  # exactly this key, nothing else
+                _request_timeout=self.config.timeout,
             )
         except ApiException as err:
             outcome = {404: "gone", 403: "forbidden"}.get(err.status or 0, "error")

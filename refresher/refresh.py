@@ -621,7 +621,12 @@ class JobRunner:
             outcome = "failure" if result.error else "success"
             self.stats.record_sink_write(result.sink.name, result.duration, outcome)
             if result.error is None:
-                result.sink.settle(token)
+                try:
+                    result.sink.settle(token)
+                except Exception:  # the write stands; what follows it is the sink's own
+                    log.exception(
+                        "unexpected error settling a sink", extra={"token": self.job.name}
+                    )
         return next((result.error for result in results if result.error), None)
 
     def _succeeded(self, token: Token, duration: float, window: float | None) -> float:

@@ -95,15 +95,47 @@ def test_how_a_pod_uses_the_secret(kind: str, updated: bool, never: tuple[str, .
 
 def test_a_pod_that_mounts_it_both_ways_is_nudged_and_warned_about() -> None:
     spec = _pod_spec("volume")
-    spec["initContainers"] = [
-        _container("init", volumeMounts=[{"name": "token", "mountPath": "/x", "subPath": "t"}])
-    ]
+    sidecar = _container("sidecar", restartPolicy="Always")  # an init container that runs on
+    sidecar["volumeMounts"] = [{"name": "token", "mountPath": "/x", "subPath": "t"}]
+    spec["initContainers"] = [sidecar]
     spec["containers"][0]["envFrom"] = [{"secretRef": {"name": SECRET}}]
     found = usage({"spec": spec}, SECRET)
     assert found.updated and found.never == (ENV, SUBPATH)
+    # An ordinary init container has finished before any token changes.
+    done = {"volumes": spec["volumes"], "containers": [_container()]}
+    done["initContainers"] = [
+        _container(
+            "init",
+            volumeMounts=[{"name": "token", "mountPath": "/x"}],
+            envFrom=[{"secretRef": {"name": SECRET}}],
+        )
+    ]
+    assert usage({"spec": done}, SECRET) == usage({}, SECRET)
     # A declared volume no container mounts: nothing to update, nothing to warn about.
     bare = {"volumes": [{"name": "token", "secret": {"secretName": SECRET}}], "containers": []}
     assert usage({"spec": bare}, SECRET) == usage({}, SECRET)
+
+
+def test_what_counts_as_mounting_it() -> None:
+    ephemeral = {
+        "volumes": [{"name": "token", "secret": {"secretName": SECRET}}],
+        "ephemeralContainers": [
+            _container("debug", volumeMounts=[{"name": "token", "mountPath": "/t"}])
+        ],
+    }
+    assert usage({"spec": ephemeral}, SECRET).updated
+    expression = _pod_spec("volume")
+    expression["containers"][0]["volumeMounts"][0]["subPathExpr"] = "$(POD)"
+    assert usage({"spec": expression}, SECRET).never == (SUBPATH,)
+    # A mount of a volume that holds another Secret, though named like ours.
+    other = _pod_spec("volume", secret="someone-elses")
+    assert not usage({"spec": other}, SECRET).updated
+    # `items` that pick none of the sink's keys: the pod does not read the token.
+    picked = _pod_spec("volume")
+    picked["volumes"][0]["secret"]["items"] = [{"key": "ca.crt", "path": "ca.crt"}]
+    assert usage({"spec": picked}, SECRET, keys={"token"}).updated is False
+    picked["volumes"][0]["secret"]["items"].append({"key": "token", "path": "t"})
+    assert usage({"spec": picked}, SECRET, keys={"token"}).updated
 
 
 @pytest.mark.parametrize(
@@ -113,7 +145,10 @@ def test_a_pod_that_mounts_it_both_ways_is_nudged_and_warned_about() -> None:
         ("app=consumer,tier in (web, api),!canary", True),
         ("example.com/part-of!=batch", True),
         ("tier", True),
+        ("replicas>1,replicas<3", True),
         ("", False),
+        ("a..b/x=y", False),
+        ("app\u00a0=x", False),
         ("   ", False),
         ("app=a b", False),
         ("app in (a b)", False),
@@ -206,13 +241,28 @@ def test_only_pods_that_mount_the_secret_are_annotated_after_each_write(
             else:
                 wait_for(lambda: runner.snapshot().ready)
             assert _nudger_idle(daemon)
-            fingerprint = runner.token.fingerprint if runner.token else None
+            assert runner.token is not None
+            fingerprint = runner.token.fingerprint
             assert _annotation(kube, "volume-pod") == fingerprint
             assert _annotation(kube, "projected-pod") == fingerprint
             if round_:
-                # One list and one patch per pod that mounts it: the cost of a nudge.
+                # One list and one patch per pod that mounts it: the cost of a nudge; each
+                # patch a JSON merge patch of our one annotation.
                 assert kube.request_count("list", "pods") == 1
                 assert kube.request_count("patch", "pods") == 2
+                patches = [r for r in kube.requests if r.resource == "pods" and r.verb == "patch"]
+                for patch in patches:
+                    assert patch.headers["content-type"] == "application/merge-patch+json"
+                    assert patch.json() == {
+                        "metadata": {"annotations": {FINGERPRINT_ANNOTATION: fingerprint}}
+                    }
+        # The same token again (a sink write retried): pods that carry it are not patched.
+        kube.clear_requests()
+        nudger = daemon.runners[0].sinks[0].nudger  # type: ignore[attr-defined]
+        nudger.nudge(runner.token)
+        assert _nudger_idle(daemon)
+        assert kube.request_count("list", "pods") == 1
+        assert kube.request_count("patch", "pods") == 0
         # The others are exactly as they were (same resourceVersion: never written).
         for name, pod in before.items():
             now = kube.pod(NS, name)
@@ -308,8 +358,8 @@ def test_pods_that_vanish_refuse_or_crawl_are_counted_and_never_fail_a_refresh(
         )
         # The API well again: the next write nudges again.
         refreshed()
-        fingerprint = runner.token.fingerprint if runner.token else None
-        assert _annotation(kube, "volume-pod") == fingerprint
+        assert runner.token is not None
+        assert _annotation(kube, "volume-pod") == runner.token.fingerprint
 
 
 def test_status_lists_the_pods_a_nudge_cannot_help_and_once_waits_for_its_nudge(
@@ -350,3 +400,24 @@ def test_the_benchmark_counts_one_list_and_one_patch_per_pod() -> None:
         assert run["refreshes"] == 2 and run["write_window"]["count"] == 2
         assert run["stray_log_lines"] == 0
     assert nudged["answer_to_last_pod"]["count"] == 2
+
+
+def test_a_stopping_daemon_sends_no_more_patches(
+    idp: LocalIdP, secret_file: Path, tmp_path: Path, kube: FakeKubeAPI
+) -> None:
+    for index in range(10):
+        kube.add_pod(NS, f"consumer-{index}", labels={"app": "consumer"}, spec=_pod_spec("volume"))
+    job = _nudging_job(idp, secret_file, tmp_path, max_concurrent=1, timeout="5s")
+    with _running(kube, tmp_path, job) as daemon:
+        runner = daemon.runners[0]
+        wait_for(lambda: runner.snapshot().ready)
+        assert _nudger_idle(daemon)
+        kube.clear_requests()
+        kube.inject_delay(11, 0.5, resource="pods")  # the list and each patch: 0.5 s
+        runner.refresh_now()
+        wait_for(lambda: kube.request_count("patch", "pods") >= 1)
+    # Stopped: the patches still queued are never sent (and nothing waits for them at exit).
+    nudger = daemon.runners[0].sinks[0].nudger  # type: ignore[attr-defined]
+    assert nudger.idle.wait(5)
+    time.sleep(1.0)
+    assert kube.request_count("patch", "pods") <= 3

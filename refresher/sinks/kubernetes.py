@@ -78,7 +78,20 @@ class KubernetesSecretSink:
 
             stats = nudge_stats or NudgeStats()
             stats.add_job(job)
-            self.nudger = Nudger(job, self.namespace, config.name, config.nudge, kube, stats)
+            keys = {config.token_key, *config.extra_keys}
+            keys |= {
+                key
+                for key in (
+                    config.authorization_key,
+                    config.expires_at_key,
+                    config.scope_key,
+                    config.fingerprint_key,
+                )
+                if key
+            }
+            self.nudger = Nudger(
+                job, self.namespace, config.name, config.nudge, kube, stats, keys=keys
+            )
 
     @property
     def _where(self) -> str:
