@@ -32,12 +32,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from aiohttp import web
 
@@ -45,7 +43,7 @@ from refresher.board import Entry, TokenBoard
 from refresher.clock import Clock
 from refresher.consumers import Decision, Gate
 from refresher.formats import token_document
-from refresher.http import HttpServer
+from refresher.http import HttpServer, json_answer
 from refresher.metrics import ApiStats
 from refresher.refresh import ReportAnswer, ReportTicket
 
@@ -87,22 +85,8 @@ def endpoints(context: ApiContext) -> web.Application:
 
     async def admitted(request: web.Request) -> tuple[str, Decision]:
         name = request.match_info["name"]
-        authorization = request.headers.get("Authorization")
-        if len(request.headers.getall("Authorization", [])) > 1:
-            return name, Decision(401, None, "invalid")  # which one would count?
-        decision = await context.gate.check(name, authorization)
-        if decision.reason is not None:
-            stats.record_auth_failure(decision.reason)
-            log.warning(
-                "consumer refused",
-                extra={
-                    "token": name if name in context.gate.jobs else None,
-                    "status": decision.status,
-                    "reason": decision.reason,
-                    "subject": decision.subject.name if decision.subject else None,
-                },
-            )
-        return name, decision
+        credentials = request.headers.getall("Authorization", [])
+        return name, await context.gate.admit(name, credentials, stats.record_auth_failure)
 
     async def token(request: web.Request) -> web.Response:
         started = time.perf_counter()
@@ -115,7 +99,7 @@ def endpoints(context: ApiContext) -> web.Application:
             entry = board.current(name)
             assert entry is not None  # the gate knows only configured jobs
             if timeout is None:
-                response = _json(
+                response = json_answer(
                     400, {"error": f"timeout must be seconds, 0 < N <= {MAX_POLL_SECONDS:g}"}
                 )
             elif _names(request.headers.get("If-None-Match"), entry):
@@ -126,7 +110,7 @@ def endpoints(context: ApiContext) -> web.Application:
                     newer = await board.newer(name, entry, timeout)
                     waited = time.perf_counter() - begun
                     if board.closed:  # stopping: another replica answers from now on
-                        response = _json(503, {"error": "stopping"}, retry_after=1)
+                        response = json_answer(503, {"error": "stopping"}, retry_after=1)
                         response.force_close()
                     elif newer is not None:
                         response = _served(name, newer, context.clock(), decision)
@@ -148,17 +132,19 @@ def endpoints(context: ApiContext) -> web.Application:
         if decision.status != 200:
             return _refused(decision)
         if request.content_type != "application/json":
-            return _json(415, {"error": "send the report as application/json"})
+            return json_answer(415, {"error": "send the report as application/json"})
         fingerprint = _fingerprint(await request.read())
         if fingerprint is None:
-            return _json(400, {"error": 'expected {"fingerprint": "<8 lowercase hex digits>"}'})
+            return json_answer(
+                400, {"error": 'expected {"fingerprint": "<8 lowercase hex digits>"}'}
+            )
         ok, why = context.accepting()
         if not ok:
-            return _json(503, {"error": why}, retry_after=5)
+            return json_answer(503, {"error": why}, retry_after=5)
         # Off the loop: a follower forwards the report with a write to the Secret.
         ticket = await server.run_blocking(lambda: context.report(name, fingerprint))
         if ticket is None:
-            return _json(404, {"error": "no such token"})
+            return json_answer(404, {"error": "no such token"})
         try:
             # Shielded: the answer is shared by every report of this token; one client
             # giving up must not cancel it for the others.
@@ -166,7 +152,9 @@ def endpoints(context: ApiContext) -> web.Application:
                 asyncio.shield(asyncio.wrap_future(ticket.answer)), REPORT_WAIT
             )
         except TimeoutError:
-            return _json(503, {"error": "the probe has not finished; report again"}, retry_after=1)
+            return json_answer(
+                503, {"error": "the probe has not finished; report again"}, retry_after=1
+            )
         return _answer(answer)
 
     app = web.Application(client_max_size=MAX_BODY_BYTES)
@@ -204,7 +192,7 @@ def _served(
 ) -> web.Response:
     why = entry.unservable(now)
     if why is not None:
-        return _json(503, {"error": why}, retry_after=1)
+        return json_answer(503, {"error": why}, retry_after=1)
     token = entry.token
     assert token is not None
     headers = {"ETag": f'"{token.fingerprint}"', "Cache-Control": "no-store"}
@@ -222,12 +210,12 @@ def _refused(decision: Decision) -> web.Response:
     """A refusal, on a connection closed after it: a caller without a good credential
     does not get to keep a slot of the listener for its keep-alive time."""
     if decision.status == 401:
-        response = _json(401, {"error": "a valid bearer credential is required"})
+        response = json_answer(401, {"error": "a valid bearer credential is required"})
         response.headers["WWW-Authenticate"] = 'Bearer realm="refresher"'
     elif decision.status == 503:
-        response = _json(503, {"error": "cannot check the credential now"}, retry_after=1)
+        response = json_answer(503, {"error": "cannot check the credential now"}, retry_after=1)
     else:
-        response = _json(404, {"error": "no such token"})
+        response = json_answer(404, {"error": "no such token"})
     response.force_close()
     return response
 
@@ -245,14 +233,14 @@ def _fingerprint(body: bytes) -> str | None:
 
 def _answer(answer: ReportAnswer) -> web.Response:
     if answer.outcome == "stale":
-        return _json(409, {"fingerprint": answer.fingerprint})
+        return json_answer(409, {"fingerprint": answer.fingerprint})
     if answer.outcome == "limited":
         wait = answer.retry_after or 1.0
-        return _json(429, {"error": "too many reports for this token"}, retry_after=wait)
+        return json_answer(429, {"error": "too many reports for this token"}, retry_after=wait)
     if answer.outcome == "unavailable":
         error = "no token yet; one is being fetched: re-read the sink shortly"
-        return _json(503, {"error": error}, retry_after=answer.retry_after or 1.0)
-    return _json(
+        return json_answer(503, {"error": error}, retry_after=answer.retry_after or 1.0)
+    return json_answer(
         202,
         {
             "outcome": answer.outcome,
@@ -260,12 +248,3 @@ def _answer(answer: ReportAnswer) -> web.Response:
             "fingerprint": answer.fingerprint,
         },
     )
-
-
-def _json(
-    status: int, payload: dict[str, Any], *, retry_after: float | None = None
-) -> web.Response:
-    headers = {"Cache-Control": "no-store"}
-    if retry_after is not None:
-        headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
-    return web.json_response(payload, status=status, headers=headers)

@@ -23,7 +23,7 @@ from refresher.config import Config, KubernetesSinkConfig, load_config
 from refresher.errors import ConfigError, RefreshError
 from refresher.idp import IdPClient, new_session
 from refresher.metrics import Metrics
-from refresher.nudge import NEVER_WHY
+from refresher.nudge import NEVER_WHY, nudgers
 from refresher.refresh import JobRunner
 from refresher.schedule import as_stored, believable, stored_lifetime_bound, token_refresh_at
 from refresher.sinks import SinkFactory, describe
@@ -164,14 +164,10 @@ def _wait_for_nudges(runners: Sequence[JobRunner], seconds: float) -> None:
     """Let the nudges the pass started finish (they run on threads of their own, which the
     end of the process would cut off), at most `seconds` in all."""
     deadline = time.monotonic() + seconds
-    for runner in runners:
-        for sink in runner.sinks:
-            nudger = getattr(sink, "nudger", None)
-            if nudger is None:
-                continue
-            if not nudger.idle.wait(max(0.0, deadline - time.monotonic())):
-                log.warning("a nudge did not finish in time", extra={"token": runner.job.name})
-            nudger.close()  # what is left is not waited for at exit
+    for nudger in nudgers(sink for runner in runners for sink in runner.sinks):
+        if not nudger.idle.wait(max(0.0, deadline - time.monotonic())):
+            log.warning("a nudge did not finish in time", extra={"token": nudger.job})
+        nudger.close()  # what is left is not waited for at exit
 
 
 def cmd_once(config: Config, args: argparse.Namespace) -> int:
@@ -306,8 +302,7 @@ def never_updated_rows(config: Config) -> list[tuple[str, ...]]:
             if not isinstance(sink_config, KubernetesSinkConfig) or sink_config.nudge is None:
                 continue
             sink = factory.build(sink_config, job=job.name)
-            nudger = getattr(sink, "nudger", None)
-            assert nudger is not None
+            (nudger,) = nudgers([sink])
             try:
                 pods = nudger.list_pods()
             except Exception as err:

@@ -692,9 +692,18 @@ def _probe_problems(job: TokenJobConfig, path: str) -> list[str]:
     problem = url_problem(probe.url, probe.allow_insecure_http, carries="the token")
     if problem:
         problems.append(f"{path}.url: {problem}")
-    if probe.ca_bundle is not None and not probe.ca_bundle.is_file():
-        problems.append(f"{path}.ca_bundle: no such file {probe.ca_bundle}")
-    if probe.credential_headers and job.credentials_file is None:
+    return problems + _api_call_problems(job, probe.ca_bundle, probe.credential_headers, path)
+
+
+def _api_call_problems(
+    job: TokenJobConfig, ca_bundle: Path | None, credential_headers: dict[str, str], path: str
+) -> list[str]:
+    """What a probe and a proxy share, calling the API with the token: their own CA bundle
+    must exist, and credential headers need the credentials file their extras come from."""
+    problems = []
+    if ca_bundle is not None and not ca_bundle.is_file():
+        problems.append(f"{path}.ca_bundle: no such file {ca_bundle}")
+    if credential_headers and job.credentials_file is None:
         problems.append(
             f"{path}.credential_headers: the credentials' extras come from a "
             "`credentials_file`, which this job does not have"
@@ -820,8 +829,6 @@ def _proxy_problems(job: TokenJobConfig, path: str) -> list[str]:
         problem = "the base path cannot hold `.` or `..` segments"
     if problem:
         problems.append(f"{path}.upstream: {problem}")
-    if proxy.ca_bundle is not None and not proxy.ca_bundle.is_file():
-        problems.append(f"{path}.ca_bundle: no such file {proxy.ca_bundle}")
     if proxy.replay_buffer < proxy.max_replay_body:
         problems.append(
             f"{path}.replay_buffer: smaller than max_replay_body ({proxy.max_replay_body} "
@@ -832,12 +839,7 @@ def _proxy_problems(job: TokenJobConfig, path: str) -> list[str]:
     with contextlib.suppress(ValueError):  # a host name: not this listener
         if problem is None and port != 0 and parts.port == port and _overlap(listen_host, target):
             problems.append(f"{path}.upstream: this proxy's own listen address: a loop")
-    if proxy.credential_headers and job.credentials_file is None:
-        problems.append(
-            f"{path}.credential_headers: the credentials' extras come from a "
-            "`credentials_file`, which this job does not have"
-        )
-    return problems
+    return problems + _api_call_problems(job, proxy.ca_bundle, proxy.credential_headers, path)
 
 
 def _resolved(path: Path) -> str | None:

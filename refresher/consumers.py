@@ -288,6 +288,29 @@ class Gate:
             return Decision(404, subject, "not_allowed")
         return Decision(200, subject, None)
 
+    async def admit(
+        self, name: str, credentials: list[str], record: Callable[[str], None]
+    ) -> Decision:
+        """`check` for the values of the caller's credential header (more than one is
+        refused: which would count?), every refusal counted (`record`, by reason) and logged
+        (never the credential)."""
+        if len(credentials) > 1:
+            decision = Decision(401, None, "invalid")
+        else:
+            decision = await self.check(name, credentials[0] if credentials else None)
+        if decision.reason is not None:
+            record(decision.reason)
+            log.warning(
+                "consumer refused",
+                extra={
+                    "token": name if name in self.jobs else None,
+                    "status": decision.status,
+                    "reason": decision.reason,
+                    "subject": decision.subject.name if decision.subject else None,
+                },
+            )
+        return decision
+
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 

@@ -49,6 +49,7 @@ from refresher.errors import RefreshError
 from refresher.idp import IdPClient, new_session
 from refresher.liveness import Running, heartbeat_interval, is_alive, stuck_after
 from refresher.metrics import ApiStats, JobSnapshot, Metrics, ProxyStats, WatchStats
+from refresher.nudge import nudgers
 from refresher.probe import Prober
 from refresher.ratelimit import RateLimits
 from refresher.refresh import JobRunner, Listener, ReportAnswer, ReportTicket
@@ -480,11 +481,8 @@ class Daemon:
             self.server.stop()
         for gate in self.gates:
             gate.close()
-        for runner in self.runners:
-            for sink in runner.sinks:
-                nudger = getattr(sink, "nudger", None)
-                if nudger is not None:
-                    nudger.close()  # a successor nudges from now on
+        for nudger in nudgers(sink for runner in self.runners for sink in runner.sinks):
+            nudger.close()  # a successor nudges from now on
         self._stopped.set()
         log.info("stopped")
 

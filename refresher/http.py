@@ -30,6 +30,7 @@ import contextlib
 import errno
 import ipaddress
 import logging
+import math
 import os
 import resource
 import socket
@@ -117,6 +118,17 @@ class Limits:
     max_field_size: int = 4096
     max_headers: int = 32
     backlog: int = 64
+
+
+def json_answer(
+    status: int, payload: dict[str, Any], *, retry_after: float | None = None
+) -> web.Response:
+    """An answer of the refresher's own listeners: JSON, never cached, with `Retry-After` in
+    whole seconds (at least 1) when given."""
+    headers = {"Cache-Control": "no-store"}
+    if retry_after is not None:
+        headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
+    return web.json_response(payload, status=status, headers=headers)
 
 
 class ListenError(OSError):

@@ -325,6 +325,12 @@ class Nudger:
         return "nudged"
 
 
+def nudgers(sinks: Iterable[object]) -> list[Nudger]:
+    """The nudgers of those of `sinks` that nudge (Secret sinks with a `nudge`)."""
+    found = (getattr(sink, "nudger", None) for sink in sinks)
+    return [nudger for nudger in found if isinstance(nudger, Nudger)]
+
+
 def _annotation(pod: Mapping[str, Any]) -> str | None:
     """The fingerprint a previous nudge left on the pod (no patch when it is this one)."""
     annotations = (pod.get("metadata") or {}).get("annotations") or {}

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -54,7 +53,7 @@ from yarl import URL
 from refresher.board import TokenBoard
 from refresher.config import ProxyConfig, TokenJobConfig
 from refresher.consumers import Decision, Gate
-from refresher.http import HttpServer, Limits
+from refresher.http import HttpServer, Limits, json_answer
 from refresher.metrics import ProxyStats
 from refresher.refresh import ReportAnswer, ReportTicket
 from refresher.tokens import Token
@@ -361,11 +360,7 @@ class Proxy:
         if target is None:
             return _json(400, "this path cannot be sent to the upstream")
         credentials = request.headers.getall(CONSUMER_CREDENTIAL, [])
-        if len(credentials) > 1:  # which one would count?
-            decision = Decision(401, None, "invalid")
-        else:
-            credential = credentials[0] if credentials else None
-            decision = await self.context.gate.check(self.name, credential)
+        decision = await self.context.gate.admit(self.name, credentials, self.context.auth_failure)
         if decision.status != 200:
             return self._refused(decision)
         entry = self.context.board.current(self.name)
@@ -687,17 +682,6 @@ class Proxy:
 
     def _refused(self, decision: Decision) -> web.StreamResponse:
         """A consumer refused by the gate, on a connection closed after the answer."""
-        if decision.reason is not None:
-            self.context.auth_failure(decision.reason)
-            log.warning(
-                "consumer refused",
-                extra={
-                    "token": self.name,
-                    "status": decision.status,
-                    "reason": decision.reason,
-                    "subject": decision.subject.name if decision.subject else None,
-                },
-            )
         if decision.status == 401:
             response = _json(401, f"a valid bearer credential is required in {CONSUMER_CREDENTIAL}")
             response.headers["WWW-Authenticate"] = 'Bearer realm="refresher"'
@@ -715,10 +699,7 @@ def _json(
     """An answer of the proxy's own (not the upstream's): JSON, never cached, never saying
     more than what went wrong."""
     payload = {"error": error} if reason is None else {"error": error, "reason": reason}
-    headers = {"Cache-Control": "no-store"}
-    if retry_after is not None:
-        headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
-    return web.json_response(payload, status=status, headers=headers)
+    return json_answer(status, payload, retry_after=retry_after)
 
 
 # Answers to a report after which no new token is on its way (unless `refreshing`): the
