@@ -146,9 +146,16 @@ def _old_temp_files(folder: Path) -> int:
     """Abandoned temp files that outlived a sweep: older than the sweep's threshold (60 s)
     by more than a round, so a process started after they crossed it has run."""
     now = time.time()
-    return sum(
-        1 for p in folder.iterdir() if p.name.endswith(".tmp") and now - p.stat().st_mtime > 90
-    )
+    old = 0
+    for path in folder.iterdir():
+        if not path.name.endswith(".tmp"):
+            continue
+        try:
+            # The daemon still running may finish or sweep it between the listing and here.
+            old += now - path.stat().st_mtime > 90
+        except FileNotFoundError:
+            continue
+    return old
 
 
 def _caught_up(folder: Path, idp: LocalIdP) -> bool:

@@ -20,10 +20,12 @@ from urllib.parse import urlsplit
 from refresher import __version__, logs
 from refresher.clock import format_utc
 from refresher.config import Config, KubernetesSinkConfig, load_config
-from refresher.errors import ConfigError, RefreshError
+from refresher.discovery import metadata_problem
+from refresher.errors import ConfigError, Reason, RefreshError
 from refresher.idp import IdPClient, new_session
 from refresher.metrics import Metrics
 from refresher.nudge import NEVER_WHY, nudgers
+from refresher.presets import TLS_METHODS
 from refresher.refresh import JobRunner
 from refresher.schedule import as_stored, believable, stored_lifetime_bound, token_refresh_at
 from refresher.sinks import SinkFactory, describe
@@ -66,6 +68,11 @@ def _parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check", parents=[with_config], help="validate the config")
     check.add_argument(
         "--fetch", action="store_true", help="also fetch each token once (not written)"
+    )
+    check.add_argument(
+        "--offline",
+        action="store_true",
+        help="do not read the discovery documents of jobs with an issuer",
     )
     check.add_argument(
         "--include-revoking",
@@ -203,17 +210,23 @@ def push_metrics(metrics: Metrics, url: str) -> bool:
 
 
 def cmd_check(config: Config, args: argparse.Namespace) -> int:
+    idp = IdPClient(new_session())
+    discovered: dict[str, str] = {}
+    status = EXIT_OK if args.offline else _check_discovery(config, idp, discovered)
     print(f"config OK: {len(config.jobs)} token job(s)")
     for job in config.jobs:
-        url = urlsplit(job.token_url or "(from credentials_file)")
+        where = job.token_url or job.issuer_url
+        url = urlsplit(where or "(from credentials_file)")
+        kind = "url" if job.token_url or not job.issuer_url else "issuer"
         sinks = ", ".join(describe(sink) for sink in job.sinks)
         print(
-            f"  {job.name}: provider={job.provider} url={url.scheme}://{url.netloc}{url.path} "
-            f"scopes={' '.join(job.scopes) or '-'} sinks={sinks}"
+            f"  {job.name}: provider={job.provider} {kind}={url.scheme}://{url.netloc}{url.path} "
+            f"auth={job.auth} scopes={' '.join(job.scopes) or '-'} sinks={sinks}"
         )
-    if not args.fetch:
-        return EXIT_OK
-    idp = IdPClient(new_session())
+        if job.name in discovered:
+            print(f"    {discovered[job.name]}")
+    if status != EXIT_OK or not args.fetch:
+        return status
     failed = False
     for job in config.jobs:
         if job.revokes_on_reissue and not args.include_revoking:
@@ -232,6 +245,39 @@ def cmd_check(config: Config, args: argparse.Namespace) -> int:
             f"expires in {token.expires_at - time.time():.0f} s (not written)"
         )
     return EXIT_FAILED if failed else EXIT_OK
+
+
+def _check_discovery(config: Config, idp: IdPClient, discovered: dict[str, str]) -> int:
+    """Read the discovery document of each job with an issuer: one that does not take the
+    job's setup is a config error (ConfigError: exit 2); one that cannot be read, a failure.
+    `discovered`: what each job's document says, by job name."""
+    problems: list[str] = []
+    unreachable = False
+    for index, job in enumerate(config.jobs):
+        if job.token_url or job.issuer_url is None:
+            continue
+        try:
+            metadata = idp.discovery.metadata(job)
+        except RefreshError as err:
+            if err.reason is Reason.DISCOVERY:
+                problems.append(f"tokens[{index}].issuer: {err.message}")
+            else:
+                unreachable = True
+                discovered[job.name] = f"discovery FAILED {err}"
+            continue
+        try:
+            problem = metadata_problem(job, metadata, idp.assertion_alg(job))
+        except RefreshError as err:  # the key: reported by the config check already
+            problem = f"private_key: {err.message}"
+        if problem is not None:
+            problems.append(f"tokens[{index}].{problem}")
+            continue
+        alias = metadata.mtls_token_endpoint if job.auth in TLS_METHODS else None
+        # Validated printable by `discovery.parse_metadata`.
+        discovered[job.name] = f"token endpoint {alias or metadata.token_endpoint} (discovered)"
+    if problems:
+        raise ConfigError(problems)
+    return EXIT_FAILED if unreachable else EXIT_OK
 
 
 def status_rows(config: Config, now: float) -> tuple[list[tuple[str, ...]], bool]:

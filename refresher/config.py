@@ -29,11 +29,19 @@ from pydantic import (
     model_validator,
 )
 
-from refresher.credentials import check_credentials
+from refresher.clientauth import MIN_HMAC_SECRET_BYTES, check_key_material
+from refresher.credentials import Credentials, check_credentials
 from refresher.endpoints import endpoint_key
 from refresher.endpoints import token_url as resolve_token_url
 from refresher.errors import ConfigError, RefreshError
-from refresher.presets import PRESETS, ProviderName, apply_preset
+from refresher.presets import (
+    PRESETS,
+    TLS_METHODS,
+    ProviderName,
+    RegisteredAuthMethod,
+    apply_preset,
+    registered_auth_method,
+)
 from refresher.schedule import SchedulePolicy
 
 # ---------------------------------------------------------------------------- value types
@@ -106,6 +114,12 @@ class CredentialSource(_Strict):
 
 def _literal_to_source(value: Any) -> Any:
     return {"value": value} if isinstance(value, str) else value
+
+
+class FileSource(_Strict):
+    """Key material, read from its file (and read again whenever the file changes)."""
+
+    file: Annotated[Path, BeforeValidator(_no_nul)]
 
 
 # ---------------------------------------------------------------------------------- sinks
@@ -438,20 +452,90 @@ class ConsumersConfig(_Strict):
         return bool(self.service_accounts or self.namespaces)
 
 
+# `auth`: how the client proves who it is. The registered names (RFC 7591, RFC 8705), plus
+# `federated_jwt` (a token from a file as the client assertion) and the older spellings
+# `basic`, `basic_raw` and `body` (presets.AUTH_ALIASES).
+AuthMethod = Literal[RegisteredAuthMethod, "federated_jwt", "basic", "basic_raw", "body"]
+SECRET_METHODS = frozenset(
+    {"client_secret_basic", "client_secret_post", "client_secret_jwt", "basic", "basic_raw", "body"}
+)
+JWT_METHODS = frozenset({"client_secret_jwt", "private_key_jwt"})
+# Assertions signed with a private key; HS256 (the client secret) is client_secret_jwt's.
+KEY_ALGORITHMS = ("RS256", "PS256", "ES256")
+
+# Longest an assertion may live: it is a bearer credential until it expires, so a short
+# window bounds what a copy of it is worth (the IdP's replay check only covers its `jti`).
+MAX_ASSERTION_LIFETIME = 600.0
+
+
+class AssertionConfig(_Strict):
+    """The client assertion of `client_secret_jwt` and `private_key_jwt` (RFC 7523)."""
+
+    # `aud`: `token_endpoint` (the resolved token URL), `issuer` (the job's issuer), or a
+    # literal URI.
+    audience: Annotated[str, Field(min_length=1, max_length=2048)] = "token_endpoint"
+    # `exp - iat`; a fresh assertion is signed for every token request.
+    lifetime: Annotated[PositiveDuration, Field(ge=10.0, le=MAX_ASSERTION_LIFETIME)] = 300.0
+    # Also send `nbf` (= `iat`); some IdPs want it.
+    not_before: bool = False
+    # Also send the SHA-1 thumbprint header `x5t` beside `x5t#S256` (older Entra guidance).
+    legacy_x5t: bool = False
+
+
+# Parameters every token request sets from the job's own keys (RFC 6749 4.4.2, 2.3.1; RFC
+# 7523 2.2; RFC 8707 2): a form or query parameter of one of these names would be a second.
+RESERVED_PARAMS = frozenset(
+    {
+        "grant_type",
+        "scope",
+        "audience",
+        "resource",
+        "client_id",
+        "client_secret",
+        "client_assertion",
+        "client_assertion_type",
+    }
+)
+
+_TENANT_ID = re.compile(r"[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}")
+
+
 class TokenJobConfig(_Strict):
     """One configured token: where to ask, when to refresh, where to write."""
 
     name: str = Field(pattern=_NAME)
     provider: ProviderName = "generic"
     token_url: str | None = None
+    # Instead of `token_url`: the IdP's issuer, whose discovery document (discovery.py) names
+    # the token endpoint and the client authentication methods it takes.
+    issuer: str | None = None
+    # Entra ID's Directory (tenant) ID, which gives the issuer.
+    tenant_id: str | None = None
     client_id: Annotated[CredentialSource | None, BeforeValidator(_literal_to_source)] = None
     client_secret: CredentialSource | None = None
     credentials_file: Path | None = None  # Lucidtech credentials.cfg
     scopes: list[str] = Field(default_factory=list)
     # Where grant_type, scope and audience travel: the query string or the form body.
     scope_in: Literal["query", "body"] = "body"
-    auth: Literal["basic", "basic_raw", "body"] = "basic"
+    auth: AuthMethod = "basic"
+    # private_key_jwt: the signing key (RSA or EC PEM), its certificate (for the `x5t#S256`
+    # header), the `kid` header and the algorithm (default RS256 for RSA, ES256 for EC).
+    private_key: FileSource | None = None
+    certificate: FileSource | None = None
+    key_id: Annotated[str, Field(pattern=r"^[\x21-\x7e]{1,256}$")] | None = None
+    alg: Literal["RS256", "PS256", "ES256", "HS256"] | None = None
+    assertion: AssertionConfig = Field(default_factory=AssertionConfig)
+    # federated_jwt: the assertion is this file's token (a projected service-account token).
+    assertion_file: Annotated[Path, BeforeValidator(_no_nul)] | None = None
+    # tls_client_auth and self_signed_tls_client_auth: the client certificate and its key.
+    client_certificate: FileSource | None = None
+    client_key: FileSource | None = None
     audience: str | None = None
+    # RFC 8707 resource indicators, each sent as a `resource` parameter.
+    resource: list[Annotated[str, Field(min_length=1, max_length=2048)]] = Field(
+        default_factory=list
+    )
+    # Extra parameters and headers; never one the refresher sets itself (RESERVED_PARAMS).
     form_params: dict[str, str] = Field(default_factory=dict)
     query_params: dict[str, str] = Field(default_factory=dict)
     headers: dict[str, str] = Field(default_factory=dict)
@@ -487,6 +571,29 @@ class TokenJobConfig(_Strict):
     def _split_scopes(cls, value: Any) -> Any:
         return value.split() if isinstance(value, str) else value
 
+    @field_validator("form_params", "query_params")
+    @classmethod
+    def _not_reserved_params(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in value:
+            if name in RESERVED_PARAMS:
+                raise ValueError(
+                    f"`{name}` is set by the refresher (from the job's own keys: scopes, "
+                    "audience, resource, client_id, auth); a second one would be sent beside it"
+                )
+        return value
+
+    @field_validator("headers")
+    @classmethod
+    def _not_authorization_header(cls, value: dict[str, str]) -> dict[str, str]:
+        if any(name.lower() == "authorization" for name in value):
+            raise ValueError("`Authorization` carries the client authentication; set `auth`")
+        return value
+
+    @field_validator("resource", mode="before")
+    @classmethod
+    def _one_resource(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
     @field_validator("client_secret", mode="before")
     @classmethod
     def _no_literal_secret(cls, value: Any) -> Any:
@@ -499,6 +606,23 @@ class TokenJobConfig(_Strict):
 
     def schedule_policy(self) -> SchedulePolicy:
         return SchedulePolicy(margin=self.margin, min_interval=self.min_refresh_interval)
+
+    @property
+    def issuer_url(self) -> str | None:
+        """The issuer discovery starts from: `issuer`, or the preset's from `tenant_id`,
+        with the trailing slash the provider's issuer has."""
+        preset = PRESETS[self.provider]
+        issuer = self.issuer
+        if issuer is None and self.tenant_id is not None and preset.issuer_template:
+            # Entra's own documents spell the tenant in lower case; the issuer must match.
+            issuer = preset.issuer_template.format(tenant_id=self.tenant_id.lower())
+        if issuer is not None and preset.issuer_trailing_slash and not issuer.endswith("/"):
+            issuer += "/"
+        return issuer
+
+    @property
+    def uses_client_secret(self) -> bool:
+        return self.auth in SECRET_METHODS
 
 
 # ------------------------------------------------------------------------------- settings
@@ -646,25 +770,26 @@ def url_problem(
 
 
 def _job_problems(job: TokenJobConfig, path: str) -> tuple[list[str], str | None, str | None]:
-    """Rules across one job's fields. Returns problems, the token URL and the client id."""
+    """Rules across one job's fields. Returns problems, the job's endpoint (its token URL, or
+    its issuer: what the one-writer rule compares) and the client id."""
     problems: list[str] = []
     preset = PRESETS[job.provider]
     credential_problems, credentials = check_credentials(job, path)
     problems += credential_problems
-    token_url: str | None = None
-    if credentials is not None:
-        with contextlib.suppress(RefreshError):
-            token_url = resolve_token_url(job, credentials)
-    elif job.token_url:
-        token_url = job.token_url
-    if token_url is None:
-        if credentials is not None or job.credentials_file is None:
-            problems.append(f"{path}.token_url: required")
-    else:
-        problem = url_problem(token_url, job.allow_insecure_http)
-        if problem:
-            where = "token_url" if job.token_url else "credentials_file (auth_endpoint)"
-            problems.append(f"{path}.{where}: {problem}")
+    endpoint_problems, endpoint = _endpoint_problems(job, path, credentials)
+    problems += endpoint_problems
+    problems += _auth_problems(job, path)
+    secret = credentials.client_secret if credentials is not None else None
+    if (
+        job.auth == "client_secret_jwt"
+        and secret is not None
+        and len(secret.encode("utf-8", "surrogateescape")) < MIN_HMAC_SECRET_BYTES
+    ):
+        problems.append(
+            f"{path}.client_secret: client_secret_jwt signs with it, so it must be at least "
+            f"{MIN_HMAC_SECRET_BYTES} bytes (RFC 7518 3.2); this one is shorter"
+        )
+    problems += check_key_material(job, path)
 
     if preset.requires_scope and not job.scopes:
         problems.append(f"{path}.scopes: the {job.provider} provider needs at least one scope")
@@ -672,6 +797,21 @@ def _job_problems(job: TokenJobConfig, path: str) -> tuple[list[str], str | None
         problems.append(
             f"{path}.scopes: {job.provider} issues one token per scope; configure one job per scope"
         )
+    suffix = preset.scope_suffix
+    for scope in job.scopes:
+        if suffix is not None and not scope.endswith(suffix):
+            problems.append(
+                f"{path}.scopes: {scope!r} does not end in {suffix}: with client credentials, "
+                f"{job.provider} takes `<resource>{suffix}` (like "
+                f"https://graph.microsoft.com{suffix}); the permissions granted are those of the "
+                "app registration, not named in the request"
+            )
+    for index, resource in enumerate(job.resource):
+        if not _absolute_uri(resource):
+            problems.append(
+                f"{path}.resource[{index}]: an absolute URI without a fragment (RFC 8707 2), "
+                "like https://api.example.com"
+            )
     if preset.requires_audience and not job.audience:
         problems.append(f"{path}.audience: the {job.provider} provider needs the API address")
     if job.margin is not None and job.lifetime is not None and job.margin >= job.lifetime:
@@ -681,7 +821,167 @@ def _job_problems(job: TokenJobConfig, path: str) -> tuple[list[str], str | None
     problems += _probe_problems(job, f"{path}.probe")
 
     client_id = credentials.client_id if credentials is not None else None
-    return problems, token_url, client_id
+    return problems, endpoint, client_id
+
+
+def _endpoint_problems(
+    job: TokenJobConfig, path: str, credentials: Credentials | None
+) -> tuple[list[str], str | None]:
+    """Where the job asks: a token URL, a credentials file's endpoint, or an issuer (or
+    Entra's tenant). Returns problems and the endpoint (`issuer <url>` for an issuer)."""
+    preset = PRESETS[job.provider]
+    problems: list[str] = []
+    if job.tenant_id is not None:
+        if preset.issuer_template is None:
+            problems.append(f"{path}.tenant_id: only the entra provider takes a tenant_id")
+        elif not _TENANT_ID.fullmatch(job.tenant_id):
+            problems.append(
+                f"{path}.tenant_id: the Directory (tenant) ID, a GUID: Entra's discovery "
+                "document names the issuer by it, so a domain name would not match"
+            )
+        if job.issuer is not None:
+            problems.append(f"{path}.tenant_id: give tenant_id or issuer, not both")
+    issuer = job.issuer_url
+    if issuer is not None and job.token_url:
+        problems.append(f"{path}.issuer: give token_url or issuer (discovery), not both")
+    if issuer is not None and not job.token_url:
+        problem = url_problem(issuer, job.allow_insecure_http)
+        if problem is None and ("?" in issuer or "#" in issuer):
+            problem = "an issuer has no query string or fragment (RFC 8414 2)"
+        shape = preset.issuer_shape
+        if problem is None and shape is not None and not re.search(shape[0], urlsplit(issuer).path):
+            problem = f"a {job.provider} issuer is {shape[1]}"
+        if problem is not None:
+            where = "issuer" if job.issuer is not None else "tenant_id"
+            problems.append(f"{path}.{where}: {problem}")
+        return problems, f"issuer {endpoint_key(issuer)}"
+
+    token_url: str | None = None
+    if credentials is not None:
+        with contextlib.suppress(RefreshError):
+            token_url = resolve_token_url(job, credentials)
+    elif job.token_url:
+        token_url = job.token_url
+    if token_url is None:
+        if preset.issuer_template is not None:
+            problems.append(f"{path}.tenant_id: required (or issuer, or token_url)")
+        elif preset.requires_issuer:
+            problems.append(
+                f"{path}.issuer: required: the {job.provider} provider is found by its issuer's "
+                "discovery document (or give token_url)"
+            )
+        elif credentials is not None or job.credentials_file is None:
+            problems.append(f"{path}.token_url: required (or issuer, for discovery)")
+    else:
+        problem = url_problem(token_url, job.allow_insecure_http)
+        if problem:
+            where = "token_url" if job.token_url else "credentials_file (auth_endpoint)"
+            problems.append(f"{path}.{where}: {problem}")
+    return problems, token_url and endpoint_key(token_url)
+
+
+def _absolute_uri(value: str) -> bool:
+    """An absolute URI without a fragment (`https://api.example.com`, `urn:x:y`)."""
+    try:
+        parts = urlsplit(value)
+    except ValueError:  # `https://[::1`
+        return False
+    return bool(parts.scheme and (parts.netloc or parts.path)) and "#" not in value
+
+
+def _preset_auth_problems(job: TokenJobConfig, path: str) -> list[str]:
+    preset = PRESETS[job.provider]
+    problems: list[str] = []
+    method = job.auth if job.auth == "federated_jwt" else registered_auth_method(job.auth)
+    if preset.auth_methods is not None and method not in preset.auth_methods:
+        problems.append(
+            f"{path}.auth: {job.provider} does not take {job.auth} (it takes "
+            f"{', '.join(sorted(preset.auth_methods))})"
+        )
+    if job.auth == "private_key_jwt":
+        algs = preset.assertion_algs
+        if algs is not None and job.alg is not None and job.alg not in algs:
+            problems.append(f"{path}.alg: {job.provider} takes {', '.join(algs)}")
+        if preset.requires_certificate and job.certificate is None:
+            problems.append(
+                f"{path}.certificate: required: {job.provider} finds the key by its "
+                "certificate's thumbprint (the x5t#S256 header)"
+            )
+    limit = preset.max_assertion_lifetime
+    if limit is not None and job.auth in JWT_METHODS and job.assertion.lifetime > limit:
+        problems.append(
+            f"{path}.assertion.lifetime: {job.provider} takes assertions of at most {limit:g} s"
+        )
+    if job.resource and not preset.takes_resource:
+        problems.append(
+            f"{path}.resource: {job.provider} refuses the resource parameter; name the "
+            "resource in the scope (`<resource>/.default`)"
+        )
+    return problems
+
+
+# Which fields belong to which `auth` methods.
+_METHOD_FIELDS: dict[str, frozenset[str]] = {
+    "private_key": frozenset({"private_key_jwt"}),
+    "certificate": frozenset({"private_key_jwt"}),
+    "key_id": JWT_METHODS,
+    "alg": JWT_METHODS,
+    "assertion_file": frozenset({"federated_jwt"}),
+    "client_certificate": TLS_METHODS,
+    "client_key": TLS_METHODS,
+}
+_REQUIRED_FIELDS: dict[str, tuple[str, ...]] = {
+    "private_key_jwt": ("private_key",),
+    "federated_jwt": ("assertion_file",),
+    "tls_client_auth": ("client_certificate", "client_key"),
+    "self_signed_tls_client_auth": ("client_certificate", "client_key"),
+}
+
+
+def _auth_problems(job: TokenJobConfig, path: str) -> list[str]:
+    """The fields of the job's `auth` method: each it needs, none of another's; and what
+    the provider takes."""
+    method = job.auth
+    problems = _preset_auth_problems(job, path)
+    for name, methods in _METHOD_FIELDS.items():
+        if getattr(job, name) is not None and method not in methods:
+            problems.append(
+                f"{path}.{name}: not used by auth: {method} (only by {', '.join(sorted(methods))})"
+            )
+    for name in _REQUIRED_FIELDS.get(method, ()):
+        if getattr(job, name) is None:
+            problems.append(f"{path}.{name}: required by auth: {method}")
+    if not job.uses_client_secret:
+        if job.client_secret is not None:
+            problems.append(
+                f"{path}.client_secret: not used by auth: {method}; remove it (a secret "
+                "nothing needs is one more to leak)"
+            )
+        if job.credentials_file is not None:
+            problems.append(
+                f"{path}.credentials_file: holds a client secret, which auth: {method} does "
+                "not use; give client_id instead"
+            )
+    if method == "private_key_jwt" and job.alg == "HS256":
+        problems.append(
+            f"{path}.alg: HS256 signs with the client secret: that is auth: client_secret_jwt "
+            f"(a private key signs with {', '.join(KEY_ALGORITHMS)})"
+        )
+    if method == "client_secret_jwt" and job.alg not in (None, "HS256"):
+        problems.append(f"{path}.alg: client_secret_jwt signs with HS256 (the client secret)")
+    if job.assertion.legacy_x5t and job.certificate is None:
+        problems.append(f"{path}.assertion.legacy_x5t: needs the certificate (`certificate`)")
+    audience = job.assertion.audience
+    if method in JWT_METHODS:
+        if audience == "issuer" and job.issuer_url is None:
+            problems.append(
+                f"{path}.assertion.audience: `issuer` needs the job's issuer (`issuer:`)"
+            )
+        elif audience not in ("token_endpoint", "issuer") and not _absolute_uri(audience):
+            problems.append(
+                f"{path}.assertion.audience: token_endpoint, issuer, or an absolute URI"
+            )
+    return problems
 
 
 def _probe_problems(job: TokenJobConfig, path: str) -> list[str]:
@@ -716,22 +1016,29 @@ def _cross_job_problems(
 ) -> list[str]:
     problems: list[str] = []
     names: dict[str, int] = {}
-    writers: dict[tuple[str, str, frozenset[str]], int] = {}
+    writers: dict[tuple[str, str, frozenset[str], str | None, frozenset[str]], int] = {}
     sink_paths: dict[str, str] = {}
-    for index, job, token_url, client_id in jobs:
+    for index, job, endpoint, client_id in jobs:
         path = f"tokens[{index}]"
         if job.name in names:
             problems.append(
                 f"{path}.name: {job.name!r} is already the name of tokens[{names[job.name]}]"
             )
         names.setdefault(job.name, index)
-        if token_url is not None and client_id is not None:
-            key = (endpoint_key(token_url), client_id, frozenset(job.scopes))
+        if endpoint is not None and client_id is not None:
+            key = (
+                endpoint,
+                client_id,
+                frozenset(job.scopes),
+                job.audience,
+                frozenset(job.resource),
+            )
             if key in writers:
                 problems.append(
-                    f"{path}: requests the same token as tokens[{writers[key]}] (same token_url, "
-                    "client_id and scopes); on an IdP that revokes the previous token on reissue "
-                    "each would kill the other's token. Use one job with several sinks."
+                    f"{path}: requests the same token as tokens[{writers[key]}] (same token "
+                    "endpoint, client_id, scopes, audience and resource); on an IdP that revokes "
+                    "the previous token on reissue each would kill the other's token. Use one "
+                    "job with several sinks."
                 )
             writers.setdefault(key, index)
         for sink_index, sink in enumerate(job.sinks):
@@ -871,6 +1178,11 @@ def _read_files(
             if source is not None:
                 add(source.file, f"the file of tokens[{index}].{name}")
         add(job.credentials_file, f"tokens[{index}].credentials_file")
+        add(job.assertion_file, f"tokens[{index}].assertion_file")
+        for name in ("private_key", "certificate", "client_certificate", "client_key"):
+            key_file: FileSource | None = getattr(job, name)
+            if key_file is not None:
+                add(key_file.file, f"the file of tokens[{index}].{name}")
         add(job.ca_bundle, f"tokens[{index}].ca_bundle")
         if job.probe is not None:
             add(job.probe.ca_bundle, f"tokens[{index}].probe.ca_bundle")
@@ -941,9 +1253,9 @@ def validate(data: Any, *, config_path: Path | None = None) -> Config:
         except ValidationError as err:
             problems += _pydantic_problems(err, path)
             continue
-        job_problems, token_url, client_id = _job_problems(job, path)
+        job_problems, endpoint, client_id = _job_problems(job, path)
         problems += job_problems
-        jobs.append((index, job, token_url, client_id))
+        jobs.append((index, job, endpoint, client_id))
     problems += _cross_job_problems(jobs)
 
     settings = Settings()

@@ -85,7 +85,25 @@ MAX_CREDENTIAL_FILE_BYTES = 64 * 1024
 
 
 def _read_text(path: Path) -> str:
-    """A credential file's text. Raises OSError (unreadable) or RefreshError (not one).
+    """A credential file's text. Raises OSError (unreadable) or RefreshError (not one)."""
+    try:
+        return _read_bytes(path).decode("utf-8")
+    except UnicodeDecodeError:
+        raise RefreshError(Reason.CREDENTIALS, f"{path} is not UTF-8 text") from None
+
+
+def read_credential_file(path: Path) -> bytes:
+    """A key, certificate or token file's bytes, read as a secret file is (no FIFO, no
+    endless file, a warning when every user may read it). Raises RefreshError
+    (CREDENTIALS) with the reason, never the content."""
+    try:
+        return _read_bytes(path)
+    except OSError as err:
+        raise RefreshError(Reason.CREDENTIALS, f"cannot read {path}: {err.strerror}") from None
+
+
+def _read_bytes(path: Path) -> bytes:
+    """A credential file's bytes. Raises OSError (unreadable) or RefreshError (not one).
 
     Warns once per path when every user may read the file. Group-readable files are not
     warned about: a Kubernetes Secret volume with `fsGroup` (or `defaultMode: 0440`) gives
@@ -120,10 +138,7 @@ def _read_text(path: Path) -> str:
             Reason.CREDENTIALS,
             f"{path} is longer than {MAX_CREDENTIAL_FILE_BYTES} bytes; not a credential",
         )
-    try:
-        return b"".join(chunks).decode("utf-8")
-    except UnicodeDecodeError:
-        raise RefreshError(Reason.CREDENTIALS, f"{path} is not UTF-8 text") from None
+    return b"".join(chunks)
 
 
 def read_lucidtech_cfg(path: Path) -> dict[str, str]:
@@ -159,9 +174,14 @@ def lucidtech_credentials(path: Path) -> Credentials:
 
 
 def _combine(
-    from_file: Credentials | None, client_id: str | None, client_secret: str | None
+    from_file: Credentials | None,
+    client_id: str | None,
+    client_secret: str | None,
+    *,
+    needs_secret: bool = True,
 ) -> Credentials:
-    """Values given in the job win over those of its credentials file."""
+    """Values given in the job win over those of its credentials file. A method without a
+    client secret (a private key, a certificate, a federated token) has an empty one."""
     if from_file is not None:
         return Credentials(
             client_id=from_file.client_id if client_id is None else client_id,
@@ -169,9 +189,10 @@ def _combine(
             extras=from_file.extras,
             auth_endpoint=from_file.auth_endpoint,
         )
-    if client_id is None or client_secret is None:  # validation makes this unreachable
+    if client_id is None or (needs_secret and client_secret is None):
+        # validation makes this unreachable
         raise RefreshError(Reason.CREDENTIALS, "no client_id and client_secret configured")
-    return Credentials(client_id=client_id, client_secret=client_secret)
+    return Credentials(client_id=client_id, client_secret=client_secret or "")
 
 
 def read_credentials(job: TokenJobConfig) -> Credentials:
@@ -182,7 +203,7 @@ def read_credentials(job: TokenJobConfig) -> Credentials:
     )
     client_id = CredentialRef.of(job.client_id).read() if job.client_id else None
     client_secret = CredentialRef.of(job.client_secret).read() if job.client_secret else None
-    return _combine(from_file, client_id, client_secret)
+    return _combine(from_file, client_id, client_secret, needs_secret=job.uses_client_secret)
 
 
 def check_credentials(job: TokenJobConfig, path: str) -> tuple[list[str], Credentials | None]:
@@ -196,10 +217,10 @@ def check_credentials(job: TokenJobConfig, path: str) -> tuple[list[str], Creden
         except RefreshError as err:
             problems.append(f"{path}.credentials_file: {err.message}")
     else:
+        required = ("client_id", "client_secret") if job.uses_client_secret else ("client_id",)
+        hint = " (or give credentials_file)" if job.uses_client_secret else ""
         problems += [
-            f"{path}.{name}: required (or give credentials_file)"
-            for name in ("client_id", "client_secret")
-            if getattr(job, name) is None
+            f"{path}.{name}: required{hint}" for name in required if getattr(job, name) is None
         ]
     values: dict[str, str] = {}
     for name in ("client_id", "client_secret"):
@@ -211,4 +232,10 @@ def check_credentials(job: TokenJobConfig, path: str) -> tuple[list[str], Creden
                 problems.append(f"{path}.{name}: {err.message}")
     if problems:
         return problems, None
-    return [], _combine(from_file, values.get("client_id"), values.get("client_secret"))
+    credentials = _combine(
+        from_file,
+        values.get("client_id"),
+        values.get("client_secret"),
+        needs_secret=job.uses_client_secret,
+    )
+    return [], credentials

@@ -17,7 +17,8 @@ class Reason(StrEnum):
     HTTP_5XX = "http_5xx"
     INVALID_RESPONSE = "invalid_response"  # not JSON, no access_token, bad lifetime, redirect
     INVALID_CLIENT = "invalid_client"  # the IdP rejected the client credentials
-    CREDENTIALS = "credentials"  # our own credential source could not be read
+    CREDENTIALS = "credentials"  # our own credential source (secret, key, certificate) unusable
+    DISCOVERY = "discovery"  # the IdP's metadata document is unusable for this job
     SINK = "sink"  # a token could not be written to (or read from) a sink
     INTERNAL = "internal"  # a bug: caught so that one job cannot stop the daemon
 

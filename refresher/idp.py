@@ -13,8 +13,10 @@ from __future__ import annotations
 import base64
 import email.utils
 import json
+import logging
 import math
 import re
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -26,13 +28,18 @@ import urllib3
 from requests.adapters import HTTPAdapter
 
 from refresher import __version__
+from refresher.clientauth import ClientAuthentication, KeyMaterial, authenticate
+from refresher.clientauth import basic_authorization as basic_authorization
 from refresher.clock import Clock
 from refresher.config import TokenJobConfig, url_problem
 from refresher.credentials import Credentials, read_credentials
+from refresher.discovery import Discovery, ProviderMetadata, metadata_problem
 from refresher.endpoints import endpoint_key, token_url
 from refresher.errors import Reason, RefreshError
 from refresher.ratelimit import RateLimits
 from refresher.tokens import Token, compute_expiry, plain_text, token_problem
+
+log = logging.getLogger(__name__)
 
 # A token response is a few KiB; anything far larger is not one and is not read into memory.
 MAX_RESPONSE_BYTES = 1024 * 1024
@@ -42,31 +49,28 @@ _DESCRIPTION_LIMIT = 200
 @dataclass(frozen=True)
 class TokenRequest:
     url: str
-    query: dict[str, str]
-    form: dict[str, str] = field(repr=False)  # may hold the client secret
+    # Lists of pairs: a parameter may repeat (RFC 8707's `resource`).
+    query: list[tuple[str, str]]
+    form: list[tuple[str, str]] = field(repr=False)  # may hold the secret or an assertion
     headers: dict[str, str] = field(repr=False)  # may hold the Basic credentials
     connect_timeout: float
     read_timeout: float
     verify: bool | str
+    # The client certificate (files) for the TLS handshake, RFC 8705.
+    cert: tuple[str, str] | None = None
 
 
-def basic_authorization(client_id: str, client_secret: str, *, form_encode: bool) -> str:
-    """The Basic header value. RFC 6749 2.3.1 form-urlencodes id and secret before base64."""
-    if form_encode:
-        client_id, client_secret = quote_plus(client_id), quote_plus(client_secret)
-    raw = f"{client_id}:{client_secret}".encode()
-    return "Basic " + base64.b64encode(raw).decode("ascii")
-
-
-def build_request(job: TokenJobConfig, credentials: Credentials, url: str) -> TokenRequest:
-    grant: dict[str, str] = {"grant_type": "client_credentials"}
+def build_request(job: TokenJobConfig, auth: ClientAuthentication, url: str) -> TokenRequest:
+    grant: list[tuple[str, str]] = [("grant_type", "client_credentials")]
     if job.scopes:
-        grant["scope"] = " ".join(job.scopes)
+        grant.append(("scope", " ".join(job.scopes)))
     if job.audience:
-        grant["audience"] = job.audience
-    query = dict(job.query_params)
-    form = dict(job.form_params)
-    (query if job.scope_in == "query" else form).update(grant)
+        grant.append(("audience", job.audience))
+    grant += [("resource", resource) for resource in job.resource]
+    query = list(job.query_params.items())
+    form = list(job.form_params.items())
+    (query if job.scope_in == "query" else form).extend(grant)
+    form.extend(auth.form)
 
     headers = {
         "Accept": "application/json",
@@ -76,14 +80,8 @@ def build_request(job: TokenJobConfig, credentials: Credentials, url: str) -> To
         "Content-Type": "application/x-www-form-urlencoded",
         "User-Agent": f"refresher/{__version__}",
         **job.headers,
+        **auth.headers,
     }
-    if job.auth == "body":
-        form["client_id"] = credentials.client_id
-        form["client_secret"] = credentials.client_secret
-    else:
-        headers["Authorization"] = basic_authorization(
-            credentials.client_id, credentials.client_secret, form_encode=job.auth == "basic"
-        )
     return TokenRequest(
         url=url,
         query=query,
@@ -92,6 +90,7 @@ def build_request(job: TokenJobConfig, credentials: Credentials, url: str) -> To
         connect_timeout=job.connect_timeout,
         read_timeout=job.read_timeout,
         verify=str(job.ca_bundle) if job.ca_bundle else True,
+        cert=auth.client_cert,
     )
 
 
@@ -371,9 +370,26 @@ class SendSettings:
         return settings
 
 
+# Added to an `invalid_client` answer: where to look, per method (never a value).
+_INVALID_CLIENT_HINTS = {
+    "private_key_jwt": "does the IdP have this key (its kid or certificate) for the client, "
+    "and are assertion.audience and this machine's clock right?",
+    "client_secret_jwt": "are the client secret, assertion.audience and this machine's clock "
+    "right?",
+    "federated_jwt": "does the client's federated credential at the IdP name the issuer, "
+    "subject and audience of the token in assertion_file?",
+    "tls_client_auth": "does the IdP have this certificate's subject for the client?",
+    "self_signed_tls_client_auth": "does the IdP have this certificate for the client?",
+}
+
+
 class IdPClient:
     """Sends token requests over one shared `requests.Session` (connection pooling), each
-    after its turn in the rate limit of its token endpoint (when `rate_limits` is given)."""
+    after its turn in the rate limit of its token endpoint (when `rate_limits` is given).
+
+    A job with a client certificate gets a session of its own per certificate and key
+    files, closed when their content changes: a pooled connection would go on presenting
+    the certificate it was opened with, long after cert-manager replaced it."""
 
     def __init__(
         self,
@@ -384,7 +400,14 @@ class IdPClient:
         self.session = session
         self.clock = clock
         self.rate_limits = rate_limits
+        self.keys = KeyMaterial()
+        self.discovery = Discovery(
+            self._get_document, clock, lambda url, job: url_problem(url, job.allow_insecure_http)
+        )
         self._environment = SendSettings(session)
+        self._tls_lock = threading.Lock()
+        # (certificate file, key file) -> (digest of their content, the session using them)
+        self._tls_sessions: dict[tuple[str, str], tuple[str, requests.Session]] = {}
 
     def fetch(
         self, job: TokenJobConfig, *, still_wanted: Callable[[], bool] = lambda: True
@@ -393,14 +416,65 @@ class IdPClient:
         `still_wanted()` says no once the turn came (this replica stopped leading meanwhile).
         Raises RefreshError for every classified failure."""
         credentials = read_credentials(job)
-        url = token_url(job, credentials)
+        metadata = self.metadata(job)
+        url = token_url(job, credentials, metadata)
         if self.rate_limits is not None:
             self.rate_limits.for_url(endpoint_key(url)).acquire()
         if not still_wanted():
             return None
-        return self.send(job, credentials, url)
+        return self.send(job, credentials, url, metadata)
 
-    def send(self, job: TokenJobConfig, credentials: Credentials, url: str) -> Token:
+    def metadata(self, job: TokenJobConfig) -> ProviderMetadata | None:
+        """The IdP metadata of a job with an issuer (None for one with a token URL), checked
+        to take the job's client authentication. Raises RefreshError."""
+        if job.token_url or job.issuer_url is None:
+            return None
+        metadata = self.discovery.metadata(job)
+        problem = metadata_problem(job, metadata, self.assertion_alg(job))
+        if problem is not None:
+            # Read again at the next attempt: the IdP's administrator may fix it meanwhile.
+            self.discovery.forget(job)
+            raise RefreshError(Reason.DISCOVERY, problem)
+        return metadata
+
+    def assertion_alg(self, job: TokenJobConfig) -> str | None:
+        """What the job's assertions are signed with (private_key_jwt: its key decides when
+        `alg` is unset). Raises RefreshError when the key cannot be read."""
+        if job.auth == "private_key_jwt":
+            return self.keys.signing_material(job).alg
+        return "HS256" if job.auth == "client_secret_jwt" else None
+
+    def close(self) -> None:
+        with self._tls_lock:
+            sessions = [session for _, session in self._tls_sessions.values()]
+            self._tls_sessions.clear()
+        for session in sessions:
+            session.close()
+
+    def _session_for(self, job: TokenJobConfig, auth: ClientAuthentication) -> requests.Session:
+        if auth.client_cert is None:
+            return self.session
+        with self._tls_lock:
+            known = self._tls_sessions.get(auth.client_cert)
+            if known is not None and known[0] == auth.client_cert_digest:
+                return known[1]
+            session = new_session(pool_size=2)
+            self._tls_sessions[auth.client_cert] = (auth.client_cert_digest or "", session)
+        if known is not None:
+            known[1].close()
+            log.info(
+                "client certificate changed; its pooled connections closed",
+                extra={"token": job.name, "path": auth.client_cert[0]},
+            )
+        return session
+
+    def send(
+        self,
+        job: TokenJobConfig,
+        credentials: Credentials,
+        url: str,
+        metadata: ProviderMetadata | None = None,
+    ) -> Token:
         """One token request, now, with these credentials."""
         if urlsplit(url).scheme != "https":
             # Validated with the config, but a credentials file's `auth_endpoint` is read
@@ -409,13 +483,18 @@ class IdPClient:
             if problem is not None:
                 where = urlsplit(url).hostname or "the token URL"
                 raise RefreshError(Reason.CREDENTIALS, f"token URL at {where}: {problem}")
-        request = build_request(job, credentials, url)
+        auth = authenticate(
+            job,
+            credentials,
+            token_endpoint=url,
+            issuer=job.issuer_url,
+            now=self.clock(),
+            keys=self.keys,
+        )
+        request = build_request(job, auth, url)
         # What an IdP might echo back in an error, in any encoding (`secret_echoes`): the
-        # secret, the Basic credentials it was sent in, the credentials' extras.
-        authorization = request.headers.get("Authorization", "").removeprefix("Basic ")
-        secrets = [credentials.client_secret, authorization, *credentials.extras.values()]
-        host = urlsplit(request.url).netloc
-        deadline = time.monotonic() + request.connect_timeout + request.read_timeout
+        # secret, the Basic credentials or assertion it was sent in, the credentials' extras.
+        secrets = [credentials.client_secret, *auth.secrets, *credentials.extras.values()]
         try:
             # Prepared alone, not by the session: the session would merge its cookie jar,
             # default headers and .netrc credentials into every request, which costs as much
@@ -428,32 +507,99 @@ class IdPClient:
                 data=request.form,
                 headers=request.headers,
             ).prepare()
-            with self.session.send(
+            status, headers, body = self._exchange(
+                self._session_for(job, auth),
                 prepared,
-                timeout=(request.connect_timeout, request.read_timeout),
+                (request.connect_timeout, request.read_timeout),
+                request.verify,
+                request.cert,
+            )
+            token = parse_token_response(
+                status,
+                headers,
+                body,
+                received_at=self.clock(),
+                job=job,
+                extras=credentials.extras,
+                secrets=secrets,
+            )
+        except RefreshError as err:
+            moved = err.reason in (Reason.NETWORK, Reason.TIMEOUT) or err.status == 404
+            if metadata is not None and moved:
+                # The endpoint may have moved: read the discovery document again next time.
+                self.discovery.forget(job)
+            hint = _INVALID_CLIENT_HINTS.get(job.auth)
+            if err.reason is Reason.INVALID_CLIENT and hint is not None:
+                raise RefreshError(
+                    err.reason,
+                    f"{err.message}; {hint}",
+                    status=err.status,
+                    retry_after=err.retry_after,
+                ) from None
+            raise
+        return token
+
+    def _get_document(self, url: str, job: TokenJobConfig) -> tuple[int, bytes]:
+        """GET a discovery document (public: no credentials) for `job`."""
+        prepared = requests.Request(
+            "GET",
+            url,
+            headers={
+                "Accept": "application/json",
+                "Accept-Encoding": "gzip, deflate",
+                "User-Agent": f"refresher/{__version__}",
+            },
+        ).prepare()
+        verify = str(job.ca_bundle) if job.ca_bundle else True
+        timeouts = (job.connect_timeout, job.read_timeout)
+        status, _, body = self._exchange(self.session, prepared, timeouts, verify, None)
+        return status, body
+
+    def _exchange(
+        self,
+        session: requests.Session,
+        prepared: requests.PreparedRequest,
+        timeouts: tuple[float, float],
+        verify: bool | str,
+        cert: tuple[str, str] | None,
+    ) -> tuple[int, Mapping[str, str], bytes]:
+        """Send one request; its status, headers and capped body. Raises RefreshError
+        (NETWORK, TIMEOUT) with a message that names the host, never the URL."""
+        url = prepared.url or ""
+        host = urlsplit(url).netloc
+        deadline = time.monotonic() + sum(timeouts)
+        with_cert = " (with a client certificate: did the server refuse it?)" if cert else ""
+        try:
+            with session.send(
+                prepared,
+                timeout=timeouts,
                 allow_redirects=False,
                 stream=True,  # read by `_read_capped`, never whole into memory
-                **self._environment.for_url(request.url, request.verify),
+                cert=cert,
+                **self._environment.for_url(url, verify),
             ) as response:
                 body = _read_capped(response, deadline, host)
-                status, headers = response.status_code, response.headers
+                return response.status_code, response.headers, body
         except (requests.Timeout, urllib3.exceptions.ReadTimeoutError) as err:
             phase = "connect" if isinstance(err, requests.ConnectTimeout) else "read"
             raise RefreshError(Reason.TIMEOUT, f"{phase} timeout talking to {host}") from None
-        except (requests.exceptions.SSLError, urllib3.exceptions.SSLError):
-            raise RefreshError(
-                Reason.NETWORK, f"TLS verification with {host} failed (set ca_bundle?)"
-            ) from None
+        except (requests.exceptions.SSLError, urllib3.exceptions.SSLError) as err:
+            if "CERTIFICATE_VERIFY_FAILED" in str(err) or not cert:
+                message = f"TLS verification with {host} failed (set ca_bundle?)"
+            else:
+                message = f"the TLS handshake with {host} failed{with_cert}"
+            raise RefreshError(Reason.NETWORK, message) from None
         except (requests.RequestException, urllib3.exceptions.HTTPError) as err:
             # The exception text can quote the URL; the class name says enough. (The body is
             # read from urllib3 directly, so its exceptions arrive unwrapped.)
-            raise RefreshError(Reason.NETWORK, f"{type(err).__name__} talking to {host}") from None
-        return parse_token_response(
-            status,
-            headers,
-            body,
-            received_at=self.clock(),
-            job=job,
-            extras=credentials.extras,
-            secrets=secrets,
-        )
+            raise RefreshError(
+                Reason.NETWORK, f"{type(err).__name__} talking to {host}{with_cert}"
+            ) from None
+        except OSError as err:
+            # `requests` opens the client certificate's files itself, by path: one that went
+            # away since it was read and checked.
+            if cert is None:
+                raise
+            raise RefreshError(
+                Reason.CREDENTIALS, f"cannot read the client certificate: {err.strerror}"
+            ) from None

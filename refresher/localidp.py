@@ -52,12 +52,43 @@ slow and broken answers, and connection reuse):
   forwards and whether it reuses its connections.
 
 The token endpoint answers as it always has: HTTP/1.0, one request per connection, bodies
-read whole (a token request is small) and capped at 64 KiB.
+read whole (a token request is small) and capped at 64 KiB; with ``token_keep_alive`` it
+speaks HTTP/1.1 and keeps the connection, as a pooling client wants.
+
+Client authentication
+---------------------
+
+A shape lists the methods its token endpoint accepts (``auth_methods``, RFC 7591 names);
+the seed providers accept their one secret style only. One method per request (two: 400
+``invalid_request``). A wrong or missing secret gets 401 ``invalid_client`` with the same
+vague description as always; an assertion or certificate that does not do gets a specific,
+fixed one ("client assertion expired", "jti already used", ...). The verification itself
+(RFC 7523 assertions, federated service-account tokens, RFC 8705 client certificates) is in
+:mod:`refresher.localidp_clients`. What a client's own assertion may be is the shape's too:
+its algorithms (``assertion_algs``, listed by discovery), whether it must name a registered
+certificate by thumbprint (``requires_thumbprint``: Entra), whether ``aud`` may be a list of
+one (``audience_list``: not Keycloak; a list of several never), its longest lifetime
+(``max_assertion_lifetime``: Auth0 5 minutes) and the clock skew allowed (``clock_skew``).
+Its ``aud`` names the token endpoint's own URL or the issuer, never the mTLS alias.
+:attr:`LocalIdP.authentications` records every judgement (never a secret).
+
+With ``tls`` (:class:`IdPTls`) the server speaks HTTPS only, asking for a client
+certificate when it trusts a client CA or self-signed client certificates.
+
+Discovery
+---------
+
+``GET`` the issuer's ``/.well-known/openid-configuration`` (OpenID Connect Discovery) or
+``/.well-known/oauth-authorization-server`` + the issuer's path (RFC 8414) answers the same
+document (:meth:`LocalIdP.discovery_document`): ``issuer``, ``token_endpoint``,
+``token_endpoint_auth_methods_supported``, ``grant_types_supported``, the signing algorithms
+of the assertion methods, ``mtls_endpoint_aliases``; no ``jwks_uri`` (tokens are HS256).
+``discovery=`` serves one, both or neither (404), :attr:`LocalIdP.discovery_overrides`
+changes the document.
 """
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import hashlib
 import json
@@ -65,6 +96,7 @@ import math
 import re
 import secrets
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -73,18 +105,44 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from email.message import Message
 from typing import Any, Literal, cast
-from urllib.parse import parse_qsl, unquote_plus, urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import jwt
 
+from refresher.localidp_clients import (
+    AUTH_METHODS,
+    CLOCK_SKEW,
+    KEY_ALGORITHMS,
+    MAX_ASSERTION_LIFETIME,
+    SECRET_ALGORITHMS,
+    SUPPORTED_ALGORITHMS,
+    Authentication,
+    AuthPolicy,
+    ClientAuthenticator,
+    ClientKeys,
+    ClientRequest,
+    ClientVerifier,
+    Federation,
+    IdPTls,
+    PeerCertificate,
+    TlsClients,
+    peer_certificate,
+)
+from refresher.localidp_clients import same_secret as _same
 from refresher.loopback import LoopbackServer, QuietHandler, owner_of
 from refresher.presets import ProviderName
 
 __all__ = [
+    "AUTH_METHODS",
+    "ENTRA_TEST_TENANT",
     "PATTERN_PATH",
     "PROTECTED_PATH",
     "RESET",
     "SHAPES",
+    "Authentication",
+    "ClientKeys",
+    "Federation",
+    "IdPTls",
     "IssuedToken",
     "LocalIdP",
     "ProtectedRequest",
@@ -168,7 +226,8 @@ class ProviderShape:
     """``basic``: ``Authorization: Basic base64(urlencode(id) ":" urlencode(secret))`` as
     RFC 6749 section 2.3.1 says (form-urlencoding, ``quote_plus`` style);
     ``basic_raw``: ``base64(id ":" secret)`` with no urlencoding;
-    ``body``: ``client_id`` and ``client_secret`` as form fields."""
+    ``body``: ``client_id`` and ``client_secret`` as form fields. For a shape that accepts
+    both, the one its provider's own examples use."""
     requires_audience: bool = False
     """An ``audience`` parameter is required (Usage Engine)."""
     scope_required: bool = False
@@ -184,7 +243,74 @@ class ProviderShape:
     """Answer 406 when ``Accept`` does not allow ``application/json``."""
     requires_api_key: bool = False
     """The protected API also wants ``x-api-key`` (Lucidtech); 403 without the right one."""
+    issuer_path: str = ""
+    """The issuer is ``base_url + issuer_path`` (:attr:`LocalIdP.issuer`): what issued tokens
+    carry in ``iss`` and where discovery documents are served."""
+    auth_methods: tuple[str, ...] = ()
+    """The client authentication methods the token endpoint accepts (RFC 7591 names, see
+    :data:`AUTH_METHODS`) and discovery lists. Empty: only the one ``client_auth`` says
+    (the seed providers'), so credentials sent any other way are missing."""
+    assertion_audiences: Literal["token_endpoint", "issuer", "either"] = "either"
+    """Which ``aud`` a ``private_key_jwt`` or ``client_secret_jwt`` assertion may carry:
+    the token endpoint's URL (Entra, Okta), the issuer (Auth0), or either (Keycloak)."""
+    scope_suffix: str | None = None
+    """Every requested scope must end with it, else 400 invalid_scope (Entra's ``/.default``,
+    AADSTS1002012)."""
+    assertion_algs: tuple[str, ...] = (*KEY_ALGORITHMS, *SECRET_ALGORITHMS)
+    """The algorithms a ``private_key_jwt`` (the RS, PS and ES ones) or ``client_secret_jwt``
+    (the HS ones) assertion may be signed with, among
+    :data:`~refresher.localidp_clients.SUPPORTED_ALGORITHMS`; discovery's
+    ``token_endpoint_auth_signing_alg_values_supported`` lists those of the accepted methods."""
+    requires_thumbprint: bool = False
+    """A ``private_key_jwt`` assertion must name a registered certificate by ``x5t#S256`` or
+    ``x5t`` (Entra registers certificate credentials, and wants their thumbprint)."""
+    audience_list: bool = True
+    """A client assertion's ``aud`` may be a list of one (never of more); Keycloak (26.2 and
+    later) wants a single string."""
+    max_assertion_lifetime: float = MAX_ASSERTION_LIFETIME
+    """Seconds a client's own assertion may live, ``exp - iat`` (Auth0: 5 minutes);
+    ``LocalIdP(max_assertion_lifetime=)`` overrides it."""
+    clock_skew: float = CLOCK_SKEW
+    """Seconds an assertion's ``iat`` or ``nbf`` may be ahead of the server's clock."""
 
+    def __post_init__(self) -> None:
+        if not self.auth_methods:  # frozen: set the derived default the only way there is
+            object.__setattr__(self, "auth_methods", (_SECRET_METHODS[self.client_auth],))
+        unknown = set(self.auth_methods) - set(AUTH_METHODS)
+        if unknown:
+            raise ValueError(f"unknown auth methods {sorted(unknown)}; known: {AUTH_METHODS}")
+        unsupported = set(self.assertion_algs) - set(SUPPORTED_ALGORITHMS)
+        if unsupported:
+            raise ValueError(
+                f"unsupported assertion algorithms {sorted(unsupported)}; "
+                f"supported: {SUPPORTED_ALGORITHMS}"
+            )
+        if self.max_assertion_lifetime <= 0:
+            raise ValueError("max_assertion_lifetime must be positive")
+        if self.clock_skew < 0:
+            raise ValueError("clock_skew must not be negative")
+
+    @property
+    def discovery_paths(self) -> dict[str, Literal["openid", "oauth"]]:
+        """Where the discovery documents are: OpenID Connect Discovery appends its suffix to
+        the issuer's path, RFC 8414 inserts its own before it (a final ``/`` dropped)."""
+        path = self.issuer_path.rstrip("/")
+        return {
+            path + "/.well-known/openid-configuration": "openid",
+            "/.well-known/oauth-authorization-server" + path: "oauth",
+        }
+
+
+# How each secret style is named among the auth methods (basic_raw is Basic all the same).
+_SECRET_METHODS: dict[str, str] = {
+    "basic": "client_secret_basic",
+    "basic_raw": "client_secret_basic",
+    "body": "client_secret_post",
+}
+
+
+ENTRA_TEST_TENANT = "3f1c9b2e-7d4a-4e8f-9a61-0c5d2b7e8f14"
+"""The tenant id in the ``entra`` shape's paths (a made-up one)."""
 
 _LUCIDWORKS_SHAPE = ProviderShape(
     name="lucidworks",
@@ -216,6 +342,80 @@ SHAPES: dict[ProviderName, ProviderShape] = {
     ),
     # Plain RFC 6749 section 4.4.
     "generic": ProviderShape(name="generic"),
+    # Microsoft Entra ID (v2.0 endpoint of one tenant): secret in the body, or a certificate
+    # assertion (RSA: RS256 or PS256, with the certificate's thumbprint in the header) whose
+    # aud is the token endpoint; scopes are `<resource>/.default`.
+    "entra": ProviderShape(
+        name="entra",
+        issuer_path=f"/{ENTRA_TEST_TENANT}/v2.0",
+        token_path=f"/{ENTRA_TEST_TENANT}/oauth2/v2.0/token",
+        client_auth="body",
+        auth_methods=("client_secret_post", "private_key_jwt", "client_secret_basic"),
+        assertion_audiences="token_endpoint",
+        assertion_algs=("RS256", "PS256"),
+        requires_thumbprint=True,
+        scope_required=True,
+        scope_suffix="/.default",
+    ),
+    # Okta (a custom authorization server, "default"): assertions name the token endpoint,
+    # signed with the RS or ES algorithms (no PS), or with HS ones for client_secret_jwt.
+    "okta": ProviderShape(
+        name="okta",
+        issuer_path="/oauth2/default",
+        token_path="/oauth2/default/v1/token",
+        auth_methods=(
+            "client_secret_basic",
+            "client_secret_post",
+            "client_secret_jwt",
+            "private_key_jwt",
+        ),
+        assertion_audiences="token_endpoint",
+        assertion_algs=(
+            "RS256",
+            "RS384",
+            "RS512",
+            "ES256",
+            "ES384",
+            "ES512",
+            "HS256",
+            "HS384",
+            "HS512",
+        ),
+    ),
+    # Keycloak (realm "demo"): assertions may name the issuer or the token endpoint, in a
+    # single-string aud.
+    "keycloak": ProviderShape(
+        name="keycloak",
+        issuer_path="/realms/demo",
+        token_path="/realms/demo/protocol/openid-connect/token",
+        auth_methods=(
+            "private_key_jwt",
+            "client_secret_basic",
+            "client_secret_post",
+            "tls_client_auth",
+            "client_secret_jwt",
+        ),
+        audience_list=False,
+    ),
+    # Auth0: the issuer has a trailing slash, assertions name it (RS256, RS384 or PS256, and
+    # live 5 minutes at most), an audience is required.
+    "auth0": ProviderShape(
+        name="auth0",
+        issuer_path="/",
+        token_path="/oauth/token",
+        client_auth="body",
+        requires_audience=True,
+        auth_methods=(
+            "client_secret_basic",
+            "client_secret_post",
+            "private_key_jwt",
+            "tls_client_auth",
+            "self_signed_tls_client_auth",
+        ),
+        assertion_audiences="issuer",
+        assertion_algs=("RS256", "RS384", "PS256"),
+        max_assertion_lifetime=300.0,
+    ),
 }
 
 
@@ -250,6 +450,10 @@ class Request:
     """Protected API only: the length of the body, which was read and hashed, not kept."""
     body_sha256: str | None = None
     """Protected API only: the hex SHA-256 of the body."""
+    client_cert: PeerCertificate | None = None
+    """The client certificate the TLS connection presented (verified by the handshake)."""
+    connection: int = 0
+    """Which of the server's connections it came on (from 1)."""
 
 
 @dataclass(frozen=True, repr=False)
@@ -394,12 +598,6 @@ def _error(status: int, error: str, description: str, *headers: tuple[str, str])
     return _Rejected(Reply.error(status, error, description, *headers))
 
 
-def _invalid_client(*, basic: bool = False) -> _Rejected:
-    """401 invalid_client; a Basic challenge when the client was to use Basic (RFC 6749 5.2)."""
-    challenge = (("WWW-Authenticate", 'Basic realm="localidp"'),) if basic else ()
-    return _error(401, "invalid_client", "Client authentication failed", *challenge)
-
-
 def _media_type(content_type: str | None) -> str:
     return (content_type or "").split(";", 1)[0].strip().lower()
 
@@ -432,52 +630,45 @@ def _accepts_json(accept: str | None) -> bool:
     return best is not None and best[1] > 0
 
 
-def _parse_form(text: str) -> dict[str, str]:
-    """Parse form-urlencoded text; a repeated parameter is an error (RFC 6749 section 3.1)."""
+@dataclass(frozen=True)
+class _Form:
+    """A token request's parameters: each once, but ``resource`` as often as it was sent."""
+
+    fields: dict[str, str]
+    """Every parameter but ``resource``."""
+    resources: tuple[str, ...]
+    names: tuple[str, ...]
+    """Every parameter's name, in order, each once."""
+
+
+# RFC 8707 section 2: one `resource` parameter per target, so it may repeat.
+_REPEATABLE = "resource"
+
+
+def _parse_form(text: str) -> _Form:
+    """Parse form-urlencoded text; a repeated parameter is an error (RFC 6749 section 3.1),
+    except ``resource``."""
     try:
         pairs = parse_qsl(text, keep_blank_values=True, errors="strict", max_num_fields=_MAX_FIELDS)
     except ValueError:  # bad percent-encoding, non-UTF-8, too many fields
         raise _error(400, "invalid_request", "Malformed form encoding") from None
     params: dict[str, str] = {}
+    resources: list[str] = []
     for key, value in pairs:
-        if key in params:
+        if key == _REPEATABLE:
+            resources.append(value)
+        elif key in params:
             raise _error(400, "invalid_request", "A parameter was sent more than once")
-        params[key] = value
-    return params
-
-
-def _basic_credentials(header: str | None, *, urlencoded: bool) -> tuple[str, str] | None:
-    """Decode ``Authorization: Basic ...``; ``None`` for anything malformed.
-
-    With ``urlencoded`` both halves are form-urldecoded after base64, as RFC 6749
-    section 2.3.1 requires, so a secret with ``:`` ``+`` ``%`` or a space only matches
-    when the client encoded it.
-    """
-    if header is None:
-        return None
-    scheme, _, encoded = header.strip().partition(" ")
-    if scheme.lower() != "basic":
-        return None
-    try:
-        decoded = base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
-        client_id, colon, secret = decoded.partition(":")
-        if urlencoded:
-            client_id = unquote_plus(client_id, errors="strict")
-            secret = unquote_plus(secret, errors="strict")
-    except ValueError:  # binascii.Error and UnicodeDecodeError are ValueErrors
-        return None
-    return (client_id, secret) if colon else None
+        else:
+            params[key] = value
+    names = tuple(dict.fromkeys(key for key, _ in pairs))
+    return _Form(params, tuple(resources), names)
 
 
 def _bearer_token(header: str | None) -> str | None:
     scheme, _, token = (header or "").strip().partition(" ")
     token = token.strip()
     return token if scheme.lower() == "bearer" and token else None
-
-
-def _same(given: str | None, expected: str) -> bool:
-    """Constant-time comparison, so the demo server does not teach timing leaks."""
-    return given is not None and secrets.compare_digest(given.encode(), expected.encode())
 
 
 def _is_protected(path: str) -> bool:
@@ -560,13 +751,49 @@ def _unacknowledged(sock: socket.socket) -> int:
     return int(struct.unpack("i", raw)[0])
 
 
+def _shape(
+    shape: str | ProviderShape,
+    *,
+    auth_methods: Iterable[str] | None,
+    assertion_audiences: Literal["token_endpoint", "issuer", "either"] | None,
+    max_assertion_lifetime: float | None = None,
+) -> ProviderShape:
+    """The named shape (or the one given), with the constructor's overrides."""
+    if isinstance(shape, str):
+        if shape not in SHAPES:
+            raise ValueError(f"unknown provider shape {shape!r}; known: {sorted(SHAPES)}")
+        shape = SHAPES[shape]
+    overrides: dict[str, Any] = {}
+    if auth_methods is not None:
+        overrides["auth_methods"] = tuple(auth_methods)
+    if assertion_audiences is not None:
+        overrides["assertion_audiences"] = assertion_audiences
+    if max_assertion_lifetime is not None:
+        overrides["max_assertion_lifetime"] = max_assertion_lifetime
+    return dataclasses.replace(shape, **overrides) if overrides else shape
+
+
+def _discovery_path(shape: ProviderShape, kind: Literal["openid", "oauth"]) -> str:
+    return next(path for path, which in shape.discovery_paths.items() if which == kind)
+
+
 class LocalIdP(LoopbackServer):
     """A token endpoint plus a protected API on 127.0.0.1, shaped like one provider.
 
     Use as a context manager, or call :meth:`start` and :meth:`stop` (see
     :class:`~refresher.loopback.LoopbackServer`). All methods and properties are
     thread-safe; the counters, :attr:`issued` and :attr:`protected_requests` are snapshots.
-    ``record_limit`` is how many protected requests :attr:`protected_requests` keeps.
+    ``record_limit`` is how many protected requests :attr:`protected_requests` (and
+    authentications :attr:`authentications`) keeps.
+
+    Client authentication: ``auth_methods`` and ``assertion_audiences`` override the shape's;
+    ``client_keys`` maps a client id to the keys of its private_key_jwt assertions (PEM
+    public key, PEM certificates, or a JWKS; :meth:`set_client_keys` changes them);
+    client_secret_jwt uses ``clients``' secrets; ``federation`` trusts another issuer's
+    tokens; assertions may live ``max_assertion_lifetime`` seconds (default: the shape's).
+    ``tls`` serves HTTPS and
+    takes client certificates (:meth:`set_tls_client`, :meth:`set_self_signed_client`).
+    ``discovery`` and ``mtls_endpoint_alias`` shape the discovery documents.
     """
 
     connection_timeout: float = 10.0
@@ -588,11 +815,22 @@ class LocalIdP(LoopbackServer):
         host: str = "127.0.0.1",
         port: int = 0,
         record_limit: int = 1000,
+        auth_methods: Iterable[str] | None = None,
+        assertion_audiences: Literal["token_endpoint", "issuer", "either"] | None = None,
+        client_keys: Mapping[str, ClientKeys] | None = None,
+        federation: Federation | None = None,
+        max_assertion_lifetime: float | None = None,
+        tls: IdPTls | None = None,
+        token_keep_alive: bool = False,
+        discovery: Literal["both", "openid", "oauth", "none"] = "both",
+        mtls_endpoint_alias: str | None = None,
     ) -> None:
-        if isinstance(shape, str):
-            if shape not in SHAPES:
-                raise ValueError(f"unknown provider shape {shape!r}; known: {sorted(SHAPES)}")
-            shape = SHAPES[shape]
+        shape = _shape(
+            shape,
+            auth_methods=auth_methods,
+            assertion_audiences=assertion_audiences,
+            max_assertion_lifetime=max_assertion_lifetime,
+        )
         super().__init__(_Handler, host=host, port=port, name=f"localidp-{shape.name}")
         self.shape = shape
         self.lifetime = lifetime
@@ -614,12 +852,33 @@ class LocalIdP(LoopbackServer):
         self._protected_log: deque[ProtectedRequest] = deque(maxlen=record_limit)
         self._connections = 0  # accepted so far, to number them
 
+        self._tls = None if tls is None else TlsClients(tls)
+        verifier = ClientVerifier(client_keys=client_keys or {}, federation=federation)
+        self._client_auth = ClientAuthenticator(
+            clients=self._clients, verifier=verifier, tls=self._tls
+        )
+        self._authentications: deque[Authentication] = deque(maxlen=record_limit)
+        self.token_keep_alive = token_keep_alive
+        """The token endpoint speaks HTTP/1.1 and keeps connections open (else HTTP/1.0,
+        one request per connection). Settable; affects requests read afterwards."""
+        self._discovery = discovery
+        self._mtls_endpoint_alias = mtls_endpoint_alias
+        self._discovery_overrides: dict[str, object] = {}
+        self._discovery_counts: Counter[str] = Counter()
+
     # ---------------------------------------------------------------- addresses
 
     @property
     def base_url(self) -> str:
-        """``http://127.0.0.1:<port>``; with port 0, known once started. Kept after stop()."""
-        return f"http://{self.host}:{self.port}"
+        """``http://127.0.0.1:<port>`` (``https`` with ``tls``); with port 0, known once
+        started. Kept after stop()."""
+        scheme = "http" if self._tls is None else "https"
+        return f"{scheme}://{self.host}:{self.port}"
+
+    @property
+    def issuer(self) -> str:
+        """``base_url`` plus the shape's issuer path: tokens' ``iss``, discovery's ``issuer``."""
+        return self.base_url + self.shape.issuer_path
 
     @property
     def token_url(self) -> str:
@@ -628,6 +887,87 @@ class LocalIdP(LoopbackServer):
     @property
     def protected_url(self) -> str:
         return self.base_url + PROTECTED_PATH
+
+    @property
+    def openid_configuration_url(self) -> str:
+        """Where OpenID Connect Discovery looks: the issuer's URL and
+        ``/.well-known/openid-configuration``."""
+        return self.base_url + _discovery_path(self.shape, "openid")
+
+    @property
+    def oauth_metadata_url(self) -> str:
+        """Where RFC 8414 looks: ``/.well-known/oauth-authorization-server`` + the issuer's path."""
+        return self.base_url + _discovery_path(self.shape, "oauth")
+
+    @property
+    def ca_bundle(self) -> str | None:
+        """The PEM file a client should trust for this server (``tls.ca_bundle``)."""
+        return None if self._tls is None else self._tls.tls.ca_bundle
+
+    def _wrap(self, sock: socket.socket) -> socket.socket:
+        if self._tls is None:
+            return sock
+        # The handshake happens in the handler's thread (_Handler.setup), not in accept().
+        return self._tls.context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+
+    # ------------------------------------------------------ client registrations
+
+    def set_client_keys(self, client_id: str, keys: ClientKeys | None) -> None:
+        """Register (replace) the keys ``client_id``'s private_key_jwt assertions are checked
+        against: a PEM public key, PEM certificate(s) or a JWKS; ``None`` removes them."""
+        self._client_auth.verifier.set_client_keys(client_id, keys)
+
+    def set_tls_client(self, client_id: str, subject_dn: str | None) -> None:
+        """Register (replace) the subject DN of a tls_client_auth client; ``None`` removes it."""
+        self._require_tls().set_tls_client(client_id, subject_dn)
+
+    def set_self_signed_client(self, client_id: str, pem: str | bytes | None) -> None:
+        """Register (replace) a client's self-signed certificate(s), PEM; ``None`` removes
+        them. New handshakes trust exactly the registered set."""
+        self._require_tls().set_self_signed_client(client_id, pem)
+
+    def _require_tls(self) -> TlsClients:
+        if self._tls is None:
+            raise RuntimeError("this server does not serve TLS (no tls= was given)")
+        return self._tls
+
+    # ---------------------------------------------------------------- discovery
+
+    @property
+    def discovery_overrides(self) -> dict[str, object]:
+        """Merged over the discovery document (a key mapped to ``None`` is removed), so a
+        test can serve a wrong issuer or drop a field. Mutate it, or assign a new dict;
+        each answer reads it whole in one step."""
+        return self._discovery_overrides
+
+    @discovery_overrides.setter
+    def discovery_overrides(self, overrides: Mapping[str, object]) -> None:
+        with self._lock:
+            self._discovery_overrides = dict(overrides)
+
+    def discovery_document(self) -> dict[str, object]:
+        """The metadata both discovery paths serve (RFC 8414 section 2; no jwks_uri: tokens
+        are HS256-signed with a key that is nobody else's business)."""
+        methods = list(self.shape.auth_methods)
+        document: dict[str, object] = {
+            "issuer": self.issuer,
+            "token_endpoint": self.token_url,
+            "token_endpoint_auth_methods_supported": methods,
+            "grant_types_supported": ["client_credentials"],
+        }
+        algorithms = self._auth_policy().signing_algs()
+        if algorithms:
+            document["token_endpoint_auth_signing_alg_values_supported"] = algorithms
+        if self._mtls_endpoint_alias is not None:
+            document["mtls_endpoint_aliases"] = {"token_endpoint": self._mtls_endpoint_alias}
+        with self._lock:
+            overrides = dict(self._discovery_overrides)
+        for key, value in overrides.items():
+            if value is None:
+                document.pop(key, None)
+            else:
+                document[key] = value
+        return document
 
     # ---------------------------------------------------------------- the hook
 
@@ -650,6 +990,25 @@ class LocalIdP(LoopbackServer):
         """Every request to the token path, intercepted, rejected or not."""
         with self._lock:
             return self._counts["token"]
+
+    @property
+    def discovery_requests(self) -> int:
+        """Requests to either discovery path, served or not (404 when disabled)."""
+        with self._lock:
+            return sum(self._discovery_counts.values())
+
+    @property
+    def discovery_requests_by_path(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._discovery_counts)
+
+    @property
+    def authentications(self) -> list[Authentication]:
+        """How each token request's client authentication was judged, oldest first: the last
+        ``record_limit`` (a copy). Requests refused before it (bad Content-Type, malformed
+        form, a fault) have none."""
+        with self._lock:
+            return list(self._authentications)
 
     @property
     def issued(self) -> list[IssuedToken]:
@@ -705,6 +1064,9 @@ class LocalIdP(LoopbackServer):
         try:
             if request.path == self.shape.token_path:
                 return self._token_endpoint(request)
+            kind = self.shape.discovery_paths.get(request.path)
+            if kind is not None:
+                return self._discovery_endpoint(request, kind)
             raise _error(404, "not_found", "No such endpoint")
         except _Rejected as rejected:
             return rejected.reply
@@ -735,6 +1097,15 @@ class LocalIdP(LoopbackServer):
             self._connections += 1
             return self._connections
 
+    def _discovery_endpoint(self, request: Request, kind: Literal["openid", "oauth"]) -> Reply:
+        with self._lock:
+            self._discovery_counts[request.path] += 1
+        if self._discovery not in (kind, "both"):
+            raise _error(404, "not_found", "No such endpoint")
+        if request.method not in ("GET", "HEAD"):
+            raise _error(405, "invalid_request", "Use GET", ("Allow", "GET, HEAD"))
+        return _json(200, self.discovery_document())
+
     def _token_endpoint(self, request: Request) -> Reply:
         with self._lock:
             self._counts["token"] += 1
@@ -757,9 +1128,9 @@ class LocalIdP(LoopbackServer):
         except UnicodeDecodeError:
             raise _error(400, "invalid_request", "Malformed form encoding") from None
         form = _parse_form(body_text)
-        params = _parse_form(request.query) if shape.params_in == "query" else form
+        params = (_parse_form(request.query) if shape.params_in == "query" else form).fields
 
-        client_id = self._authenticate(request.headers, form)
+        client_id = self._authenticate(request, form)
 
         grant_type = params.get("grant_type")
         if not grant_type:
@@ -783,22 +1154,50 @@ class LocalIdP(LoopbackServer):
         payload["scope"] = " ".join(scopes)
         return _json(200, payload, ("Cache-Control", "no-store"), ("Pragma", "no-cache"))
 
-    def _authenticate(self, headers: Message, form: Mapping[str, str]) -> str:
-        """Return the client id, or reject with 401 invalid_client.
+    def _authenticate(self, request: Request, form: _Form) -> str:
+        """Return the client id (recorded in :attr:`authentications`), or reject: 401
+        invalid_client, 400 invalid_request for two methods at once."""
+        facts = ClientRequest(
+            authorization=request.headers.get("Authorization"),
+            fields=form.fields,
+            form_keys=form.names,
+            resource=form.resources,
+            cert=request.client_cert,
+            connection=request.connection,
+        )
+        record, failure = self._client_auth.authenticate(self._auth_policy(), facts, self._clock())
+        with self._lock:
+            self._authentications.append(record)
+        if failure is not None:
+            challenge = (
+                (("WWW-Authenticate", 'Basic realm="localidp"'),) if failure.challenge else ()
+            )
+            raise _error(failure.status, failure.error, failure.description, *challenge)
+        assert record.client_id is not None  # an authenticated client has an id
+        return record.client_id
 
-        Only the shape's own style counts: credentials sent another way are missing.
-        """
-        style = self.shape.client_auth
-        if style == "body":
-            given = (form.get("client_id"), form.get("client_secret"))
-        else:
-            pair = _basic_credentials(headers.get("Authorization"), urlencoded=style == "basic")
-            given = pair or (None, None)
-        client_id, secret = given
-        expected = self._clients.get(client_id) if client_id is not None else None
-        if client_id is None or expected is None or not _same(secret, expected):
-            raise _invalid_client(basic=style != "body")
-        return client_id
+    def _auth_policy(self) -> AuthPolicy:
+        """What the shape accepts; the audiences need the port, so built per request.
+
+        The token endpoint's audience is its own URL only: not the mTLS alias, which is
+        for client certificates, not for assertions."""
+        shape = self.shape
+        endpoint = {self.token_url}
+        audiences = {
+            "token_endpoint": endpoint,
+            "issuer": {self.issuer},
+            "either": endpoint | {self.issuer},
+        }[shape.assertion_audiences]
+        return AuthPolicy(
+            methods=shape.auth_methods,
+            basic_urlencoded=shape.client_auth != "basic_raw",
+            assertion_audiences=frozenset(audiences),
+            assertion_algs=shape.assertion_algs,
+            requires_thumbprint=shape.requires_thumbprint,
+            audience_list=shape.audience_list,
+            max_assertion_lifetime=shape.max_assertion_lifetime,
+            clock_skew=shape.clock_skew,
+        )
 
     def _granted_scopes(self, raw: str | None) -> tuple[str, ...]:
         """Requested scopes in request order, without duplicates, after the shape's rules."""
@@ -812,6 +1211,9 @@ class LocalIdP(LoopbackServer):
         limit = shape.max_scopes_per_token
         if limit is not None and len(requested) > limit:
             raise _error(400, "invalid_scope", f"At most {limit} scope(s) per token")
+        suffix = shape.scope_suffix
+        if suffix is not None and not all(scope.endswith(suffix) for scope in requested):
+            raise _error(400, "invalid_scope", f"A client credentials scope must end with {suffix}")
         return requested
 
     def _issue(
@@ -845,7 +1247,7 @@ class LocalIdP(LoopbackServer):
         expires_at: float,
     ) -> str:
         claims: dict[str, Any] = {
-            "iss": self.base_url,
+            "iss": self.issuer,
             "sub": client_id,
             "scope": " ".join(scopes),
             "iat": int(issued_at),
@@ -927,17 +1329,24 @@ class _Handler(QuietHandler):
     protocol_version = "HTTP/1.0"
     connection_number = 0
     """Which of the server's connections this is (from 1): see ProtectedRequest.connection."""
+    client_cert: PeerCertificate | None = None
+    """The client certificate this (TLS) connection presented."""
 
     @property
     def idp(self) -> LocalIdP:
         return cast(LocalIdP, owner_of(self))
 
     def setup(self) -> None:
+        # A client that stalls mid-request (or mid-handshake), or idles on a kept-alive
+        # connection, cannot pin a thread for ever: every read and write times out
+        # (StreamRequestHandler.timeout, but the server's to set).
+        self.request.settimeout(self.idp.connection_timeout)
+        if isinstance(self.request, ssl.SSLSocket):
+            # A refused handshake (no or an untrusted client certificate) raises an OSError
+            # here, which ends the connection quietly (see loopback's handle_error).
+            self.request.do_handshake()
         super().setup()
-        # A client that stalls mid-request, or idles on a kept-alive connection, cannot pin
-        # a thread for ever: every read and write times out (StreamRequestHandler.timeout,
-        # but the server's to set).
-        self.connection.settimeout(self.idp.connection_timeout)
+        self.client_cert = peer_certificate(self.connection)
         self.connection_number = self.idp._connection_accepted()
 
     def do_GET(self) -> None:
@@ -958,10 +1367,15 @@ class _Handler(QuietHandler):
     # --------------------------------------------------------- the token endpoint
 
     def _serve_token(self, path: str, query: str) -> None:
-        self.close_connection = True  # one request per connection
+        if self.idp.token_keep_alive:
+            self.protocol_version = "HTTP/1.1"
+            self.close_connection = not self._keeps_alive()
+        else:
+            self.close_connection = True  # one request per connection
         try:
             request = self._read_request(path, query)
         except _Rejected as rejected:
+            self.close_connection = True  # what follows the head cannot be trusted
             self._send(rejected.reply)
             return
         self._send(self.idp._route(request))
@@ -983,7 +1397,15 @@ class _Handler(QuietHandler):
         body = self.rfile.read(length) if length else b""
         if len(body) < length:
             raise _Rejected(RESET)  # the client gave up mid-body; nobody to answer
-        return Request(self.command, path, query, self.headers, body)
+        return Request(
+            self.command,
+            path,
+            query,
+            self.headers,
+            body,
+            client_cert=self.client_cert,
+            connection=self.connection_number,
+        )
 
     # ---------------------------------------------------------- the protected API
 
@@ -998,7 +1420,17 @@ class _Handler(QuietHandler):
             self.close_connection = True
             self._send(rejected.reply)
             return
-        request = Request(self.command, path, query, self.headers, b"", body_bytes, body_sha256)
+        request = Request(
+            self.command,
+            path,
+            query,
+            self.headers,
+            b"",
+            body_bytes,
+            body_sha256,
+            client_cert=self.client_cert,
+            connection=self.connection_number,
+        )
         self._deliver(self.idp._answer_protected(request, self.connection_number))
 
     @property

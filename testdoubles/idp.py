@@ -6,19 +6,30 @@ that ``refresher demo`` ships) with a fault injector on its one hook,
 for the next token requests, :meth:`LocalIdP.set_fault` sets one for every request until
 cleared. Everything else (shapes, validation, issuance, revocation, the protected endpoint,
 the counters) is the shipped server's, so a test against this double tests what ships.
+
+:class:`SigningKey` is a key pair to sign client assertions with (a client's own for
+``private_key_jwt``, or a federation issuer's, such as a Kubernetes API server's), in the
+forms the server registers: a PEM public key, a JWKS, a certificate.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import json
+import uuid
 from collections import deque
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, assert_never
+from typing import Any, Literal, assert_never
+
+import jwt
 
 from refresher import localidp
 from refresher.localidp import RESET, Reply, Request
 
-__all__ = ["Fault", "LocalIdP"]
+__all__ = ["Fault", "LocalIdP", "SigningKey", "x5t_s256"]
 
 
 class Fault(Enum):
@@ -133,3 +144,68 @@ class LocalIdP(localidp.LocalIdP):
                 return Reply.error(401, "invalid_client", "Client authentication failed")
             case _:
                 assert_never(plan.fault)
+
+
+@dataclass(frozen=True)
+class SigningKey:
+    """A key pair that signs JWTs with a chosen ``alg`` and ``kid`` (``cryptography``)."""
+
+    alg: Literal["RS256", "PS256", "ES256"]
+    private_key: Any = field(repr=False)
+    kid: str
+
+    @classmethod
+    def generate(
+        cls, alg: Literal["RS256", "PS256", "ES256"] = "RS256", kid: str | None = None
+    ) -> SigningKey:
+        from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+        if alg == "ES256":
+            key: Any = ec.generate_private_key(ec.SECP256R1())
+        else:
+            key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        return cls(alg, key, kid or uuid.uuid4().hex[:12])
+
+    @property
+    def public_pem(self) -> str:
+        from cryptography.hazmat.primitives import serialization
+
+        public = self.private_key.public_key()
+        pem: bytes = public.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        return pem.decode()
+
+    def jwk(self) -> dict[str, Any]:
+        """The public key as a JWK, with its ``kid``, ``alg`` and ``use``."""
+        algorithm = jwt.get_algorithm_by_name(self.alg)
+        public = json.loads(algorithm.to_jwk(self.private_key.public_key()))
+        return {**public, "kid": self.kid, "alg": self.alg, "use": "sig"}
+
+    def jwks(self, *others: SigningKey) -> dict[str, Any]:
+        return {"keys": [key.jwk() for key in (self, *others)]}
+
+    def certificate_pem(self, common_name: str = "client") -> str:
+        """A self-signed certificate for this key (what Entra registers)."""
+        from cryptography.hazmat.primitives import serialization
+
+        from testdoubles.tls import self_signed_certificate
+
+        certificate = self_signed_certificate(self.private_key, common_name)
+        return certificate.public_bytes(serialization.Encoding.PEM).decode()
+
+    def sign(self, claims: Mapping[str, Any], **headers: Any) -> str:
+        """A JWT of ``claims`` with this key's ``alg`` and ``kid`` (``kid=None`` drops it;
+        other headers are added, e.g. ``**{"x5t#S256": ...}``)."""
+        header = {"kid": self.kid, **headers}
+        header = {name: value for name, value in header.items() if value is not None}
+        return jwt.encode(dict(claims), self.private_key, algorithm=self.alg, headers=header)
+
+
+def x5t_s256(certificate_pem: str | bytes) -> str:
+    """The ``x5t#S256`` header for a certificate: base64url SHA-256 of its DER (RFC 7515)."""
+    import ssl
+
+    text = certificate_pem.decode() if isinstance(certificate_pem, bytes) else certificate_pem
+    digest = hashlib.sha256(ssl.PEM_cert_to_DER_cert(text)).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()

@@ -272,20 +272,44 @@ def test_durations(text: str | int, seconds: float) -> None:
 
 
 def test_every_example_is_valid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    from testdoubles.keys import KeyPair, ServiceAccountIssuer
+
     cfg = tmp_path / "credentials.cfg"
     cfg.write_text(
         "api_key = k\nclient_id = c\nclient_secret = s\nauth_endpoint = https://auth.example\n"
     )
     secret = tmp_path / "secret"
     secret.write_text("s")
-    for name in ("LUCIDWORKS", "FUSION", "USAGE_ENGINE"):
+    for name in ("LUCIDWORKS", "FUSION", "USAGE_ENGINE", "ENTRA", "OKTA", "KEYCLOAK", "AUTH0"):
         monkeypatch.setenv(f"{name}_CLIENT_SECRET", "s")
+    # client_secret_jwt signs with the secret: at least 32 bytes.
+    monkeypatch.setenv("OKTA_JWT_CLIENT_SECRET", "an-hs256-client-secret-of-40-bytes-long!")
     monkeypatch.setenv("LUCIDTECH_CREDENTIALS", str(cfg))
     monkeypatch.setenv("EXAMPLE_SECRET_FILE", str(secret))
     (tmp_path / "lucidworks-client-secret").write_text("s")
     monkeypatch.setenv("SECRETS_DIR", str(tmp_path))
+    # The enterprise IdP examples: keys, certificates and projected service-account tokens are
+    # read and checked with the config, so they must exist (cert-manager's tls.key / tls.crt).
+    KeyPair.create(tmp_path / "client-key", "tls")
+    KeyPair.create(tmp_path / "client-cert", "tls")
+    monkeypatch.setenv("KEYS_DIR", str(tmp_path / "client-key"))
+    monkeypatch.setenv("CLIENT_CERT_DIR", str(tmp_path / "client-cert"))
+    cluster = ServiceAccountIssuer()
+    azure_token = tmp_path / "azure-identity-token"
+    cluster.project(azure_token, audience="api://AzureADTokenExchange", issued_at=time.time())
+    realm_token = tmp_path / "federated-token"
+    realm = "https://keycloak.example.com/realms/apps"
+    cluster.project(realm_token, audience=realm, issued_at=time.time())
+    # What the Azure Workload Identity webhook injects.
+    monkeypatch.setenv("AZURE_CLIENT_ID", "33333333-3333-3333-3333-333333333333")
+    monkeypatch.setenv("AZURE_TENANT_ID", "3f1c9b2e-7d4a-4e8f-9a61-0c5d2b7e8f14")
+    monkeypatch.setenv("AZURE_FEDERATED_TOKEN_FILE", str(azure_token))
+    monkeypatch.setenv("AZURE_AUTHORITY_HOST", "https://login.microsoftonline.com/")
+    monkeypatch.setenv("FEDERATED_TOKEN_FILE", str(realm_token))
     examples = sorted(EXAMPLES.glob("*.yaml"))
-    assert len(examples) >= 6
+    assert len(examples) >= 10
     for path in examples:
         assert load_config(path).jobs, path
 

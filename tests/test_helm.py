@@ -295,6 +295,10 @@ def generic_job(name: str, **extra: Any) -> dict[str, Any]:
     }
 
 
+def without_token_url(job: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in job.items() if key != "token_url"}
+
+
 def elected_proxy() -> dict[str, Any]:
     """Two replicas, the api off, two jobs: one behind a proxy for service-account consumers
     (so it is watched and reviewed), one without (neither)."""
@@ -336,6 +340,69 @@ def proxy_example_with(**changes: Any) -> dict[str, Any]:
     return values
 
 
+# Where the chart mounts client-authentication material by default (clientAuth.*.mountPath).
+CLIENT_KEY_DIR = "/etc/refresher/client-key"
+CLIENT_CERT_DIR = "/etc/refresher/client-cert"
+FEDERATED_DIR = "/var/run/secrets/refresher/federated"
+ENTRA_AUDIENCE = "api://AzureADTokenExchange"
+
+
+def client_auth_jobs() -> list[dict[str, Any]]:
+    """One token job per kind of client-authentication material, reading the files the
+    chart mounts: a private key and its certificate, an mTLS pair, a federated token."""
+    return [
+        {
+            "name": "okta-key",
+            "provider": "okta",
+            "issuer": "https://example.okta.com/oauth2/default",
+            "client_id": "0oa1b2c3d4e5f6g7h8i9",
+            "auth": "private_key_jwt",
+            "private_key": {"file": f"{CLIENT_KEY_DIR}/tls.key"},
+            "certificate": {"file": f"{CLIENT_KEY_DIR}/tls.crt"},
+            "key_id": "refresher-1",
+            "assertion": {"lifetime": "2m", "not_before": True},
+            "sinks": [{"type": "kubernetes", "name": "okta-key-token"}],
+        },
+        {
+            "name": "keycloak-mtls",
+            "provider": "keycloak",
+            "issuer": "https://sso.example.com/realms/platform",
+            "client_id": "refresher",
+            "auth": "tls_client_auth",
+            "client_certificate": {"file": f"{CLIENT_CERT_DIR}/tls.crt"},
+            "client_key": {"file": f"{CLIENT_CERT_DIR}/tls.key"},
+            "sinks": [{"type": "kubernetes", "name": "keycloak-mtls-token"}],
+        },
+        {
+            "name": "entra-federated",
+            "provider": "entra",
+            "tenant_id": "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee",
+            "client_id": "11111111-2222-3333-4444-555555555555",
+            "auth": "federated_jwt",
+            "assertion_file": f"{FEDERATED_DIR}/token",
+            "scopes": ["api://66666666-7777-8888-9999-000000000000/.default"],
+            "sinks": [{"type": "kubernetes", "name": "entra-federated-token"}],
+        },
+    ]
+
+
+def client_auth(values: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Every clientAuth volume, and client_auth_jobs() reading them."""
+    return {
+        "clientAuth": {
+            "privateKey": {"existingSecret": "refresher-client-key"},
+            "clientCertificate": {"existingSecret": "refresher-client-cert"},
+            "federatedToken": {
+                "enabled": True,
+                "audience": ENTRA_AUDIENCE,
+                "expirationSeconds": 7200,
+            },
+        },
+        "config": {"tokens": client_auth_jobs()},
+        **(values or {}),
+    }
+
+
 VARIANTS: dict[str, tuple[str | None, dict[str, Any] | None]] = {
     "default": (None, None),
     **{stem: (stem, None) for stem in EXAMPLE_IDS},
@@ -360,6 +427,8 @@ VARIANTS: dict[str, tuple[str | None, dict[str, Any] | None]] = {
         },
     ),
     "probe": (None, probed()),
+    "client-auth": (None, client_auth()),
+    "client-auth-cronjob": (None, client_auth({"mode": "cronjob"})),
     "api-bearer-tls": (None, bearer_api()),
     "api-cross-namespace": (None, elected_cross_namespace_api()),
     "proxy-elected": (None, elected_proxy()),
@@ -588,6 +657,400 @@ def test_service_account_token_is_mounted_only_when_kubernetes_is_used() -> None
     files_two = render(values=file_only({"replicaCount": 2}))  # leader election needs the API
     (_, spec) = next(pod_specs(files_two))
     assert spec["automountServiceAccountToken"] is True
+
+
+# ------------------------------------------------------------------ client authentication
+
+
+def client_auth_volumes(spec: Doc) -> tuple[dict[str, Doc], dict[str, Doc]]:
+    """The pod's client-authentication volumes and the container's mounts of them, by name."""
+    names = ("client-key", "client-cert", "federated-token")
+    volumes = {v["name"]: v for v in spec["volumes"] if v["name"] in names}
+    (container,) = spec["containers"]
+    mounts = {m["name"]: m for m in container["volumeMounts"] if m["name"] in names}
+    return volumes, mounts
+
+
+@pytest.mark.parametrize("mode", ["deployment", "cronjob"])
+def test_client_auth_material_is_mounted_read_only_without_subpath(mode: str) -> None:
+    docs = render(values=client_auth({"mode": mode, "credentials": {"existingSecret": "idp"}}))
+    ((_, spec),) = list(pod_specs(docs))
+    assert one(docs, "Deployment" if mode == "deployment" else "CronJob")
+    volumes, mounts = client_auth_volumes(spec)
+    # Readable through the pod's fsGroup, like the credentials.
+    credentials = next(v for v in spec["volumes"] if v["name"] == "credentials")
+    mode_bits = credentials["secret"]["defaultMode"]
+    assert mode_bits == 0o440 and spec["securityContext"]["fsGroup"] == UID
+    assert volumes == {
+        "client-key": {
+            "name": "client-key",
+            "secret": {"secretName": "refresher-client-key", "defaultMode": mode_bits},
+        },
+        "client-cert": {
+            "name": "client-cert",
+            "secret": {"secretName": "refresher-client-cert", "defaultMode": mode_bits},
+        },
+        # A token for the IdP only; the kubelet renews it at 80% of its lifetime.
+        "federated-token": {
+            "name": "federated-token",
+            "projected": {
+                "defaultMode": mode_bits,
+                "sources": [
+                    {
+                        "serviceAccountToken": {
+                            "audience": ENTRA_AUDIENCE,
+                            "expirationSeconds": 7200,
+                            "path": "token",
+                        }
+                    }
+                ],
+            },
+        },
+    }
+    # Read-only, whole directories: no subPath, so renewals and rotations reach the files.
+    assert mounts == {
+        "client-key": {"name": "client-key", "mountPath": CLIENT_KEY_DIR, "readOnly": True},
+        "client-cert": {"name": "client-cert", "mountPath": CLIENT_CERT_DIR, "readOnly": True},
+        "federated-token": {
+            "name": "federated-token",
+            "mountPath": FEDERATED_DIR,
+            "readOnly": True,
+        },
+    }
+    # Every file the jobs read lies in a mounted volume.
+    key, mtls, federated = rendered_config(docs)["tokens"]
+    files = [
+        key["private_key"]["file"],
+        key["certificate"]["file"],
+        mtls["client_certificate"]["file"],
+        mtls["client_key"]["file"],
+        federated["assertion_file"],
+    ]
+    for file in files:
+        assert any(file.startswith(m["mountPath"] + "/") for m in mounts.values()), file
+
+
+def test_client_auth_volumes_are_mounted_only_when_asked_for() -> None:
+    for variant, (example, extra) in VARIANTS.items():
+        asked = {**(example_values(example) if example else {}), **(extra or {})}
+        if "clientAuth" not in asked:
+            for _, spec in pod_specs(render_variant(variant)):
+                assert client_auth_volumes(spec) == ({}, {}), variant
+    # A Secret each, the token alone, at paths of one's choosing (cleaned).
+    values = {
+        "clientAuth": {
+            "clientCertificate": {"existingSecret": "mtls", "mountPath": "/etc/mtls/"},
+            "federatedToken": {"enabled": False},
+        }
+    }
+    ((_, spec),) = list(pod_specs(render(values=values)))
+    volumes, mounts = client_auth_volumes(spec)
+    assert set(volumes) == set(mounts) == {"client-cert"}
+    assert mounts["client-cert"]["mountPath"] == "/etc/mtls"
+    federated = {
+        "federatedToken": {
+            "enabled": True,
+            "audience": "https://sso.example.com/realms/platform",
+            "expirationSeconds": 600,
+            "mountPath": "/var/run/secrets/keycloak",
+            "fileName": "sa-token",
+        }
+    }
+    # A file-only config: no API server token, the IdP's token all the same.
+    docs = render(values=file_only({"clientAuth": federated}))
+    ((_, spec),) = list(pod_specs(docs))
+    assert spec["automountServiceAccountToken"] is False
+    volumes, mounts = client_auth_volumes(spec)
+    assert set(volumes) == {"federated-token"}
+    (source,) = volumes["federated-token"]["projected"]["sources"]
+    assert source == {
+        "serviceAccountToken": {
+            "audience": "https://sso.example.com/realms/platform",
+            "expirationSeconds": 600,
+            "path": "sa-token",
+        }
+    }
+    assert mounts["federated-token"]["mountPath"] == "/var/run/secrets/keycloak"
+    # Off, the audience may stay empty.
+    render(values={"clientAuth": {"federatedToken": {"enabled": False, "audience": ""}}})
+
+
+def test_sidecar_mode_lists_the_client_auth_volumes_for_the_apps_pod() -> None:
+    values = client_auth({"mode": "sidecar", "serviceAccount": {"create": True}})
+    for job in values["config"]["tokens"]:
+        job["sinks"] = [{"type": "file", "path": f"/var/run/tokens/{job['name']}"}]
+    docs = render(values=values)
+    assert not list(pod_specs(docs))
+    # The projected token is the service account's: it exists, and the pod must use it.
+    assert one(docs, "ServiceAccount")["metadata"]["name"] == FULLNAME
+    notes = install_notes(values=values)
+    assert f"serviceAccountName: {FULLNAME}   # the identity the IdP's federated" in notes
+    assert "automountServiceAccountToken: true" not in notes
+    assert "{name: refresher-client-key, secret: {secretName: refresher-client-key}}" in notes
+    assert "{name: refresher-client-cert, secret: {secretName: refresher-client-cert}}" in notes
+    assert (
+        "{name: refresher-federated-token, projected: {sources: [{serviceAccountToken: "
+        f'{{audience: "{ENTRA_AUDIENCE}", expirationSeconds: 7200, path: "token"}}}}]}}}}'
+    ) in notes
+    for name, path in (
+        ("client-key", CLIENT_KEY_DIR),
+        ("client-cert", CLIENT_CERT_DIR),
+        ("federated-token", FEDERATED_DIR),
+    ):
+        line = f"- {{name: refresher-{name}, mountPath: {path}, readOnly: true}}"
+        assert line in notes, line
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        (
+            {
+                "credentials": {"existingSecret": "idp"},
+                "clientAuth": {
+                    "privateKey": {"existingSecret": "k", "mountPath": "/etc/refresher/secrets"}
+                },
+            },
+            "clientAuth.privateKey.mountPath: /etc/refresher/secrets is credentials.mountPath "
+            "(/etc/refresher/secrets)",
+        ),
+        (
+            {
+                "clientAuth": {
+                    "privateKey": {"existingSecret": "k", "mountPath": "/etc/refresher/keys/"},
+                    "clientCertificate": {
+                        "existingSecret": "c",
+                        "mountPath": "/etc/refresher/keys",
+                    },
+                }
+            },
+            "clientAuth.clientCertificate.mountPath: /etc/refresher/keys is "
+            "clientAuth.privateKey.mountPath (/etc/refresher/keys)",
+        ),
+        (
+            {
+                "clientAuth": {
+                    "privateKey": {"existingSecret": "k"},
+                    "clientCertificate": {
+                        "existingSecret": "c",
+                        "mountPath": f"{CLIENT_KEY_DIR}/mtls",
+                    },
+                }
+            },
+            f"clientAuth.clientCertificate.mountPath: {CLIENT_KEY_DIR}/mtls lies in "
+            f"clientAuth.privateKey.mountPath ({CLIENT_KEY_DIR})",
+        ),
+        (
+            {"clientAuth": {"federatedToken": {"enabled": True, "mountPath": "/etc/refresher"}}},
+            "clientAuth.federatedToken.mountPath: /etc/refresher contains the config file "
+            "(/etc/refresher/config.yaml)",
+        ),
+        (
+            {
+                "mode": "cronjob",
+                "clientAuth": {"federatedToken": {"enabled": True, "mountPath": "/tmp/idp"}},
+            },
+            "clientAuth.federatedToken.mountPath: /tmp/idp lies in /tmp (/tmp)",
+        ),
+        (
+            # the default config has a Secret sink: the API server's token is mounted
+            {"clientAuth": {"federatedToken": {"enabled": True, "mountPath": "/var/run/secrets"}}},
+            "clientAuth.federatedToken.mountPath: /var/run/secrets contains the "
+            "service-account token (/var/run/secrets/kubernetes.io/serviceaccount)",
+        ),
+        (
+            {
+                "podLabels": {"azure.workload.identity/use": "true"},
+                "clientAuth": {
+                    "federatedToken": {"enabled": True, "mountPath": "/var/run/secrets/azure"}
+                },
+            },
+            "clientAuth.federatedToken.mountPath: /var/run/secrets/azure contains the Azure "
+            "Workload Identity webhook's token (/var/run/secrets/azure/tokens)",
+        ),
+        (
+            {
+                "mode": "sidecar",
+                "api": {"enabled": True, "tls": {"existingSecret": "api-tls"}},
+                "clientAuth": {
+                    "clientCertificate": {
+                        "existingSecret": "c",
+                        "mountPath": "/etc/refresher/api-tls",
+                    }
+                },
+            },
+            "clientAuth.clientCertificate.mountPath: /etc/refresher/api-tls is "
+            "api.tls.mountPath (/etc/refresher/api-tls)",
+        ),
+        (
+            {
+                "extraVolumes": [{"name": "tokens", "emptyDir": {}}],
+                "extraVolumeMounts": [{"name": "tokens", "mountPath": "/var/run/tokens"}],
+                "clientAuth": {
+                    "federatedToken": {"enabled": True, "mountPath": "/var/run/tokens/idp"}
+                },
+            },
+            "clientAuth.federatedToken.mountPath: /var/run/tokens/idp lies in "
+            "extraVolumeMounts[0].mountPath (/var/run/tokens)",
+        ),
+        (
+            {"clientAuth": {"privateKey": {"existingSecret": "k", "mountPath": "/"}}},
+            "clientAuth.privateKey.mountPath: / contains the config file",
+        ),
+    ],
+    ids=[
+        "credentials",
+        "each-other",
+        "inside-each-other",
+        "around-the-config",
+        "inside-tmp-cronjob",
+        "around-the-api-token",
+        "around-the-azure-webhook-token",
+        "api-tls-sidecar",
+        "inside-an-extra-mount",
+        "root",
+    ],
+)
+def test_client_auth_mount_paths_that_collide_are_refused(
+    values: dict[str, Any], expected: str
+) -> None:
+    error = render_error(values=values)
+    assert expected in error, error
+    assert "give each volume a directory of its own, neither inside another nor around one" in error
+
+
+def test_the_notes_warn_about_files_nothing_mounts() -> None:
+    # A job reading the federated token, the token off: every refresh would fail.
+    values = client_auth()
+    values["clientAuth"] = {"federatedToken": {"enabled": False}}
+    values["config"]["tokens"] = values["config"]["tokens"][2:]
+    notes = install_notes(values=values)
+    unmounted = f"WARNING: the config reads files under {FEDERATED_DIR}/, but nothing is mounted"
+    assert unmounted in notes
+    assert "(set clientAuth.federatedToken.enabled)" in notes
+    # The same for the Secrets; and no credentials warning where no job reads a credential.
+    values = client_auth()
+    values["clientAuth"] = {}
+    notes = install_notes(values=values)
+    for value, path in (
+        ("clientAuth.privateKey", CLIENT_KEY_DIR),
+        ("clientAuth.clientCertificate", CLIENT_CERT_DIR),
+    ):
+        assert (
+            f"WARNING: the config reads files under {path}/, but nothing is mounted there\n"
+            f"(set {value}.existingSecret): those token jobs will fail every refresh."
+        ) in notes, value
+    assert "no client credentials are mounted" not in notes
+    assert "WARNING" not in install_notes(values=client_auth())
+    assert "no client credentials are mounted" in install_notes()  # reads /etc/refresher/secrets
+
+
+def client_auth_section() -> str:
+    readme = (CHART / "README.md").read_text()
+    return readme[readme.index("## Client authentication") : readme.index("## Permissions (RBAC)")]
+
+
+@pytest.mark.parametrize(
+    ("example", "volume", "value"),
+    [("private-key-jwt", "client-key", "privateKey"), ("mtls", "client-cert", "clientCertificate")],
+)
+def test_the_key_and_certificate_examples_read_the_secret_the_chart_mounts(
+    example: str, volume: str, value: str
+) -> None:
+    values = example_values(example)
+    docs = render(example)
+    (_, spec) = next(pod_specs(docs))
+    volumes, mounts = client_auth_volumes(spec)
+    assert set(volumes) == set(mounts) == {volume}
+    assert volumes[volume]["secret"]["secretName"] == values["clientAuth"][value]["existingSecret"]
+    mount = mounts[volume]["mountPath"]
+    for job in rendered_config(docs)["tokens"]:
+        assert "client_secret" not in job and "credentials_file" not in job, job["name"]
+        names = ("private_key", "certificate", "client_certificate", "client_key")
+        files = [job[name]["file"] for name in names if name in job]
+        assert files, job["name"]
+        for file in files:  # cert-manager's keys, in the mounted directory
+            assert file in (f"{mount}/tls.key", f"{mount}/tls.crt"), file
+    assert not any(v["name"] == "credentials" for v in spec["volumes"])
+    assert "WARNING" not in install_notes(example)
+
+
+def test_the_entra_workload_identity_example_uses_what_the_webhook_injects() -> None:
+    values = example_values("entra-workload-identity")
+    docs = render("entra-workload-identity")
+    (metadata, spec) = next(pod_specs(docs))
+    assert metadata["labels"]["azure.workload.identity/use"] == "true"
+    account = one(docs, "ServiceAccount")
+    assert account["metadata"]["name"] == spec["serviceAccountName"] == "refresher"
+    client_id = account["metadata"]["annotations"]["azure.workload.identity/client-id"]
+    assert client_id == POD_ENV["AZURE_CLIENT_ID"]
+    # The webhook projects the token: no volume of the chart's, no credentials, no warning.
+    assert client_auth_volumes(spec) == ({}, {})
+    assert not any(v["name"] == "credentials" for v in spec["volumes"])
+    assert "WARNING" not in install_notes("entra-workload-identity")
+    (job,) = rendered_config(docs)["tokens"]
+    assert {key: job[key] for key in ("provider", "tenant_id", "client_id", "assertion_file")} == {
+        "provider": "entra",
+        "tenant_id": "${AZURE_TENANT_ID}",
+        "client_id": {"env": "AZURE_CLIENT_ID"},
+        "assertion_file": "${AZURE_FEDERATED_TOKEN_FILE}",
+    }
+    assert job["auth"] == "federated_jwt" and "client_secret" not in job
+    assert all(scope.endswith("/.default") for scope in job["scopes"])
+    # The README shows these values and names what the webhook sets.
+    section = client_auth_section()
+    webhook = section[
+        section.index("#### Entra ID with the Azure") : section.index("#### Entra ID without")
+    ]
+    for name in ("AZURE_CLIENT_ID", "AZURE_TENANT_ID", "AZURE_FEDERATED_TOKEN_FILE"):
+        assert f"`{name}`" in webhook, name
+    assert "`AZURE_AUTHORITY_HOST`" in webhook
+    assert f"(`{POD_ENV['AZURE_FEDERATED_TOKEN_FILE']}`)" in webhook
+    shown = [yaml.safe_load(text) for text in re.findall(r"```yaml\n(.*?)```", webhook, re.S)]
+    pod, config = shown
+    assert pod == {key: values[key] for key in ("serviceAccount", "podLabels")}
+    assert config["config"] == values["config"]
+
+
+def test_the_readme_client_auth_snippets_render_and_read_what_the_chart_mounts(
+    tmp_path: Path,
+) -> None:
+    section = client_auth_section()
+    blocks = [yaml.safe_load(text) for text in re.findall(r"```yaml\n(.*?)```", section, re.S)]
+    snippets = [block for block in blocks if "config" in block]
+    names = [job["name"] for snippet in snippets for job in snippet["config"]["tokens"]]
+    assert names == ["okta-orders", "orders-api", "orders-api", "billing"]
+    # The private key job is examples/private-key-jwt.yaml's.
+    assert snippets[0] == {
+        "clientAuth": example_values("private-key-jwt")["clientAuth"],
+        "config": {"tokens": example_values("private-key-jwt")["config"]["tokens"][:1]},
+    }
+    for index, snippet in enumerate(snippets):
+        docs = render(values=snippet)
+        config = rendered_config(docs)
+        validate_with_local_files(config, tmp_path / str(index))
+        (_, spec) = next(pod_specs(docs))
+        volumes, mounts = client_auth_volumes(spec)
+        federated = (snippet.get("clientAuth") or {}).get("federatedToken")
+        for job in config["tokens"]:
+            assert "client_secret" not in job
+            if federated:
+                (source,) = volumes["federated-token"]["projected"]["sources"]
+                token = source["serviceAccountToken"]
+                assert token["audience"] == federated["audience"]
+                path = f"{mounts['federated-token']['mountPath']}/{token['path']}"
+                assert job["assertion_file"] == path
+            if "private_key" in job:
+                assert job["private_key"]["file"].startswith(mounts["client-key"]["mountPath"])
+    # Keycloak's audience is its realm's URL, the job's issuer.
+    keycloak = snippets[-1]
+    (keycloak_job,) = keycloak["config"]["tokens"]
+    assert keycloak["clientAuth"]["federatedToken"]["audience"] == keycloak_job["issuer"]
+    # The volume shown is the one the chart renders by default.
+    (shown,) = [block for block in blocks if "volumes" in block]
+    docs = render(values={"clientAuth": {"federatedToken": {"enabled": True}}})
+    volumes, _ = client_auth_volumes(next(pod_specs(docs))[1])
+    assert shown["volumes"] == [volumes["federated-token"]]
 
 
 # --------------------------------------------------------------------------------- RBAC
@@ -1319,6 +1782,138 @@ def test_network_policy_admits_the_api_port_only_from_the_chosen_clients() -> No
             nudged({"selector": "app=consumer"}, sink_type="file"),
             ["/config/tokens/0/sinks/0/nudge", "'not' failed"],
         ),
+        (
+            [
+                "--set",
+                "clientAuth.federatedToken.enabled=true",
+                "--set",
+                "clientAuth.federatedToken.expirationSeconds=599",
+            ],
+            None,
+            ["/clientAuth/federatedToken/expirationSeconds", "minimum: got 599, want 600"],
+        ),
+        (
+            ["--set", "clientAuth.federatedToken.expirationSeconds=1h"],
+            None,
+            ["/clientAuth/federatedToken/expirationSeconds", "want integer"],
+        ),
+        (
+            None,
+            {"clientAuth": {"federatedToken": {"enabled": True, "audience": ""}}},
+            ["/clientAuth/federatedToken/audience", "minLength: got 0, want 1"],
+        ),
+        (
+            None,
+            {"clientAuth": {"federatedToken": {"enabled": True, "audience": "  "}}},
+            ["/clientAuth/federatedToken/audience", "does not match pattern"],
+        ),
+        (
+            ["--set", "clientAuth.federatedToken.fileName=../token"],
+            None,
+            ["/clientAuth/federatedToken/fileName", "does not match pattern"],
+        ),
+        (
+            ["--set", "clientAuth.privateKey.mountPath=client-key"],
+            None,
+            ["/clientAuth/privateKey/mountPath", "does not match pattern"],
+        ),
+        (
+            ["--set", "clientAuth.clientCertificate.existingSecret=Client_Cert"],
+            None,
+            ["/clientAuth/clientCertificate/existingSecret", "does not match pattern"],
+        ),
+        (
+            ["--set", "clientAuth.privateKey.secretName=k"],
+            None,
+            ["/clientAuth/privateKey", "additional properties 'secretName' not allowed"],
+        ),
+        (
+            ["--set", "clientAuth.federatedToken.audiences=a"],
+            None,
+            ["/clientAuth/federatedToken", "additional properties 'audiences' not allowed"],
+        ),
+        (
+            None,
+            {"config": {"tokens": [generic_job("x", auth="mtls")]}},
+            ["/config/tokens/0/auth", "'client_secret_basic', 'client_secret_post'"],
+        ),
+        (
+            None,
+            {"config": {"tokens": [generic_job("x", auth="client_secret_jwt", alg="RS512")]}},
+            ["/config/tokens/0/alg", "'RS256', 'PS256', 'ES256', 'HS256'"],
+        ),
+        (
+            None,
+            {"config": {"tokens": [generic_job("x", provider="azure")]}},
+            ["/config/tokens/0/provider", "'entra', 'okta', 'keycloak', 'auth0'"],
+        ),
+        (
+            None,
+            {"config": {"tokens": [generic_job("x", auth="private_key_jwt")]}},
+            ["/config/tokens/0", "missing property 'private_key'"],
+        ),
+        (
+            None,
+            {
+                "config": {
+                    "tokens": [
+                        generic_job("x", auth="private_key_jwt", private_key={"env": "CLIENT_KEY"})
+                    ]
+                }
+            },
+            ["/config/tokens/0/private_key", "additional properties 'env' not allowed"],
+        ),
+        (
+            None,
+            {
+                "config": {
+                    "tokens": [
+                        generic_job(
+                            "x",
+                            auth="tls_client_auth",
+                            client_certificate={"file": f"{CLIENT_CERT_DIR}/tls.crt"},
+                        )
+                    ]
+                }
+            },
+            ["/config/tokens/0", "missing property 'client_key'"],
+        ),
+        (
+            None,
+            {"config": {"tokens": [generic_job("x", auth="federated_jwt")]}},
+            ["/config/tokens/0", "missing property 'assertion_file'"],
+        ),
+        (
+            None,
+            {
+                "config": {
+                    "tokens": [
+                        generic_job("x", auth="federated_jwt", assertion_file="federated/token")
+                    ]
+                }
+            },
+            ["/config/tokens/0/assertion_file", "does not match pattern"],
+        ),
+        (
+            None,
+            {"config": {"tokens": [generic_job("x", assertion={"audience": "a", "exp": 60})]}},
+            ["/config/tokens/0/assertion", "additional properties 'exp' not allowed"],
+        ),
+        (
+            None,
+            {"config": {"tokens": [generic_job("x", resource="https://api.example.com")]}},
+            ["/config/tokens/0/resource", "want array"],
+        ),
+        (
+            None,
+            {"config": {"tokens": [without_token_url(generic_job("x", provider="entra"))]}},
+            ["/config/tokens/0", "missing property 'tenant_id'"],
+        ),
+        (
+            None,
+            {"config": {"tokens": [without_token_url(generic_job("x", provider="okta"))]}},
+            ["/config/tokens/0", "missing property 'issuer'"],
+        ),
     ],
     ids=[
         "mode",
@@ -1378,6 +1973,27 @@ def test_network_policy_admits_the_api_port_only_from_the_chosen_clients() -> No
         "nudge-timeout-zero",
         "nudge-not-an-object",
         "nudge-on-a-file-sink",
+        "federated-token-expiration-below-600",
+        "federated-token-expiration-duration",
+        "federated-token-empty-audience",
+        "federated-token-blank-audience",
+        "federated-token-file-name-path",
+        "private-key-relative-mount-path",
+        "client-certificate-secret-name",
+        "private-key-unknown-key",
+        "federated-token-unknown-key",
+        "auth-method",
+        "assertion-alg",
+        "provider",
+        "private-key-jwt-without-key",
+        "private-key-from-env",
+        "tls-client-auth-without-key",
+        "federated-jwt-without-assertion-file",
+        "assertion-file-relative",
+        "assertion-unknown-key",
+        "resource-not-a-list",
+        "entra-without-tenant",
+        "okta-without-issuer",
     ],
 )
 def test_schema_rejects_bad_values_with_a_clear_message(
@@ -1823,12 +2439,50 @@ def test_a_sidecar_loopback_proxy_serves_the_pod_anonymously_without_a_service_p
 # ------------------------------------------------------------------------ the rendered config
 
 
+def projected_token(audience: str) -> str:
+    """A JWT shaped like a projected service-account token for `audience` (unsigned: the
+    refresher only sends it on; the IdP checks it)."""
+    import base64
+    import time
+
+    def part(value: dict[str, Any]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(value).encode()).rstrip(b"=").decode()
+
+    claims = {
+        "aud": [audience],
+        "exp": int(time.time()) + 3600,
+        "iat": int(time.time()),
+        "iss": "https://oidc.example.com/cluster",
+        "sub": "system:serviceaccount:tokens:refresher",
+    }
+    return f"{part({'alg': 'RS256', 'kid': 'k1'})}.{part(claims)}.c2lnbmF0dXJl"
+
+
+# What the Azure Workload Identity webhook sets in a pod it mutates (and POD_NAME, the
+# chart's): examples/entra-workload-identity.yaml's config reads them.
+POD_ENV = {
+    "POD_NAME": "rel-refresher-5d8f7c9b4-x2k9p",
+    "AZURE_CLIENT_ID": "11111111-2222-3333-4444-555555555555",
+    "AZURE_TENANT_ID": "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee",
+    "AZURE_FEDERATED_TOKEN_FILE": "/var/run/secrets/azure/tokens/azure-identity-token",
+    "AZURE_AUTHORITY_HOST": "https://login.microsoftonline.com/",
+}
+
+
 def validate_with_local_files(config: dict[str, Any], tmp_path: Path) -> None:
-    """refresher.config.validate on the rendered config, with every file it names moved
-    under tmp_path: credentials (a Lucidtech credentials.cfg too) and consumers' bearer keys
-    (the pod's /etc/refresher/secrets is a mounted Secret), the proxies' CA bundles, and the
-    api's and the proxies' certificates and keys (real pairs, from trustme)."""
-    config = copy.deepcopy(config)
+    """refresher.config.validate on the rendered config as the pod's refresher would see it:
+    `${NAME}` expanded from POD_ENV (set in the environment too, for `{env: NAME}`), and
+    every file it names moved under tmp_path: credentials (a Lucidtech credentials.cfg too)
+    and consumers' bearer keys (the pod's /etc/refresher/secrets is a mounted Secret), the
+    proxies' CA bundles, the api's and the proxies' certificates and keys, the jobs' private
+    keys and their certificates, their mTLS client certificates and keys (real pairs, from
+    trustme) and their federated assertions (a projected service-account token's shape)."""
+    from unittest import mock
+
+    from refresher.config import expand_env
+
+    config, problems = expand_env(copy.deepcopy(config), POD_ENV)
+    assert not problems, problems
     ca: Any = None
 
     def local(path: str) -> Path:
@@ -1854,6 +2508,23 @@ def validate_with_local_files(config: dict[str, Any], tmp_path: Path) -> None:
             issued.private_key_pem.write_to_path(str(key))
             tls.update(cert_file=str(cert), key_file=str(key))
 
+    def key_pair(key: dict[str, Any] | None, cert: dict[str, Any] | None) -> None:
+        """A private key and its certificate, as a cert-manager Secret holds them."""
+        nonlocal ca
+        if key or cert:
+            import trustme
+
+            ca = ca or trustme.CA()
+            issued = ca.issue_cert("refresher.tokens")
+            if key:
+                target = local(key["file"])
+                issued.private_key_pem.write_to_path(str(target))
+                key["file"] = str(target)
+            if cert:
+                target = local(cert["file"])
+                issued.cert_chain_pems[0].write_to_path(str(target))
+                cert["file"] = str(target)
+
     for job in config["tokens"]:
         relocate(job.get("client_id"))
         relocate(job.get("client_secret"))
@@ -1875,8 +2546,15 @@ def validate_with_local_files(config: dict[str, Any], tmp_path: Path) -> None:
             bundle.write_text("a CA bundle\n")
             proxy["ca_bundle"] = str(bundle)
         certificate(proxy.get("tls"))
+        key_pair(job.get("private_key"), job.get("certificate"))
+        key_pair(job.get("client_key"), job.get("client_certificate"))
+        if "assertion_file" in job:
+            assertion = local(job["assertion_file"])
+            assertion.write_text(projected_token("api://AzureADTokenExchange"))
+            job["assertion_file"] = str(assertion)
     certificate(config.get("api", {}).get("tls"))
-    validate(config)
+    with mock.patch.dict(os.environ, POD_ENV):
+        validate(config)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

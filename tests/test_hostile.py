@@ -25,8 +25,14 @@ from urllib.parse import quote_plus
 import jwt
 import pytest
 
+from refresher.clientauth import ClientAuthentication, KeyMaterial, authenticate
 from refresher.config import TokenJobConfig, load_config_text, validate
-from refresher.credentials import CredentialRef, lucidtech_credentials, read_credentials
+from refresher.credentials import (
+    CredentialRef,
+    Credentials,
+    lucidtech_credentials,
+    read_credentials,
+)
 from refresher.endpoints import token_url
 from refresher.errors import ConfigError, Reason, RefreshError
 from refresher.idp import MAX_RESPONSE_BYTES, IdPClient, build_request, new_session
@@ -48,6 +54,13 @@ SECRETS = {
     "leaky token": LEAKY_TOKEN,
 }
 YEAR = 365 * 86400
+
+
+def _auth(job: TokenJobConfig, credentials: Credentials) -> ClientAuthentication:
+    url = token_url(job, credentials)
+    return authenticate(
+        job, credentials, token_endpoint=url, issuer=None, now=0.0, keys=KeyMaterial()
+    )
 
 
 def assert_secret_free(*texts: str, extra: dict[str, str] | None = None) -> None:
@@ -105,7 +118,7 @@ def refused(client: IdPClient, all_logs: LogCapture) -> Callable[..., RefreshErr
             all_logs.text,
             repr(job),
             repr(credentials),
-            repr(build_request(job, credentials, token_url(job, credentials))),
+            repr(build_request(job, _auth(job, credentials), token_url(job, credentials))),
             extra=extra,
         )
         return error
@@ -788,7 +801,7 @@ def test_objects_holding_secrets_have_secret_free_reprs(
     for text in (
         repr(job),
         repr(credentials),
-        repr(build_request(job, credentials, token_url(job, credentials))),
+        repr(build_request(job, _auth(job, credentials), token_url(job, credentials))),
         repr(token),
     ):
         assert_secret_free(text)

@@ -396,12 +396,17 @@ def test_retry_after_forms() -> None:
 def test_every_request_asks_for_json_and_no_cache(
     make_idp: Callable[..., LocalIdP], secret_file: Path, tmp_path: Path
 ) -> None:
+    from refresher.clientauth import KeyMaterial, authenticate
     from refresher.idp import build_request
 
     for provider in SHAPE_SCOPES:
         job = job_model(make_idp(provider), secret_file, tmp_path)
         credentials = read_credentials(job)
-        headers = build_request(job, credentials, token_url(job, credentials)).headers
+        url = token_url(job, credentials)
+        auth = authenticate(
+            job, credentials, token_endpoint=url, issuer=None, now=0.0, keys=KeyMaterial()
+        )
+        headers = build_request(job, auth, url).headers
         assert headers["Accept"] == "application/json"
         assert headers["Cache-Control"] == "no-cache"
         assert headers["Content-Type"] == "application/x-www-form-urlencoded"

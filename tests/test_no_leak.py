@@ -7,6 +7,8 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import ClassVar
+from urllib.parse import parse_qsl
 
 import pytest
 from prometheus_client import generate_latest
@@ -15,8 +17,10 @@ from refresher.cli import main
 from refresher.config import load_config_text
 from refresher.daemon import build_runners
 from refresher.errors import ConfigError, RefreshError
+from refresher.localidp import Reply, Request
 from refresher.metrics import Metrics
 from testdoubles.idp import Fault, LocalIdP
+from testdoubles.keys import ServiceAccountIssuer
 from tests.conftest import (
     CLIENT_ID,
     CLIENT_SECRET,
@@ -27,6 +31,7 @@ from tests.conftest import (
     wait_for,
 )
 from tests.test_cli import write_config
+from tests.test_enterprise_idps import JWT_SECRET
 
 API_KEY = "lucidtech-API-KEY-9d8c7b"
 WRONG_SECRET = "wrong-secret-Q1W2E3R4"
@@ -99,12 +104,8 @@ def test_no_secret_or_token_appears_anywhere(
     # 4. Error objects themselves.
     exceptions.append(repr(RefreshError.__new__(RefreshError)))
 
-    captured = capsys.readouterr()
     haystacks = {
-        "logs": all_logs.text,
-        "stdout": captured.out,
-        "stderr": captured.err,
-        "exceptions": "\n".join(exceptions),
+        **_haystacks(all_logs, capsys, exceptions),
         "metrics": generate_latest(metrics.registry).decode(),
     }
     secrets = {
@@ -115,11 +116,110 @@ def test_no_secret_or_token_appears_anywhere(
     }
     assert len(secrets) > 5
     assert "refresh failed" in haystacks["logs"] and "token refreshed" in haystacks["logs"]
+    assert_absent(secrets, haystacks)
+
+
+def _haystacks(
+    logs: LogCapture, capsys: pytest.CaptureFixture[str], exceptions: list[str]
+) -> dict[str, str]:
+    """Everything a secret could have reached: log lines, the CLI's output, exceptions."""
+    captured = capsys.readouterr()
+    return {
+        "logs": logs.text,
+        "stdout": captured.out,
+        "stderr": captured.err,
+        "exceptions": "\n".join(exceptions),
+    }
+
+
+def assert_absent(secrets: dict[str, str], haystacks: dict[str, str]) -> None:
     for where, text in haystacks.items():
         for what, secret in secrets.items():
             assert secret not in text, f"{what} leaked into {where}"
             # Parts of the secret as well, e.g. the form-encoded or a truncated form.
             assert secret[:16] not in text, f"start of {what} leaked into {where}"
+
+
+class _AssertionRecorder(LocalIdP):
+    """Keeps every client assertion sent, so the test can look for each one."""
+
+    sent: ClassVar[list[str]] = []
+
+    def _before_grant(self, request: Request) -> Reply | None:
+        form = dict(parse_qsl(request.body.decode("ascii", "replace")))
+        if "client_assertion" in form:
+            self.sent.append(form["client_assertion"])
+        return super()._before_grant(request)
+
+
+def test_no_key_assertion_or_federated_token_appears_anywhere(
+    tmp_path: Path,
+    all_logs: LogCapture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import trustme
+
+    from tests.test_enterprise_idps import Builder
+
+    started: list[LocalIdP] = []
+    builder = Builder(tmp_path, started, trustme.CA(), ServiceAccountIssuer())
+    builder.server = _AssertionRecorder
+    _AssertionRecorder.sent.clear()
+    exceptions: list[str] = []
+    try:
+        setups = [
+            builder.private_key("okta"),
+            builder.secret("okta", "client_secret_jwt"),
+            builder.federated("keycloak"),
+            builder.tls_client("keycloak"),
+        ]
+        for index, setup in enumerate(setups):
+            job = {
+                **setup.job,
+                "name": f"job-{index}",
+                "sinks": [{"type": "file", "path": str(tmp_path / f"t{index}")}],
+            }
+            config = write_config(tmp_path / f"c{index}.yaml", job)
+            for argv in (["once"], ["status"], ["check", "--fetch"]):
+                main([*argv, "-c", str(config), "--log-level", "debug"])
+            # Then every failure: the IdP forgets the key, the material goes bad on disk.
+            (runner,) = build_runners(config_of(job))
+            runner.step()
+            if setup.rotate is not None:
+                setup.rotate()
+            setup.idp.set_client_keys(CLIENT_ID, None)
+            setup.idp.set_fault(Fault.INVALID_CLIENT)
+            runner.refresh_now()
+            exceptions.append(str(runner.last_error))
+            setup.idp.set_fault(None)
+            runner.refresh_now()
+            exceptions.append(repr(runner.last_error))
+    finally:
+        for server in started:
+            server.stop()
+
+    files = [path for path in tmp_path.rglob("*") if path.is_file()]
+    key_texts = {
+        f"key {path.name}": path.read_text()
+        for path in files
+        if "PRIVATE KEY" in path.read_text(errors="replace")
+    }
+    tokens = {
+        f"federated {path.name}": path.read_text()
+        for path in files
+        if path.name == "token" and path.parent.name == "projected"
+    }
+    assertions = {f"assertion {i}": a for i, a in enumerate(_AssertionRecorder.sent)}
+    assert key_texts and tokens and len(assertions) >= 6
+    secrets: dict[str, str] = {"jwt secret": JWT_SECRET, **tokens, **assertions}
+    for name, pem in key_texts.items():
+        body = "".join(line for line in pem.splitlines() if "-----" not in line)
+        secrets[name] = body[16:80]  # any stretch of the key's base64
+    haystacks = _haystacks(all_logs, capsys, exceptions)
+    logged = haystacks["logs"] + haystacks["stderr"]  # `main` sends its log lines to stderr
+    assert "refresh failed" in logged and "token refreshed" in logged
+    assert sum("invalid_client" in text for text in exceptions) >= len(setups)
+    assert_absent(secrets, haystacks)
 
 
 def test_an_exception_message_never_reaches_a_log_line() -> None:

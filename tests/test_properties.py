@@ -15,16 +15,22 @@ import math
 import os
 import tempfile
 from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 from urllib.parse import urlsplit
 
+import jwt
 import pytest
 import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from refresher.config import (
+    AuthMethod,
     Config,
     FileSinkConfig,
     KubernetesSettings,
@@ -39,6 +45,7 @@ from refresher.config import (
 from refresher.credentials import CredentialRef, read_lucidtech_cfg
 from refresher.errors import ConfigError, Reason, RefreshError
 from refresher.idp import parse_retry_after, parse_token_response
+from refresher.presets import PROVIDERS
 from refresher.tokens import MAX_LIFETIME_SECONDS, compute_expiry
 from tests.conftest import CLIENT_SECRET
 
@@ -396,6 +403,55 @@ def _keys(*models: Any) -> list[str]:
     return sorted({key for model in models for key in model.model_fields})
 
 
+class _KeyFiles:
+    """Real key material for the key-file config keys: an RSA key, its certificate, an EC key
+    and a JWT, in a folder of their own (configs name them; nothing writes there)."""
+
+    def __init__(self) -> None:
+        folder = Path(tempfile.mkdtemp(prefix="prop-keys-"))
+        rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        ec_key = ec.generate_private_key(ec.SECP256R1())
+        self.key = str(folder / "rsa.pem")
+        self.ec_key = str(folder / "ec.pem")
+        self.cert = str(folder / "cert.pem")
+        self.token = str(folder / "token")
+        pem = serialization.Encoding.PEM
+        for path, key in ((self.key, rsa_key), (self.ec_key, ec_key)):
+            Path(path).write_bytes(
+                key.private_bytes(
+                    pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+                )
+            )
+        name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "prop")])
+        now = datetime.now(UTC)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(rsa_key.public_key())
+            .serial_number(1)
+            .not_valid_before(now - timedelta(days=1))
+            .not_valid_after(now + timedelta(days=30))
+            .sign(rsa_key, hashes.SHA256())
+        )
+        Path(self.cert).write_bytes(cert.public_bytes(pem))
+        claims = {"iss": "https://k8s.test", "sub": "system:serviceaccount:a:b", "exp": 4e9}
+        Path(self.token).write_text(jwt.encode(claims, rsa_key, algorithm="RS256"))
+
+
+KEYS = _KeyFiles()
+key_files = st.sampled_from(
+    [
+        {"file": KEYS.key},
+        {"file": KEYS.ec_key},
+        {"file": KEYS.cert},
+        {"file": "/nonexistent/key.pem"},
+        {"file": "/dev/null"},
+        {"env": "PATH"},
+        {},
+    ]
+)
+
 junk_keys = st.text(max_size=8) | st.sampled_from(["", "tokenz", "client_secrt", "nmae", "None"])
 junk = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10),
@@ -457,7 +513,7 @@ sinks = st.one_of(
 )
 JOB_VALUES: dict[str, st.SearchStrategy[Any]] = {
     "name": st.sampled_from(["a", "b", "ok-name_1.2", "-bad", "x" * 70]) | junk,
-    "provider": st.sampled_from(["generic", "lucidworks", "fusion", "lucidtech", "usage-engine"]),
+    "provider": st.sampled_from(PROVIDERS) | junk,
     "token_url": urls | junk,
     "client_id": st.text(max_size=6) | sources | junk,
     "client_secret": sources | st.text(max_size=6) | junk,
@@ -466,7 +522,36 @@ JOB_VALUES: dict[str, st.SearchStrategy[Any]] = {
     | st.text(max_size=8)
     | junk,
     "scope_in": st.sampled_from(["query", "body", "header"]) | junk,
-    "auth": st.sampled_from(["basic", "basic_raw", "body", "digest"]) | junk,
+    "auth": st.sampled_from([*get_args(AuthMethod), "digest", "none"]) | junk,
+    # Issue 17's keys: discovery, Entra's tenant, resource indicators, key material.
+    "issuer": urls
+    | st.sampled_from(["https://idp.test/realms/r", "https://t.auth0.test", "https://i.test/?q"])
+    | junk,
+    "tenant_id": st.sampled_from(["72f988bf-86f1-41af-91ab-2d7cd011db47", "contoso.com", ""])
+    | junk,
+    "resource": st.lists(
+        st.sampled_from(["https://api.test", "urn:x:y", "relative", "https://a.test/#f", ""]),
+        max_size=3,
+    )
+    | st.text(max_size=6)
+    | junk,
+    "private_key": key_files | junk,
+    "certificate": key_files | junk,
+    "client_certificate": key_files | junk,
+    "client_key": key_files | junk,
+    "assertion_file": st.sampled_from([KEYS.token, KEYS.key, "/nonexistent/t", "/dev/null"]) | junk,
+    "key_id": st.sampled_from(["k1", "", "with space", "x" * 300]) | junk,
+    "alg": st.sampled_from(["RS256", "PS256", "ES256", "HS256", "none", "RS512"]) | junk,
+    "assertion": st.fixed_dictionaries(
+        {},
+        optional={
+            "audience": st.sampled_from(["token_endpoint", "issuer", "https://a.test", "x", ""]),
+            "lifetime": durations,
+            "not_before": st.booleans() | junk,
+            "legacy_x5t": st.booleans() | junk,
+        },
+    )
+    | junk,
     "audience": st.text(max_size=8) | junk,
     "margin": durations | junk,
     "lifetime": durations | junk,
@@ -511,6 +596,39 @@ valid_jobs = st.fixed_dictionaries(
         "headers": st.dictionaries(st.sampled_from(["X-A", "X-B"]), st.text(max_size=4)),
     },
 )
+# ...jobs valid on their own that authenticate without a secret...
+_VALID_SINK = st.just([{"type": "file", "path": "/tmp/p-k"}])
+valid_secretless_jobs = st.one_of(
+    st.fixed_dictionaries(
+        {
+            "name": st.sampled_from(["k", "l"]),
+            "token_url": st.just("https://idp.example.com/token"),
+            "client_id": st.just("c"),
+            "auth": st.just("private_key_jwt"),
+            "private_key": st.sampled_from([{"file": KEYS.key}, {"file": KEYS.ec_key}]),
+            "sinks": _VALID_SINK,
+        },
+        optional={
+            "key_id": st.just("k1"),
+            "assertion": st.fixed_dictionaries(
+                {}, optional={"lifetime": st.sampled_from(["1m", 300]), "not_before": st.booleans()}
+            ),
+            "resource": st.lists(st.just("https://api.test"), max_size=1),
+        },
+    ),
+    st.fixed_dictionaries(
+        {
+            "name": st.sampled_from(["k", "l"]),
+            "provider": st.sampled_from(["okta", "keycloak"]),
+            "issuer": st.just("https://idp.test/realms/r"),
+            "client_id": st.just("c"),
+            "auth": st.just("federated_jwt"),
+            "assertion_file": st.just(KEYS.token),
+            "sinks": _VALID_SINK,
+        }
+    ),
+)
+valid_jobs = valid_jobs | valid_secretless_jobs
 # ...and jobs that mostly have the required keys, so validation gets past them to the rest.
 _REQUIRED = {
     "name": st.sampled_from(["a", "b"]) | JOB_VALUES.pop("name"),

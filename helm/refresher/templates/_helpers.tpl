@@ -432,10 +432,96 @@ a Secret sink's nudge patches, which only a Secret sink has): "true" or "". */}}
 {{- if or $plan.namespaces $plan.tokenReview -}}true{{- end -}}
 {{- end -}}
 
+{{/* ------------------------------------------------------------------ client authentication
+
+refresher.clientAuthVolumes: a YAML map `{volumes: [...]}`, one entry per volume of client
+authentication material the pod mounts, in this order:
+  client-key       clientAuth.privateKey.existingSecret set: the Secret (private_key_jwt)
+  client-cert      clientAuth.clientCertificate.existingSecret set: the Secret (mTLS)
+  federated-token  clientAuth.federatedToken.enabled: a projected service-account token
+                   (federated_jwt) for `audience`, `expirationSeconds`, at `fileName`
+each with `value` (the value naming its mountPath, for messages), `mountPath` (cleaned) and
+either `secretName` or `audience`, `expirationSeconds` and `fileName`. Mounted read-only and
+never by subPath, so the kubelet's updates (cert-manager's renewals, the token's rotation at
+80% of its lifetime) reach the refresher, which re-reads the files.
+*/}}
+{{- define "refresher.clientAuthVolumes" -}}
+{{- $auth := .Values.clientAuth | default dict -}}
+{{- $volumes := list -}}
+{{- with ($auth.privateKey | default dict) -}}
+{{- if .existingSecret -}}
+{{- $volumes = append $volumes (dict "name" "client-key" "value" "clientAuth.privateKey.mountPath" "mountPath" (clean (toString .mountPath)) "secretName" .existingSecret) -}}
+{{- end -}}
+{{- end -}}
+{{- with ($auth.clientCertificate | default dict) -}}
+{{- if .existingSecret -}}
+{{- $volumes = append $volumes (dict "name" "client-cert" "value" "clientAuth.clientCertificate.mountPath" "mountPath" (clean (toString .mountPath)) "secretName" .existingSecret) -}}
+{{- end -}}
+{{- end -}}
+{{- with ($auth.federatedToken | default dict) -}}
+{{- if .enabled -}}
+{{- $volumes = append $volumes (dict "name" "federated-token" "value" "clientAuth.federatedToken.mountPath" "mountPath" (clean (toString .mountPath)) "audience" (toString .audience) "expirationSeconds" (int64 .expirationSeconds) "fileName" (toString .fileName)) -}}
+{{- end -}}
+{{- end -}}
+{{- toYaml (dict "volumes" $volumes) -}}
+{{- end -}}
+
+{{/* refresher.checkClientAuth: renders nothing; fails when a client-authentication volume
+could not be mounted as asked. Its mountPath must be absolute and must neither equal, lie in
+nor contain another mount of the refresher container: the config file, /tmp, the credentials
+and the api's TLS Secret, the service-account token (when mounted), the Azure Workload
+Identity webhook's token (with the pod label azure.workload.identity/use), extraVolumeMounts
+and the other client-authentication volumes. (Equal paths are refused by the API server;
+a mount inside a read-only Secret volume cannot be created, and one over a directory hides
+what is there.) A federated token needs an audience. */}}
+{{- define "refresher.checkClientAuth" -}}
+{{- $volumes := (include "refresher.clientAuthVolumes" . | fromYaml).volumes -}}
+{{- $others := list (dict "value" "the config file" "mountPath" "/etc/refresher/config.yaml") (dict "value" "/tmp" "mountPath" "/tmp") -}}
+{{- if include "refresher.credentialsSecretName" . -}}
+{{- $others = append $others (dict "value" "credentials.mountPath" "mountPath" (clean (toString .Values.credentials.mountPath))) -}}
+{{- end -}}
+{{- if and .Values.api.enabled .Values.api.tls.existingSecret -}}
+{{- $others = append $others (dict "value" "api.tls.mountPath" "mountPath" (clean (toString .Values.api.tls.mountPath))) -}}
+{{- end -}}
+{{- if include "refresher.usesKubernetes" . -}}
+{{- $others = append $others (dict "value" "the service-account token" "mountPath" "/var/run/secrets/kubernetes.io/serviceaccount") -}}
+{{- end -}}
+{{- if eq (toString (get (.Values.podLabels | default dict) "azure.workload.identity/use")) "true" -}}
+{{- $others = append $others (dict "value" "the Azure Workload Identity webhook's token" "mountPath" "/var/run/secrets/azure/tokens") -}}
+{{- end -}}
+{{- range $index, $mount := (.Values.extraVolumeMounts | default list) -}}
+{{- $others = append $others (dict "value" (printf "extraVolumeMounts[%d].mountPath" $index) "mountPath" (clean (toString $mount.mountPath))) -}}
+{{- end -}}
+{{- range $index, $volume := $volumes -}}
+{{- if not (isAbs $volume.mountPath) -}}
+{{- fail (printf "%s: %s is not an absolute path" $volume.value $volume.mountPath) -}}
+{{- end -}}
+{{- if and (eq $volume.name "federated-token") (not (trim $volume.audience)) -}}
+{{- fail "clientAuth.federatedToken.audience: an enabled federated token needs the audience the IdP expects (api://AzureADTokenExchange for Entra ID, the realm's URL for Keycloak)" -}}
+{{- end -}}
+{{- range $other := concat $others (slice $volumes 0 $index) -}}
+{{- $a := $volume.mountPath -}}
+{{- $b := $other.mountPath -}}
+{{- $relation := "" -}}
+{{- if eq $a $b -}}
+{{- $relation = "is" -}}
+{{- else if hasPrefix (printf "%s/" (trimSuffix "/" $b)) $a -}}
+{{- $relation = "lies in" -}}
+{{- else if hasPrefix (printf "%s/" (trimSuffix "/" $a)) $b -}}
+{{- $relation = "contains" -}}
+{{- end -}}
+{{- if $relation -}}
+{{- fail (printf "%s: %s %s %s (%s): give each volume a directory of its own, neither inside another nor around one" $volume.value $a $relation $other.value $b) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
 {{/* ------------------------------------------------------------------ the pod */}}
 
 {{- define "refresher.podTemplate" -}}
 {{- $usesKube := include "refresher.usesKubernetes" . -}}
+{{- $clientAuth := (include "refresher.clientAuthVolumes" . | fromYaml).volumes -}}
 metadata:
   labels:
     {{- include "refresher.labels" . | nindent 4 }}
@@ -545,6 +631,12 @@ spec:
           mountPath: {{ .Values.api.tls.mountPath }}
           readOnly: true
         {{- end }}
+        {{- range $volume := $clientAuth }}
+        # {{ trimSuffix ".mountPath" $volume.value }}: not a subPath, so renewals reach the refresher.
+        - name: {{ $volume.name }}
+          mountPath: {{ $volume.mountPath }}
+          readOnly: true
+        {{- end }}
         - name: tmp
           mountPath: /tmp
         {{- with .Values.extraVolumeMounts }}
@@ -565,6 +657,24 @@ spec:
       secret:
         secretName: {{ .Values.api.tls.existingSecret }}
         defaultMode: 0440
+    {{- end }}
+    {{- range $volume := $clientAuth }}
+    - name: {{ $volume.name }}
+      {{- if $volume.secretName }}
+      secret:
+        secretName: {{ $volume.secretName }}
+        defaultMode: 0440
+      {{- else }}
+      # A service-account token for the IdP (audience {{ $volume.audience }}, which the API
+      # server does not accept); the kubelet renews it at 80% of its lifetime.
+      projected:
+        defaultMode: 0440
+        sources:
+          - serviceAccountToken:
+              audience: {{ $volume.audience | quote }}
+              expirationSeconds: {{ $volume.expirationSeconds }}
+              path: {{ $volume.fileName | quote }}
+      {{- end }}
     {{- end }}
     - name: tmp
       emptyDir:
