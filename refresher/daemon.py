@@ -483,6 +483,9 @@ class Daemon:
             gate.close()
         for nudger in nudgers(sink for runner in self.runners for sink in runner.sinks):
             nudger.close()  # a successor nudges from now on
+        for idp in {id(runner.idp): runner.idp for runner in self.runners}.values():
+            if isinstance(idp, IdPClient):
+                idp.close()  # the client certificates' sessions and their connections
         self._stopped.set()
         log.info("stopped")
 

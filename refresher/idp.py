@@ -36,6 +36,7 @@ from refresher.credentials import Credentials, read_credentials
 from refresher.discovery import Discovery, ProviderMetadata, metadata_problem
 from refresher.endpoints import endpoint_key, token_url
 from refresher.errors import Reason, RefreshError
+from refresher.presets import registered_auth_method
 from refresher.ratelimit import RateLimits
 from refresher.tokens import Token, compute_expiry, plain_text, token_problem
 
@@ -529,6 +530,13 @@ class IdPClient:
                 # The endpoint may have moved: read the discovery document again next time.
                 self.discovery.forget(job)
             hint = _INVALID_CLIENT_HINTS.get(job.auth)
+            unlisted = metadata is not None and metadata.auth_methods is None
+            if unlisted and registered_auth_method(job.auth) != "client_secret_basic":
+                # RFC 8414 2: a document without the list means client_secret_basic only.
+                hint = (hint + " " if hint else "") + (
+                    "(the IdP's discovery document lists no authentication methods, which "
+                    "RFC 8414 reads as client_secret_basic only)"
+                )
             if err.reason is Reason.INVALID_CLIENT and hint is not None:
                 raise RefreshError(
                     err.reason,

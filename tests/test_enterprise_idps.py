@@ -25,6 +25,7 @@ import trustme
 from refresher.cli import main
 from refresher.daemon import build_runners
 from refresher.errors import Reason, RefreshError
+from refresher.idp import IdPClient
 from refresher.localidp import Federation
 from testdoubles.idp import LocalIdP
 from testdoubles.keys import (
@@ -314,7 +315,7 @@ def test_key_material_rotated_on_disk_is_used_without_a_restart(
     setup = setup_for(builder, shape, method, how)
     assert setup.rotate is not None
     idp = setup.idp
-    with running(config_of(setup.job)):
+    with running(config_of(setup.job)) as daemon:
         wait_for(lambda: len(idp.issued) >= 2, timeout=20)
         setup.rotate()
         rotated_at = len(idp.authentications)
@@ -325,6 +326,8 @@ def test_key_material_rotated_on_disk_is_used_without_a_restart(
         new = builder.certificates[-1].sha256
         assert after[-1].client_cert_sha256 == new != builder.certificates[0].sha256
         assert "client certificate changed; its pooled connections closed" in all_logs.text
+        client = daemon.runners[0].idp
+        assert isinstance(client, IdPClient) and not client._tls_sessions  # closed at stop
     elif method == "federated_jwt":
         assert after[-1].assertion_claims is not None
         assert after[-1].assertion_claims["iat"] > idp.authentications[0].assertion_claims["iat"]  # type: ignore[index]
@@ -376,6 +379,15 @@ def test_a_client_certificate_that_expired_fails_before_the_handshake(
     assert error is not None and error.reason is Reason.CREDENTIALS
     assert "expired at" in error.message and "tls.crt" in error.message
     assert setup.idp.token_requests == requests_before
+
+
+def test_an_idp_listing_no_methods_gets_the_rfc8414_default_in_the_hint(builder: Builder) -> None:
+    setup = builder.private_key("okta")
+    setup.idp.discovery_overrides = {"token_endpoint_auth_methods_supported": None}
+    setup.idp.set_client_keys(CLIENT_ID, KeyPair.create(builder.folder / "other").public_pem)
+    error = first_failure(setup.job)
+    assert error.reason is Reason.INVALID_CLIENT
+    assert "lists no authentication methods" in error.message
 
 
 def test_an_audience_the_idp_does_not_accept_is_invalid_client(builder: Builder) -> None:
