@@ -18,6 +18,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from refresher import __version__, logs
+from refresher.clientauth import assertion_alg
 from refresher.clock import format_utc
 from refresher.config import Config, KubernetesSinkConfig, load_config
 from refresher.discovery import metadata_problem
@@ -266,7 +267,7 @@ def _check_discovery(config: Config, idp: IdPClient, discovered: dict[str, str])
                 discovered[job.name] = f"discovery FAILED {err}"
             continue
         try:
-            problem = metadata_problem(job, metadata, idp.assertion_alg(job))
+            problem = metadata_problem(job, metadata, assertion_alg(job, idp.keys))
         except RefreshError as err:  # the key: reported by the config check already
             problem = f"private_key: {err.message}"
         if problem is not None:

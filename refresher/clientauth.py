@@ -67,6 +67,8 @@ class ClientAuthentication:
     client_cert_digest: str | None = None
     # What an IdP might echo back (the secret, the Basic credentials, the assertion).
     secrets: tuple[str, ...] = field(default=(), repr=False)
+    # What the assertion was signed with (None: no assertion of ours).
+    alg: str | None = None
 
 
 def basic_authorization(client_id: str, client_secret: str, *, form_encode: bool) -> str:
@@ -96,9 +98,7 @@ class SigningMaterial:
 class ClientCertificate:
     cert_file: Path
     key_file: Path
-    digest: str
-    not_before: float
-    not_after: float
+    digest: str  # of both files' content: what a pooled connection presents
 
 
 class KeyMaterial:
@@ -141,12 +141,7 @@ class KeyMaterial:
             headers["kid"] = job.key_id
         if job.certificate is not None:
             cert = self.certificate(job.certificate.file)
-            if _spki(cert.public_key()) != _spki(key.public_key()):
-                raise RefreshError(
-                    Reason.CREDENTIALS,
-                    f"{job.certificate.file} is not the certificate of the key in "
-                    f"{job.private_key.file}",
-                )
+            _check_pair(cert, key, job.certificate.file, job.private_key.file)
             der = cert.public_bytes(serialization.Encoding.DER)
             headers["x5t#S256"] = _b64url(hashlib.sha256(der).digest())
             if job.assertion.legacy_x5t:
@@ -163,10 +158,7 @@ class KeyMaterial:
         cert = self._cached(cert_file, cert_bytes, _parse_certificate)
         key_bytes = read_credential_file(key_file)
         key = self._cached(key_file, key_bytes, _parse_private_key)
-        if _spki(cert.public_key()) != _spki(key.public_key()):
-            raise RefreshError(
-                Reason.CREDENTIALS, f"{cert_file} is not the certificate of the key in {key_file}"
-            )
+        _check_pair(cert, key, cert_file, key_file)
         not_before = cert.not_valid_before_utc.timestamp()
         not_after = cert.not_valid_after_utc.timestamp()
         if now is not None and now >= not_after:
@@ -182,7 +174,7 @@ class KeyMaterial:
                 "(is this machine's clock right?)",
             )
         digest = hashlib.sha256(cert_bytes + b"\0" + key_bytes).hexdigest()
-        return ClientCertificate(cert_file, key_file, digest, not_before, not_after)
+        return ClientCertificate(cert_file, key_file, digest)
 
 
 def _iso(seconds: float) -> str:
@@ -192,14 +184,28 @@ def _iso(seconds: float) -> str:
         return f"{seconds:g} (out of range)"
 
 
-def _spki(key: object) -> bytes:
-    public_bytes = getattr(key, "public_bytes", None)
-    if public_bytes is None:
-        return b""
-    encoded: bytes = public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return encoded
+def _check_pair(cert: x509.Certificate, key: SigningKey, cert_file: Path, key_file: Path) -> None:
+    """The certificate is the one of this key (the same public key)."""
+    spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    if cert.public_key().public_bytes(*spki) != key.public_key().public_bytes(*spki):
+        raise RefreshError(
+            Reason.CREDENTIALS, f"{cert_file} is not the certificate of the key in {key_file}"
+        )
+
+
+def hmac_secret_problem(secret: str) -> str | None:
+    """Why a client secret cannot sign client_secret_jwt's HS256 assertion (None: it can)."""
+    if len(hmac_key(secret)) < MIN_HMAC_SECRET_BYTES:
+        return (
+            f"client_secret_jwt signs with it (the client secret), so it must be at least "
+            f"{MIN_HMAC_SECRET_BYTES} bytes (RFC 7518 3.2); this one is shorter"
+        )
+    return None
+
+
+def hmac_key(secret: str) -> bytes:
+    # surrogateescape: an environment variable's bytes that are not UTF-8, as they were.
+    return secret.encode("utf-8", "surrogateescape")
 
 
 def _parse_private_key(path: Path, data: bytes) -> SigningKey:
@@ -356,29 +362,21 @@ def authenticate(
     if method == "federated_jwt":
         assert job.assertion_file is not None
         assertion = read_federated_assertion(job.assertion_file, now)
+        alg = None
     elif method == "client_secret_jwt":
-        key = secret.encode("utf-8", "surrogateescape")
-        if len(key) < MIN_HMAC_SECRET_BYTES:
-            raise RefreshError(
-                Reason.CREDENTIALS,
-                f"client_secret_jwt signs with the client secret, which must be at least "
-                f"{MIN_HMAC_SECRET_BYTES} bytes (RFC 7518 3.2); this one is shorter",
-            )
+        problem = hmac_secret_problem(secret)
+        if problem is not None:
+            raise RefreshError(Reason.CREDENTIALS, problem)
         headers = {"kid": job.key_id} if job.key_id is not None else {}
+        alg = "HS256"
         assertion = _signed(
-            job, client_id, token_endpoint, issuer, now, secret.encode(), "HS256", headers
+            job, client_id, token_endpoint, issuer, now, hmac_key(secret), alg, headers
         )
     else:  # private_key_jwt
         material = keys.signing_material(job)
+        alg = material.alg
         assertion = _signed(
-            job,
-            client_id,
-            token_endpoint,
-            issuer,
-            now,
-            material.key,
-            material.alg,
-            material.headers,
+            job, client_id, token_endpoint, issuer, now, material.key, alg, material.headers
         )
     secret_values = (secret, assertion) if secret else (assertion,)
     return ClientAuthentication(
@@ -389,7 +387,16 @@ def authenticate(
         ),
         headers={},
         secrets=secret_values,
+        alg=alg,
     )
+
+
+def assertion_alg(job: TokenJobConfig, keys: KeyMaterial) -> str | None:
+    """What the job's own assertions are signed with (private_key_jwt: its key decides when
+    `alg` is unset); None when it signs none. Raises RefreshError for an unusable key."""
+    if job.auth == "private_key_jwt":
+        return keys.signing_material(job).alg
+    return "HS256" if job.auth == "client_secret_jwt" else None
 
 
 def _signed(

@@ -29,13 +29,16 @@ from pydantic import (
     model_validator,
 )
 
-from refresher.clientauth import MIN_HMAC_SECRET_BYTES, check_key_material
+from refresher.clientauth import check_key_material, hmac_secret_problem
 from refresher.credentials import Credentials, check_credentials
 from refresher.endpoints import endpoint_key
 from refresher.endpoints import token_url as resolve_token_url
 from refresher.errors import ConfigError, RefreshError
 from refresher.presets import (
+    JWT_METHODS,
+    KEY_ALGORITHMS,
     PRESETS,
+    SECRET_METHODS,
     TLS_METHODS,
     ProviderName,
     RegisteredAuthMethod,
@@ -456,12 +459,6 @@ class ConsumersConfig(_Strict):
 # `federated_jwt` (a token from a file as the client assertion) and the older spellings
 # `basic`, `basic_raw` and `body` (presets.AUTH_ALIASES).
 AuthMethod = Literal[RegisteredAuthMethod, "federated_jwt", "basic", "basic_raw", "body"]
-SECRET_METHODS = frozenset(
-    {"client_secret_basic", "client_secret_post", "client_secret_jwt", "basic", "basic_raw", "body"}
-)
-JWT_METHODS = frozenset({"client_secret_jwt", "private_key_jwt"})
-# Assertions signed with a private key; HS256 (the client secret) is client_secret_jwt's.
-KEY_ALGORITHMS = ("RS256", "PS256", "ES256")
 
 # Longest an assertion may live: it is a bearer credential until it expires, so a short
 # window bounds what a copy of it is worth (the IdP's replay check only covers its `jti`).
@@ -779,16 +776,10 @@ def _job_problems(job: TokenJobConfig, path: str) -> tuple[list[str], str | None
     endpoint_problems, endpoint = _endpoint_problems(job, path, credentials)
     problems += endpoint_problems
     problems += _auth_problems(job, path)
-    secret = credentials.client_secret if credentials is not None else None
-    if (
-        job.auth == "client_secret_jwt"
-        and secret is not None
-        and len(secret.encode("utf-8", "surrogateescape")) < MIN_HMAC_SECRET_BYTES
-    ):
-        problems.append(
-            f"{path}.client_secret: client_secret_jwt signs with it, so it must be at least "
-            f"{MIN_HMAC_SECRET_BYTES} bytes (RFC 7518 3.2); this one is shorter"
-        )
+    if job.auth == "client_secret_jwt" and credentials is not None:
+        problem = hmac_secret_problem(credentials.client_secret)
+        if problem is not None:
+            problems.append(f"{path}.client_secret: {problem}")
     problems += check_key_material(job, path)
 
     if preset.requires_scope and not job.scopes:

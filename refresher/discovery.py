@@ -7,10 +7,11 @@ same `issuer`, character for character (OIDC Discovery 4.3, RFC 8414 3.3: anythi
 be another IdP's), and a usable `token_endpoint`; when it lists the client authentication
 methods (and signing algorithms) it takes, the job's must be among them.
 
-`Discovery` keeps one document per issuer: read on first use, read again when a token request
-fails in a way a moved endpoint explains (a network error, a 404: `forget`) or once a day,
-never on every refresh. Fetching is the caller's (`idp.IdPClient`), so the policy here is pure
-data in, data out.
+`Discovery` keeps one document per issuer (and trust settings): read on first use, read again
+after `forget` (a token request failed as a moved endpoint would, or the document did not take
+the job's method) or once a day, never on every refresh; after a failed read the other jobs
+of that issuer get its failure for `FAILURE_HOLD`. Fetching is the caller's
+(`idp.IdPClient`): judging a document is pure data in, data out.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from urllib.parse import urlsplit
 
 from refresher.clock import Clock
 from refresher.errors import Reason, RefreshError
-from refresher.presets import registered_auth_method
+from refresher.presets import JWT_METHODS, registered_auth_method
 
 if TYPE_CHECKING:
     from refresher.config import TokenJobConfig
@@ -50,7 +51,6 @@ class ProviderMetadata:
     signing_algs: tuple[str, ...] | None
     # RFC 8705 5: `mtls_endpoint_aliases.token_endpoint`, for client certificate methods.
     mtls_token_endpoint: str | None
-    source: str  # the URL it was read from
     fetched_at: float
 
 
@@ -152,7 +152,6 @@ def parse_metadata(
         auth_methods=_names(document, "token_endpoint_auth_methods_supported", source),
         signing_algs=_names(document, "token_endpoint_auth_signing_alg_values_supported", source),
         mtls_token_endpoint=mtls_endpoint,
-        source=source,
         fetched_at=fetched_at,
     )
 
@@ -172,8 +171,7 @@ def metadata_problem(
         )
     algs = metadata.signing_algs
     alg = alg or job.alg or ("HS256" if job.auth == "client_secret_jwt" else None)
-    signs = job.auth in ("private_key_jwt", "client_secret_jwt")
-    if signs and algs is not None and alg and alg not in algs:
+    if job.auth in JWT_METHODS and algs is not None and alg and alg not in algs:
         return (
             f"alg: {alg} is not among the assertion algorithms {metadata.issuer} takes "
             f"(token_endpoint_auth_signing_alg_values_supported: {', '.join(algs)})"
@@ -236,10 +234,6 @@ class Discovery:
             return self._entries.setdefault(key, _Entry()), self._readers.setdefault(
                 key, threading.Lock()
             )
-
-    def cached(self, job: TokenJobConfig) -> ProviderMetadata | None:
-        entry, _ = self._entry(job)
-        return entry.metadata
 
     def forget(self, job: TokenJobConfig) -> None:
         """Read the document again before its next use (kept, until then, as a fallback)."""

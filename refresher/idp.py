@@ -384,6 +384,19 @@ _INVALID_CLIENT_HINTS = {
 }
 
 
+def _invalid_client_hint(job: TokenJobConfig, metadata: ProviderMetadata | None) -> str | None:
+    """Where to look after an `invalid_client` answer (never a value)."""
+    hint = _INVALID_CLIENT_HINTS.get(job.auth)
+    unlisted = metadata is not None and metadata.auth_methods is None
+    if unlisted and registered_auth_method(job.auth) != "client_secret_basic":
+        # RFC 8414 2: a document without the list means client_secret_basic only.
+        hint = (hint + " " if hint else "") + (
+            "(the IdP's discovery document lists no authentication methods, which "
+            "RFC 8414 reads as client_secret_basic only)"
+        )
+    return hint
+
+
 class IdPClient:
     """Sends token requests over one shared `requests.Session` (connection pooling), each
     after its turn in the rate limit of its token endpoint (when `rate_limits` is given).
@@ -427,23 +440,23 @@ class IdPClient:
 
     def metadata(self, job: TokenJobConfig) -> ProviderMetadata | None:
         """The IdP metadata of a job with an issuer (None for one with a token URL), checked
-        to take the job's client authentication. Raises RefreshError."""
+        to take the job's client authentication as far as its config says (the algorithm a
+        key decides is checked once the assertion is signed, in `send`). Raises
+        RefreshError."""
         if job.token_url or job.issuer_url is None:
             return None
         metadata = self.discovery.metadata(job)
-        problem = metadata_problem(job, metadata, self.assertion_alg(job))
+        self._refuse_unless_taken(job, metadata, None)
+        return metadata
+
+    def _refuse_unless_taken(
+        self, job: TokenJobConfig, metadata: ProviderMetadata, alg: str | None
+    ) -> None:
+        problem = metadata_problem(job, metadata, alg)
         if problem is not None:
             # Read again at the next attempt: the IdP's administrator may fix it meanwhile.
             self.discovery.forget(job)
             raise RefreshError(Reason.DISCOVERY, problem)
-        return metadata
-
-    def assertion_alg(self, job: TokenJobConfig) -> str | None:
-        """What the job's assertions are signed with (private_key_jwt: its key decides when
-        `alg` is unset). Raises RefreshError when the key cannot be read."""
-        if job.auth == "private_key_jwt":
-            return self.keys.signing_material(job).alg
-        return "HS256" if job.auth == "client_secret_jwt" else None
 
     def close(self) -> None:
         with self._tls_lock:
@@ -492,10 +505,12 @@ class IdPClient:
             now=self.clock(),
             keys=self.keys,
         )
+        if metadata is not None and job.auth == "private_key_jwt" and job.alg is None:
+            self._refuse_unless_taken(job, metadata, auth.alg)  # the key chose the algorithm
         request = build_request(job, auth, url)
         # What an IdP might echo back in an error, in any encoding (`secret_echoes`): the
         # secret, the Basic credentials or assertion it was sent in, the credentials' extras.
-        secrets = [credentials.client_secret, *auth.secrets, *credentials.extras.values()]
+        secrets = [*auth.secrets, *credentials.extras.values()]
         try:
             # Prepared alone, not by the session: the session would merge its cookie jar,
             # default headers and .netrc credentials into every request, which costs as much
@@ -529,15 +544,10 @@ class IdPClient:
             if metadata is not None and moved:
                 # The endpoint may have moved: read the discovery document again next time.
                 self.discovery.forget(job)
-            hint = _INVALID_CLIENT_HINTS.get(job.auth)
-            unlisted = metadata is not None and metadata.auth_methods is None
-            if unlisted and registered_auth_method(job.auth) != "client_secret_basic":
-                # RFC 8414 2: a document without the list means client_secret_basic only.
-                hint = (hint + " " if hint else "") + (
-                    "(the IdP's discovery document lists no authentication methods, which "
-                    "RFC 8414 reads as client_secret_basic only)"
-                )
-            if err.reason is Reason.INVALID_CLIENT and hint is not None:
+            hint = (
+                _invalid_client_hint(job, metadata) if err.reason is Reason.INVALID_CLIENT else None
+            )
+            if hint is not None:
                 raise RefreshError(
                     err.reason,
                     f"{err.message}; {hint}",

@@ -50,7 +50,12 @@ from urllib.parse import unquote_plus
 
 import jwt
 
-from refresher.presets import REGISTERED_AUTH_METHODS, TLS_METHODS, RegisteredAuthMethod
+from refresher.presets import (
+    KEY_ALGORITHMS,
+    REGISTERED_AUTH_METHODS,
+    TLS_METHODS,
+    RegisteredAuthMethod,
+)
 
 __all__ = [
     "AUTH_METHODS",
@@ -94,7 +99,6 @@ FEDERATED = "federated_jwt"
 it is accepted wherever ``private_key_jwt`` is, when a :class:`Federation` is trusted)."""
 
 JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
-KEY_ALGORITHMS = ("RS256", "PS256", "ES256")
 """What a ``private_key_jwt`` assertion may be signed with by default, and a federated
 assertion always."""
 SECRET_ALGORITHMS = ("HS256",)

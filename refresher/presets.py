@@ -151,6 +151,14 @@ RegisteredAuthMethod = Literal[
 ]
 REGISTERED_AUTH_METHODS: tuple[RegisteredAuthMethod, ...] = get_args(RegisteredAuthMethod)
 TLS_METHODS = frozenset({"tls_client_auth", "self_signed_tls_client_auth"})
+# The methods that sign an assertion themselves (a federated one arrives signed by another).
+JWT_METHODS = frozenset({"client_secret_jwt", "private_key_jwt"})
+# The `auth` spellings that send or sign with the client secret.
+SECRET_METHODS = frozenset(
+    {"client_secret_basic", "client_secret_post", "client_secret_jwt", "basic", "basic_raw", "body"}
+)
+# Assertions signed with a private key; HS256 (the client secret) is client_secret_jwt's.
+KEY_ALGORITHMS = ("RS256", "PS256", "ES256")
 
 # The registered names of today's older spellings of `auth`.
 AUTH_ALIASES = {

@@ -282,31 +282,33 @@ class RecordedRequest:
         """The body decoded as JSON (``None`` when empty)."""
         return json.loads(self.body) if self.body else None
 
+    def _target(self, part: int) -> str | None:
+        """One part of what `_classify` makes of the request (verb, resource, namespace,
+        name); None for an unknown path."""
+        target = _classify(self.method, self.path, self.query)
+        return None if target is None else target[part]
+
     @property
     def resource(self) -> str | None:
         """``secrets``, ``leases``, ``pods`` or ``tokenreviews``; None for any other path."""
-        target = _classify(self.method, self.path, self.query)
-        return None if target is None else target[1]
+        return self._target(1)
 
     @property
     def verb(self) -> str | None:
         """The verb the server authorizes the request as: ``get``, ``list``, ``watch``,
         ``create``, ``update``, ``patch`` or ``delete``; None for an unknown path or a method
         the path does not allow."""
-        target = _classify(self.method, self.path, self.query)
-        return None if target is None else target[0]
+        return self._target(0)
 
     @property
     def namespace(self) -> str | None:
         """The namespace in the path ("" for a cluster-scoped resource); None if unknown."""
-        target = _classify(self.method, self.path, self.query)
-        return None if target is None else target[2]
+        return self._target(2)
 
     @property
     def name(self) -> str | None:
         """The object name in the path ("" for a collection); None for an unknown path."""
-        target = _classify(self.method, self.path, self.query)
-        return None if target is None else target[3]
+        return self._target(3)
 
 
 @dataclass(frozen=True)

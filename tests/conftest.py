@@ -48,6 +48,14 @@ class FakeClock:
         return self.now
 
 
+@pytest.fixture
+def http() -> Iterator[requests.Session]:
+    """A plain session for tests that speak HTTP to a local server themselves."""
+    with requests.Session() as session:
+        session.trust_env = False  # never send 127.0.0.1 through a proxy from the environment
+        yield session
+
+
 @pytest.fixture(autouse=True)
 def _isolated_logging() -> Iterator[None]:
     # `refresher.cli.main` configures the root logger with a handler on the (captured) stderr

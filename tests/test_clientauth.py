@@ -186,6 +186,17 @@ def test_client_secret_jwt_is_hs256_with_the_secret(tmp_path: Path) -> None:
     assert LONG_SECRET in auth.secrets
 
 
+def test_client_secret_jwt_signs_with_a_secret_that_is_not_utf8(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    odd = "caf\udce9-" + "x" * 40  # as os.environ decodes bytes that are not UTF-8
+    monkeypatch.setenv("ODD_JWT_SECRET", odd)
+    job = job_model(auth="client_secret_jwt", client_secret={"env": "ODD_JWT_SECRET"})
+    token = assertion_of(auth_for(job))
+    key = odd.encode("utf-8", "surrogateescape")  # the bytes the environment held
+    jwt.decode(token, key, algorithms=["HS256"], audience=TOKEN_URL, options={"verify_exp": False})
+
+
 def test_client_secret_jwt_refuses_a_short_secret(tmp_path: Path) -> None:
     secret = tmp_path / "secret"
     secret.write_text("short-secret")

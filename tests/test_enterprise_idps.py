@@ -433,6 +433,17 @@ def test_a_method_the_discovery_document_does_not_list_is_a_discovery_failure(
     assert main(["check", "-c", str(config)]) == 2
 
 
+def test_an_algorithm_the_key_chose_is_checked_against_discovery_before_sending(
+    builder: Builder,
+) -> None:
+    setup = builder.private_key("keycloak", ec=True)  # no `alg`: the EC key means ES256
+    setup.idp.discovery_overrides = {"token_endpoint_auth_signing_alg_values_supported": ["RS256"]}
+    error = first_failure(setup.job)
+    assert error.reason is Reason.DISCOVERY
+    assert error.message.startswith("alg: ES256 is not among the assertion algorithms")
+    assert setup.idp.token_requests == 0
+
+
 def test_an_issuer_mismatch_is_a_discovery_failure(builder: Builder) -> None:
     setup = builder.secret("okta", "client_secret_basic")
     setup.idp.discovery_overrides = {"issuer": "https://elsewhere.example.test"}

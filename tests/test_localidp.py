@@ -30,6 +30,7 @@ import requests
 from refresher import localidp
 from refresher.localidp import RESET, SHAPES, Reply, Request
 from testdoubles.idp import Fault, LocalIdP
+from tests.conftest import FakeClock
 
 FORM = "application/x-www-form-urlencoded"
 CLIENT, SECRET = "demo-client", "demo-secret"
@@ -57,22 +58,13 @@ GOOD_PARAMS: dict[str, OAuthParams] = {
 }
 
 
-class FakeClock:
-    """The server's clock, moved by hand."""
-
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
 MakeIdP = Callable[..., LocalIdP]
 
 
 @pytest.fixture
 def clock() -> FakeClock:
-    return FakeClock()
+    """The server's clock, moved by hand."""
+    return FakeClock(T0)
 
 
 @pytest.fixture
@@ -92,13 +84,6 @@ def make_idp(clock: FakeClock) -> Iterator[MakeIdP]:
     yield make
     for idp in started:
         idp.stop()
-
-
-@pytest.fixture
-def http() -> Iterator[requests.Session]:
-    with requests.Session() as session:
-        session.trust_env = False  # never send 127.0.0.1 through a proxy from the environment
-        yield session
 
 
 def rfc_basic(client_id: str, secret: str) -> str:

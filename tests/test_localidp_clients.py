@@ -33,6 +33,7 @@ from refresher.localidp_clients import JWT_BEARER
 from refresher.presets import ProviderName
 from testdoubles.idp import SigningKey, x5t_s256
 from testdoubles.tls import ClientCert, client_cert, idp_tls, self_signed_cert
+from tests.conftest import FakeClock
 
 T0 = 1_700_000_000.0
 CLIENT = "app-client"
@@ -46,20 +47,12 @@ K8S_AUDIENCE = "api://AzureADTokenExchange"
 SUBJECT = "system:serviceaccount:apps:refresher"
 
 
-class FakeClock:
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
 MakeIdP = Callable[..., LocalIdP]
 
 
 @pytest.fixture
 def clock() -> FakeClock:
-    return FakeClock()
+    return FakeClock(T0)
 
 
 @pytest.fixture
@@ -76,13 +69,6 @@ def make_idp(clock: FakeClock) -> Iterator[MakeIdP]:
     yield make
     for idp in started:
         idp.stop()
-
-
-@pytest.fixture
-def http() -> Iterator[requests.Session]:
-    with requests.Session() as session:
-        session.trust_env = False
-        yield session
 
 
 # Key generation costs tens of milliseconds (RSA): once per module.
